@@ -1,0 +1,205 @@
+"""Train the small long-context retrieval model that the evaluation ships (deterministic, seeded, resumable).
+
+    python -m evaluation.train_model --arch llama --out evaluation/models/retrieval-llama
+
+A Llama-architecture (GQA, RoPE) or Qwen3-style (q_norm/k_norm) causal LM is trained from scratch on the
+tasks of :mod:`evaluation.synthetic_tasks`. Each training sequence is ``<s> context ? key answer </s> ...``
+(several questions per context); the loss is on answer tokens only. Context length follows a curriculum that
+moves to the next length once every task is answered well at the current one. Checkpoints are written every
+``--checkpoint-every`` steps and the run resumes from the newest one, so it can run under ``nohup`` and be
+restarted. The result is a normal Hugging Face model directory (config, safetensors, tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from evaluation.synthetic_tasks import FILLER_WORDS, KEYS, TASKS, VALUES, build_tokenizer, make_sample, vocabulary
+
+COPY_WORDS = FILLER_WORDS + KEYS + VALUES
+
+CURRICULUM = (128, 256, 512, 1024, 2048)  # context lengths in words (= tokens)
+TOKENS_PER_STEP = 8192
+COPY_FRACTION = 0.25
+
+
+def build_model(arch: str, seed: int) -> torch.nn.Module:
+    """A fresh model of the given architecture, with its token ids matching :func:`build_tokenizer`."""
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=len(vocabulary()),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=32768,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="sdpa",
+    )
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    if arch == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**common, use_sliding_window=False))
+    raise ValueError(f"--arch must be 'llama' or 'qwen3', got {arch!r}")
+
+
+def encode_sample(sample, token_ids: dict[str, int]) -> tuple[list[int], list[int]]:
+    """Token ids of ``<s> context (question answer </s>)*`` and the loss targets (-100 outside answers)."""
+    ids = [token_ids["<s>"]] + [token_ids[w] for w in sample.context.split()]
+    targets = [-100] * len(ids)
+    for question, answer in zip(sample.questions, sample.answers):
+        question_ids = [token_ids[w] for w in question.split()]
+        answer_ids = [token_ids[w] for w in answer.split()] + [token_ids["</s>"]]
+        ids += question_ids + answer_ids
+        # position t predicts token t+1: the answer is predicted from the last question token onwards
+        targets += [-100] * (len(question_ids) - 1) + answer_ids + [-100]
+    return ids, targets[1:] + [-100]
+
+
+def encode_copy(length: int, rng: random.Random, token_ids: dict[str, int]) -> tuple[list[int], list[int]]:
+    """Auxiliary task: a random word sequence written twice, loss on every token of the second copy.
+
+    It gives thousands of retrieval targets per batch (answers give a handful), so the induction heads that
+    every task relies on form early."""
+    words = [rng.choice(COPY_WORDS) for _ in range(length // 2)]
+    ids = [token_ids["<s>"]] + [token_ids[w] for w in words + words]
+    targets = [-100] * (len(words) + 1) + ids[len(words) + 2 :]
+    return ids, targets + [-100]
+
+
+def make_batch(length: int, batch_size: int, rng: random.Random, token_ids: dict[str, int], task=None):
+    """A right-padded batch whose contexts have ``length`` words: one ``task``, or (training) a random task
+    per row with a ``COPY_FRACTION`` of copy rows."""
+    encoded = [
+        encode_copy(length, rng, token_ids)
+        if task is None and rng.random() < COPY_FRACTION
+        else encode_sample(make_sample(task or rng.choice(TASKS), length, rng), token_ids)
+        for _ in range(batch_size)
+    ]
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((batch_size, width), token_ids["<pad>"])
+    targets = torch.full((batch_size, width), -100)
+    for row, (ids, tgt) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        targets[row, : len(tgt)] = torch.tensor(tgt)
+    return input_ids, targets
+
+
+@torch.no_grad()
+def answer_accuracy(model, length: int, n_per_task: int, seed: int, token_ids: dict[str, int]) -> dict[str, float]:
+    """Per task, the fraction of questions whose whole answer is the greedy (teacher-forced) prediction."""
+    model.eval()
+    accuracy = {}
+    for task in TASKS:
+        rng = random.Random(f"eval-{task}-{length}-{seed}")
+        input_ids, targets = make_batch(length, n_per_task, rng, token_ids, task)
+        predictions = model(input_ids=input_ids).logits.argmax(-1)
+        answered = targets != -100
+        correct = ((predictions == targets) | ~answered).all(dim=1)
+        accuracy[task] = correct.float().mean().item()
+    model.train()
+    return accuracy
+
+
+def learning_rate(step: int, max_steps: int, peak: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_final(model, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    model.generation_config.eos_token_id = 2
+    model.generation_config.bos_token_id = 1
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(out, safe_serialization=True)
+    build_tokenizer().save_pretrained(out)
+
+
+def train(args) -> None:
+    torch.set_num_threads(args.threads)
+    token_ids = {token: i for i, token in enumerate(vocabulary())}
+    model = build_model(args.arch, args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    checkpoint_dir = Path(args.checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = checkpoint_dir / "last.pt"
+    state = {"step": 0, "stage": 0, "best": {}}
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        print(f"resumed from {checkpoint} at step {state['step']} (stage {state['stage']})", flush=True)
+    log = open(checkpoint_dir / "log.jsonl", "a")
+    model.train()
+    start = time.time()
+    while state["step"] < args.max_steps:
+        step, length = state["step"], CURRICULUM[state["stage"]]
+        rng = random.Random(f"train-{args.seed}-{step}")
+        input_ids, targets = make_batch(length, max(2, TOKENS_PER_STEP // length), rng, token_ids)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.max_steps, args.lr)
+        logits = model(input_ids=input_ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        state["step"] += 1
+        if state["step"] % args.log_every == 0:
+            record = {"step": state["step"], "length": length, "loss": round(loss.item(), 4),
+                      "elapsed_s": round(time.time() - start, 1)}
+            if state["step"] % args.eval_every == 0:
+                record["accuracy"] = answer_accuracy(model, length, 32, state["step"], token_ids)
+                if min(record["accuracy"].values()) >= args.advance_at and state["stage"] + 1 < len(CURRICULUM):
+                    state["stage"] += 1
+                    record["advanced_to"] = CURRICULUM[state["stage"]]
+            print(json.dumps(record), flush=True)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if state["step"] % args.checkpoint_every == 0 or state["step"] == args.max_steps:
+            saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
+            torch.save(saved, checkpoint_dir / "last.tmp")
+            (checkpoint_dir / "last.tmp").replace(checkpoint)
+            save_final(model, Path(args.out))
+    save_final(model, Path(args.out))
+    print(f"saved model to {args.out}", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["llama", "qwen3"], default="llama")
+    parser.add_argument("--out", default="evaluation/models/retrieval-llama")
+    parser.add_argument("--checkpoint-dir", default=None, help="default: evaluation/checkpoints/<arch>")
+    parser.add_argument("--max-steps", type=int, default=6000)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--advance-at", type=float, default=0.95)
+    args = parser.parse_args(argv)
+    args.checkpoint_dir = args.checkpoint_dir or f"evaluation/checkpoints/{args.arch}"
+    train(args)
+
+
+if __name__ == "__main__":
+    main()

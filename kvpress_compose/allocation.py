@@ -1,0 +1,65 @@
+"""Composite tokens and global budget allocation (steps 2 and 3 of KVCompose).
+
+Scores of all layers are stacked as ``(layers, batch, kv_heads, n)`` (positions a layer does not have, and
+padding, are ``-inf``). Each head sorts its own scores; the j-th composite token of a layer is the j-th ranked
+token of every head, scored by aggregating those heads' j-th scores. One global top-k over all layers'
+composite scores decides how many composite tokens each layer keeps. Ties are broken by (layer, rank), so the
+result is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvpress_compose.attention_scores import aggregate
+
+
+def compute_n_kept(n_total: int, compression_ratio: float) -> int:
+    """Number of entries kept out of ``n_total`` at ``compression_ratio`` (floor, robust to float noise)."""
+    return math.floor(round(n_total * (1.0 - compression_ratio), 6))
+
+
+def rank_tokens(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's scores sorted descending and the token order; equal scores keep position order."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True)
+
+
+def composite_scores(sorted_scores: torch.Tensor, agg_head: str) -> torch.Tensor:
+    """``(layers, n)`` composite scores: ``agg_head`` over heads of the j-th ranked score, then the mean over
+    batch rows (rows share one budget per layer). A rank that some row lacks (padding) stays ``-inf``."""
+    per_row = aggregate(sorted_scores, agg_head, dim=2)  # (layers, batch, n)
+    return per_row.mean(dim=1)
+
+
+def top_entries(scores: torch.Tensor, n_kept: int, n_forced: int) -> torch.Tensor:
+    """Entries kept per group, ``(rows, groups)``, when each row keeps its global top ``n_kept`` of
+    ``scores`` ``(rows, groups, n)`` (every group non-increasing along n), the first ``n_forced`` of every group
+    always kept. ``-inf`` entries (padding, missing positions) are never kept, so a row may keep fewer."""
+    rows, groups, n = scores.shape
+    forced = scores.clone()
+    forced[..., :n_forced] = float("inf")
+    flat_order = torch.sort(forced.flatten(1), dim=-1, descending=True, stable=True).indices[:, :n_kept]
+    keep = torch.gather(forced.flatten(1), 1, flat_order) > float("-inf")  # (rows, n_kept)
+    counts = torch.zeros(rows, groups, dtype=torch.long, device=scores.device)
+    return counts.scatter_add_(1, flat_order // n, keep.long())
+
+
+def layer_budgets(composite: torch.Tensor, n_kept: int, min_per_layer: int) -> torch.Tensor:
+    """Composite tokens kept per layer, ``(layers,)``: global top ``n_kept`` with ``min_per_layer`` each."""
+    return top_entries(composite[None], n_kept, min_per_layer)[0]
+
+
+def head_budgets(sorted_scores: torch.Tensor, compression_ratio: float, min_per_head: int) -> torch.Tensor:
+    """Unstructured variant: tokens kept per (row, layer, head), ``(batch, layers, kv_heads)``, from one
+    global top-k per row over every head's sorted scores."""
+    layers, batch, heads, n = sorted_scores.shape
+    per_row = sorted_scores.permute(1, 0, 2, 3).reshape(batch, layers * heads, n)
+    n_kept = compute_n_kept(layers * heads * n, compression_ratio)
+    return top_entries(per_row, n_kept, min_per_head).view(batch, layers, heads)
+
+
+def kept_positions(token_order: torch.Tensor, budget: int) -> torch.Tensor:
+    """The top-``budget`` positions of each head, ``(batch, kv_heads, budget)``, in ascending order."""
+    return token_order[..., :budget].sort(dim=-1).values

@@ -1,0 +1,46 @@
+"""Write compressed keys and values back into a transformers cache (step 4 of KVCompose).
+
+Each layer keeps one dense ``(batch, kv_heads, k_l, head_dim)`` tensor: every head's kept positions are
+gathered into it, so memory really shrinks. The number of context entries each layer kept is recorded on the
+cache layer (``CONTEXT_LENGTH_ATTRIBUTE``) for :mod:`kvpress_compose.layer_masks`, which builds each layer's
+attention mask from it when later tokens are processed.
+"""
+
+from __future__ import annotations
+
+import torch
+from kvpress.utils import extract_keys_and_values
+from transformers import Cache, QuantizedCache
+
+CONTEXT_LENGTH_ATTRIBUTE = "compose_context_length"
+
+
+def gather_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``states[b, h, positions[b, h, j]]`` for every (b, h, j): ``(batch, kv_heads, k, head_dim)``."""
+    index = positions.to(states.device)[..., None].expand(-1, -1, -1, states.shape[-1])
+    return states.gather(2, index).contiguous()
+
+
+def layer_states(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of one layer, dequantized for a QuantizedCache."""
+    return extract_keys_and_values(cache, layer_idx)
+
+
+def write_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace a layer's cache content by ``keys``/``values`` and record its context length."""
+    layer = cache.layers[layer_idx]
+    if isinstance(cache, QuantizedCache):
+        layer._quantized_keys = layer._quantize(keys.contiguous(), axis=layer.axis_key)
+        layer._quantized_values = layer._quantize(values.contiguous(), axis=layer.axis_value)
+        layer.keys = keys.new_zeros(0)  # the un-quantized residual is empty right after compression
+        layer.values = values.new_zeros(0)
+        layer.cumulative_length = keys.shape[2]
+    else:
+        layer.keys, layer.values = keys, values
+    setattr(layer, CONTEXT_LENGTH_ATTRIBUTE, keys.shape[2])
+
+
+def compress_layer(cache: Cache, layer_idx: int, positions: torch.Tensor) -> None:
+    """Keep only ``positions`` ``(batch, kv_heads, k)`` of a layer's context entries."""
+    keys, values = layer_states(cache, layer_idx)
+    write_layer(cache, layer_idx, gather_positions(keys, positions), gather_positions(values, positions))

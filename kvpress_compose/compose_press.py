@@ -1,0 +1,304 @@
+"""ComposePress: KVCompose as a kvpress press."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from kvpress import BasePress, ScorerPress
+from kvpress.presses.base_press import is_prefilling
+from torch import nn
+from transformers import PreTrainedModel
+
+from kvpress_compose.allocation import (
+    compute_n_kept,
+    composite_scores,
+    head_budgets,
+    kept_positions,
+    layer_budgets,
+    rank_tokens,
+)
+from kvpress_compose.attention_scores import AGGREGATIONS, attention_scores, recompute_queries
+from kvpress_compose.cache_gather import compress_layer, layer_states
+from kvpress_compose.layer_masks import install_layer_mask_hooks
+from kvpress_compose.replay import ReplayCache, run_replay
+
+logger = logging.getLogger(__name__)
+QUERY_SOURCES = ("prefill", "bidirectional", "replay")
+
+
+@dataclass
+class ComposePress(BasePress):
+    """KVCompose: structured KV cache compression with composite tokens and global layer allocation.
+
+    Every (layer, KV head) scores its context tokens; each head ranks its own tokens and rank j of every head
+    forms composite token j, so a layer stays one dense ``(batch, kv_heads, k_l, head_dim)`` tensor. One budget
+    for the whole model is spread over layers by a global top-k of composite scores: layers whose tokens draw
+    more attention keep more. Based on KVCompose (https://arxiv.org/abs/2509.05165).
+
+    Parameters
+    ----------
+    compression_ratio : float, default=0.0
+        Fraction of the model's context KV entries to remove, in [0, 1).
+    query_source : str, default="replay"
+        Which queries score the context. "prefill": the prefill's own queries, causal (no extra pass).
+        "bidirectional": the prefill's queries attending to every context key (no extra pass). "replay": the
+        paper's, the context re-fed after itself in a second forward pass (about twice the prefill cost);
+        the cache never keeps the re-fed tokens. Ignored when ``scorer`` is given.
+    structured : bool, default=True
+        False gives the unstructured upper bound: per-(layer, head) budgets applied with kvpress's head-wise
+        masking. That saves no memory (evicted entries are masked, not removed) and needs sdpa or flash.
+    scorer : ScorerPress, optional
+        Any kvpress ScorerPress (SnapKV, ExpectedAttention, Knorm, TOVA, ...) used as the token scores in place
+        of attention scores; its own compression_ratio is ignored.
+    agg_task, agg_group, agg_head : str, default "max", "mean", "mean"
+        Aggregation ("max" or "mean") over query positions, over the query heads of a KV head (GQA), and over
+        heads to score a composite token.
+    add_v_norm : bool, default=False
+        Multiply each token's score by the norm of its value vector.
+    add_mean_across_heads : bool, default=True
+        Add the mean over KV heads of a token's score to each head's score.
+    min_tokens_per_layer : int, default=1
+        Composite tokens every layer keeps (per head, when ``structured=False``).
+    score_block_size : int, optional
+        Queries scored at once; by default as many as fit in 64 MiB of logits.
+    """
+
+    compression_ratio: float = 0.0
+    query_source: str = "replay"
+    structured: bool = True
+    scorer: ScorerPress | None = None
+    agg_task: str = "max"
+    agg_group: str = "mean"
+    agg_head: str = "mean"
+    add_v_norm: bool = False
+    add_mean_across_heads: bool = True
+    min_tokens_per_layer: int = 1
+    score_block_size: int | None = None
+    last_budgets: torch.Tensor | None = field(default=None, init=False, repr=False)
+    last_scores: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.compression_ratio, bool) or not isinstance(self.compression_ratio, (int, float)):
+            raise TypeError(f"compression_ratio must be a float, got {type(self.compression_ratio).__name__}")
+        if not 0 <= self.compression_ratio < 1:
+            raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio}")
+        if self.query_source not in QUERY_SOURCES:
+            raise ValueError(f"query_source must be one of {QUERY_SOURCES}, got {self.query_source!r}")
+        for name in ("agg_task", "agg_group", "agg_head"):
+            if getattr(self, name) not in AGGREGATIONS:
+                raise ValueError(f"{name} must be one of {AGGREGATIONS}, got {getattr(self, name)!r}")
+        if self.scorer is not None and not isinstance(self.scorer, ScorerPress):
+            raise TypeError(f"scorer must be a kvpress ScorerPress, got {type(self.scorer).__name__}")
+        if not isinstance(self.min_tokens_per_layer, int) or self.min_tokens_per_layer < 1:
+            raise ValueError(f"min_tokens_per_layer must be an int >= 1, got {self.min_tokens_per_layer!r}")
+        self._reset()
+
+    def _reset(self):
+        self._inputs: dict | None = None  # the prefill's inputs, captured by the language model pre-hook
+        self._scores: dict[int, torch.Tensor] = {}  # layer -> (batch, kv_heads, n) scores
+        self._replaying = False
+
+    # -- setting up ---------------------------------------------------------------------------------------
+
+    def post_init_from_model(self, model: PreTrainedModel):
+        self._language_model = language_model_of(model)
+        self._attention_modules = [layer.self_attn for layer in self._language_model.layers]
+        if not self.structured and model.config._attn_implementation == "eager":
+            raise ValueError(
+                "structured=False relies on kvpress's head-wise masking, which does not patch eager attention: "
+                "load the model with attn_implementation='sdpa' (or flash_attention_2)"
+            )
+        install_layer_mask_hooks(self._attention_modules)
+        self._remove_capture_hook()
+        self._capture_hook = self._language_model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
+        if self.scorer is not None:
+            self.scorer.post_init_from_model(model)
+        self._reset()
+
+    @contextmanager
+    def __call__(self, model: PreTrainedModel):
+        with super().__call__(model):
+            try:
+                yield
+            finally:
+                self._remove_capture_hook()
+                self._reset()
+
+    def _remove_capture_hook(self):
+        if getattr(self, "_capture_hook", None) is not None:
+            self._capture_hook.remove()
+            self._capture_hook = None
+
+    def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Language-model pre-hook: remember a fresh prefill's inputs (padding, positions, ids for replay)."""
+        cache = kwargs.get("past_key_values")
+        if self._replaying or (cache is not None and cache.get_seq_length() > 0):
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        batch, n = (input_ids if input_ids is not None else embeds).shape[:2]
+        device = (input_ids if input_ids is not None else embeds).device
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(n, device=device)[None].expand(batch, n)
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("ComposePress needs a 2D attention_mask (batch, seq_len) for the context, or None")
+        self._scores = {}
+        self._inputs = {
+            "input_ids": input_ids,
+            "inputs_embeds": embeds,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "valid": attention_mask.bool() if attention_mask is not None else torch.ones(batch, n, dtype=torch.bool, device=device),
+        }
+
+    # -- scoring (forward hook) ---------------------------------------------------------------------------
+
+    def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
+        hidden_states = kwargs["hidden_states"]
+        if self._replaying:
+            self._score_replay(module, hidden_states, kwargs)
+            return output
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            raise ValueError("ComposePress needs a cache: call the model with past_key_values=DynamicCache()")
+        if not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]) or self.compression_ratio == 0:
+            return output
+        if self._inputs is None:
+            raise RuntimeError("ComposePress saw a prefill it did not capture: use it as `with press(model):`")
+        keys, values = layer_states(cache, module.layer_idx)
+        if self.scorer is not None:
+            scores = self.scorer.score(module, hidden_states, keys, values, output[1], kwargs).float()
+            self._store_scores(module.layer_idx, scores, values)
+        elif self.query_source != "replay":
+            self._check_unpruned(keys, hidden_states)
+            queries = recompute_queries(module, hidden_states, kwargs.get("position_embeddings"))
+            causal_offset = 0 if self.query_source == "prefill" else None
+            scores = self._attention_scores(module, queries, keys, self._inputs["valid"], causal_offset)
+            self._store_scores(module.layer_idx, scores, values)
+        else:
+            self._check_unpruned(keys, hidden_states)
+        if module.layer_idx == len(self._attention_modules) - 1:
+            self._compress(cache)
+        return output
+
+    def _check_unpruned(self, keys: torch.Tensor, hidden_states: torch.Tensor):
+        if keys.shape[2] != hidden_states.shape[1]:
+            raise ValueError(
+                f"query_source={self.query_source!r} needs the layer's full context ({hidden_states.shape[1]} "
+                f"tokens) but found {keys.shape[2]}: put ComposePress last in ComposedPress, and after presses that "
+                "prune tokens use query_source='bidirectional' or a scorer"
+            )
+
+    def _attention_scores(self, module, queries, keys, key_valid, causal_offset):
+        n_context = self._inputs["valid"].shape[1]
+        return attention_scores(
+            queries,
+            keys,
+            key_valid.to(keys.device),
+            self._inputs["valid"].to(keys.device),
+            scaling=module.scaling,
+            n_scored=n_context if keys.shape[2] >= n_context else keys.shape[2],
+            causal_offset=causal_offset,
+            agg_task=self.agg_task,
+            agg_group=self.agg_group,
+            block_size=self.score_block_size,
+        )
+
+    def _score_replay(self, module, hidden_states, kwargs):
+        keys = self._replay_cache.attended_keys.pop(module.layer_idx)  # original context, then re-fed tokens
+        n_context = self._inputs["valid"].shape[1]
+        valid = self._inputs["valid"].to(keys.device)
+        queries = recompute_queries(module, hidden_states, kwargs.get("position_embeddings"))
+        scores = self._attention_scores(module, queries, keys, torch.cat([valid, valid], dim=1), n_context)
+        _, values = layer_states(self._replay_cache.source, module.layer_idx)
+        self._store_scores(module.layer_idx, scores, values)
+
+    def _store_scores(self, layer_idx: int, scores: torch.Tensor, values: torch.Tensor):
+        if self.add_v_norm:
+            scores = scores * values[:, :, : scores.shape[2]].float().norm(dim=-1)
+        if scores.shape[2] == self._inputs["valid"].shape[1]:  # padding is never kept
+            scores = scores.masked_fill(~self._inputs["valid"][:, None].to(scores.device), float("-inf"))
+        self._scores[layer_idx] = scores
+
+    # -- allocation and compression -----------------------------------------------------------------------
+
+    def _compress(self, cache):
+        if self.scorer is None and self.query_source == "replay":
+            self._replaying = True
+            self._replay_cache = ReplayCache(cache, self._inputs["valid"].shape[1])
+            try:
+                run_replay(self._language_model, self._inputs, self._replay_cache)
+            finally:
+                self._replaying = False
+                self._replay_cache = None
+        scores = self._stacked_scores(cache)
+        if self.add_mean_across_heads:
+            scores = scores + scores.mean(dim=2, keepdim=True)
+        sorted_scores, token_order = rank_tokens(scores)
+        self.last_scores = scores
+        if self.structured:
+            self._compress_structured(cache, sorted_scores, token_order)
+        else:
+            self._mask_unstructured(sorted_scores, token_order)
+        self._inputs, self._scores = None, {}
+
+    def _stacked_scores(self, cache) -> torch.Tensor:
+        """``(layers, batch, kv_heads, n)`` scores on one device; positions a layer lacks are -inf."""
+        device = self._scores[0].device
+        n = max(s.shape[2] for s in self._scores.values())
+        shortest = int(self._inputs["valid"].sum(dim=1).min())
+        if shortest < self.min_tokens_per_layer:
+            raise ValueError(
+                f"context has {shortest} tokens, fewer than min_tokens_per_layer={self.min_tokens_per_layer}"
+            )
+        stacked = []
+        for layer_idx in range(len(self._attention_modules)):
+            layer_scores = self._scores[layer_idx].to(device)
+            if cache.get_seq_length(layer_idx) != layer_scores.shape[2]:
+                raise ValueError(
+                    "a press after ComposePress changed the cache before ComposePress compressed it: "
+                    "put ComposePress last in ComposedPress"
+                )
+            stacked.append(torch.nn.functional.pad(layer_scores, (0, n - layer_scores.shape[2]), value=float("-inf")))
+        return torch.stack(stacked)
+
+    def _compress_structured(self, cache, sorted_scores, token_order):
+        n_layers, _, _, n = sorted_scores.shape
+        n_kept = max(compute_n_kept(n_layers * n, self.compression_ratio), n_layers * self.min_tokens_per_layer)
+        budgets = layer_budgets(composite_scores(sorted_scores, self.agg_head), n_kept, self.min_tokens_per_layer)
+        if int(budgets.sum()) < n_kept:
+            logger.warning(
+                f"kept {int(budgets.sum())} composite tokens instead of {n_kept}: batch rows share one length per "
+                "layer and padding is never kept, so the shortest row bounds each layer"
+            )
+        self.last_budgets = budgets.cpu()
+        for layer_idx, budget in enumerate(self.last_budgets.tolist()):
+            compress_layer(cache, layer_idx, kept_positions(token_order[layer_idx], budget))
+
+    def _mask_unstructured(self, sorted_scores, token_order):
+        budgets = head_budgets(sorted_scores, self.compression_ratio, self.min_tokens_per_layer)  # (b, L, H)
+        self.last_budgets = budgets.cpu()
+        ranks = torch.arange(token_order.shape[-1], device=token_order.device)
+        for layer_idx, module in enumerate(self._attention_modules):
+            order = token_order[layer_idx]  # (batch, kv_heads, n)
+            kept_by_rank = ranks < budgets[:, layer_idx, :, None].to(order.device)
+            kept = torch.zeros_like(kept_by_rank).scatter_(-1, order, kept_by_rank)
+            device = next(module.parameters()).device
+            module.masked_key_indices = tuple(index.to(device) for index in (~kept).nonzero(as_tuple=True))
+
+
+def language_model_of(model: PreTrainedModel) -> nn.Module:
+    """The decoder stack whose layers have ``self_attn`` modules, with a rotary embedding; clear error if none."""
+    inner = getattr(model, "model", None)
+    language_model = getattr(inner, "language_model", inner)
+    layers = getattr(language_model, "layers", None)
+    if layers is None or len(layers) == 0 or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise ValueError(f"{type(model).__name__} is not supported: ComposePress needs decoder layers with self_attn")
+    if getattr(language_model, "rotary_emb", None) is None:
+        raise ValueError(f"{type(model).__name__} is not supported: ComposePress needs a rotary (RoPE) model")
+    return language_model

@@ -1,0 +1,77 @@
+"""Correct attention masks for caches whose layers hold different numbers of context entries.
+
+transformers builds one attention mask for all layers, sized from layer 0's cache length. After ComposePress
+each layer keeps its own number of context entries, so that mask is wrong for every other layer (4.57 slices
+it from the left and lets question tokens see future tokens; 5.x crashes on the size mismatch).
+
+A forward pre-hook on every attention module rebuilds that layer's mask, right-aligned to its own cache:
+all kept context entries are visible, and the tokens that came after the context (question, answer) keep
+their causal structure and any padding the original mask gave them. The hook acts only on caches that
+ComposePress compressed (their layers carry ``CONTEXT_LENGTH_ATTRIBUTE``), for eager, sdpa and flash attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvpress_compose.cache_gather import CONTEXT_LENGTH_ATTRIBUTE
+
+HOOK_ATTRIBUTE = "_compose_layer_mask_hook"
+
+
+def install_layer_mask_hooks(attention_modules: list[nn.Module]) -> None:
+    """Register the mask pre-hook once per attention module (it stays: the question pass runs after the press)."""
+    for module in attention_modules:
+        if getattr(module, HOOK_ATTRIBUTE, None) is None:
+            handle = module.register_forward_pre_hook(layer_mask_pre_hook, with_kwargs=True)
+            setattr(module, HOOK_ATTRIBUTE, handle)
+
+
+def layer_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    cache = kwargs.get("past_key_values")
+    layers = getattr(cache, "layers", None)
+    if not layers or module.layer_idx >= len(layers):
+        return None
+    context_length = getattr(layers[module.layer_idx], CONTEXT_LENGTH_ATTRIBUTE, None)
+    if context_length is None:
+        return None
+    cached = layers[module.layer_idx].get_seq_length()
+    if cached < context_length:  # cropped below the compressed context, or a new prefill into this cache
+        for layer in layers:
+            if hasattr(layer, CONTEXT_LENGTH_ATTRIBUTE):
+                delattr(layer, CONTEXT_LENGTH_ATTRIBUTE)
+        return None
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    q_len = hidden_states.shape[1]
+    mask = kwargs.get("attention_mask")
+    implementation = module.config._attn_implementation
+    if "flash" in implementation:
+        # flash attention aligns the causal mask bottom-right by itself; a 2D padding mask sized for layer 0
+        # would not fit, and kept context entries are never padding
+        kwargs["attention_mask"] = None
+        return args, kwargs
+    if mask is None and q_len == 1:
+        return None  # a single query sees the whole cache
+    layer0_context = getattr(layers[0], CONTEXT_LENGTH_ATTRIBUTE, context_length)
+    visible = visible_keys(mask, context_length, layer0_context, cached, q_len, hidden_states)
+    if implementation == "eager":  # eager adds the mask to the attention logits
+        additive = torch.zeros(visible.shape, dtype=hidden_states.dtype, device=visible.device)
+        visible = additive.masked_fill_(~visible, torch.finfo(hidden_states.dtype).min)
+    kwargs["attention_mask"] = visible
+    return args, kwargs
+
+
+def visible_keys(mask, context_length, layer0_context, cached, q_len, hidden_states) -> torch.Tensor:
+    """``(batch, 1, q_len, cached + q_len)`` booleans: which of this layer's keys each new query sees."""
+    after_context = cached - context_length  # tokens already cached after the context
+    device = hidden_states.device
+    query = torch.arange(q_len, device=device)[:, None] + after_context
+    later_keys = torch.arange(after_context + q_len, device=device)[None, :]
+    visible_later = later_keys <= query  # (q_len, after_context + q_len)
+    batch = hidden_states.shape[0]
+    visible_later = visible_later[None, None].expand(batch, 1, -1, -1)
+    if mask is not None and mask.dim() == 4 and mask.shape[-1] == layer0_context + after_context + q_len:
+        incoming = mask[..., layer0_context:] if mask.dtype == torch.bool else mask[..., layer0_context:] == 0
+        visible_later = visible_later & incoming[..., -q_len:, :]
+    return torch.cat([visible_later.new_ones(batch, 1, q_len, context_length), visible_later], dim=-1)
