@@ -175,7 +175,8 @@ class ComposePress(BasePress):
             scores = self.scorer.score(module, hidden_states, keys, values, output[1], kwargs).float()
             self._store_scores(module.layer_idx, scores, values)
         elif self.query_source != "replay":
-            self._check_unpruned(keys, hidden_states)
+            if self.query_source == "prefill":  # the causal mask needs the keys' original positions
+                self._check_unpruned(keys, hidden_states)
             queries = recompute_queries(module, hidden_states, kwargs.get("position_embeddings"))
             causal_offset = 0 if self.query_source == "prefill" else None
             scores = self._attention_scores(module, queries, keys, self._inputs["valid"], causal_offset)
@@ -196,6 +197,8 @@ class ComposePress(BasePress):
 
     def _attention_scores(self, module, queries, keys, key_valid, causal_offset):
         n_context = self._inputs["valid"].shape[1]
+        if key_valid.shape[1] != keys.shape[2]:  # an earlier press pruned this layer: positions are unknown
+            key_valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool)
         return attention_scores(
             queries,
             keys,

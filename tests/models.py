@@ -27,11 +27,11 @@ FAMILIES = {
 }
 
 
-def tiny_model(family="llama", attn="sdpa", layers=3, heads=4, kv_heads=2, dtype=torch.float32, seed=0):
+def tiny_model(family="llama", attn="sdpa", layers=3, heads=4, kv_heads=2, dtype=torch.float32, seed=0, vocab=VOCAB):
     config_class, model_class = FAMILIES[family]
     extra = {"sliding_window": None} if family in ("mistral", "qwen2") else {}
     config = config_class(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=layers,

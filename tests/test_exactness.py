@@ -36,7 +36,7 @@ class LayerRankedScorer(ScorerPress):
     layer0_shortest: bool = True
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs):
-        generator = torch.Generator().manual_seed(module.layer_idx)
+        generator = torch.Generator().manual_seed(0)  # same base scores in every layer: only the scale differs
         depth = module.layer_idx + 1 if self.layer0_shortest else 10 - module.layer_idx
         return torch.rand(keys.shape[:3], generator=generator) * depth
 

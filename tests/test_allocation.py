@@ -1,0 +1,59 @@
+"""Composite scores, global allocation and kept positions on hand-made scores."""
+
+import torch
+
+from kvpress_compose.allocation import (
+    composite_scores,
+    compute_n_kept,
+    head_budgets,
+    kept_positions,
+    layer_budgets,
+    rank_tokens,
+    top_entries,
+)
+
+INF = float("inf")
+
+
+def test_compute_n_kept_floors_without_float_noise():
+    assert compute_n_kept(100, 0.9) == 10  # 100 * (1 - 0.9) = 9.999999999999998 in floating point
+    assert compute_n_kept(100, 0.7) == 30
+    assert compute_n_kept(7, 0.5) == 3
+    assert compute_n_kept(64, 0.0) == 64
+
+
+def test_composite_score_is_the_head_mean_of_each_rank():
+    scores = torch.tensor([[[[0.1, 0.9, 0.5], [0.3, 0.2, 0.8]]]])  # (layers=1, batch=1, heads=2, n=3)
+    sorted_scores, order = rank_tokens(scores)
+    assert order.tolist() == [[[[1, 2, 0], [2, 0, 1]]]]
+    torch.testing.assert_close(composite_scores(sorted_scores, "mean"), torch.tensor([[0.85, 0.4, 0.15]]))
+    torch.testing.assert_close(composite_scores(sorted_scores, "max"), torch.tensor([[0.9, 0.5, 0.2]]))
+
+
+def test_global_top_k_gives_more_to_the_layer_with_higher_scores():
+    composite = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.5, 0.4, 0.3, 0.2], [0.95, 0.1, 0.05, 0.01]])
+    # top 6 with one forced per layer: 0.95 (L2), 0.9 (L0), 0.5 (L1) forced, then 0.8, 0.7, 0.6 (L0)
+    budgets = layer_budgets(composite, n_kept=6, min_per_layer=1)
+    assert budgets.tolist() == [4, 1, 1]
+    assert layer_budgets(composite, n_kept=6, min_per_layer=2).tolist() == [2, 2, 2]
+
+
+def test_ties_are_broken_by_layer_then_rank():
+    composite = torch.ones(3, 4)
+    assert layer_budgets(composite, n_kept=6, min_per_layer=1).tolist() == [4, 1, 1]
+
+
+def test_padding_is_never_kept_even_if_the_budget_allows():
+    scores = torch.tensor([[[0.9, 0.5, -INF], [0.8, -INF, -INF]]])  # (rows=1, groups=2, n=3)
+    assert top_entries(scores, n_kept=6, n_forced=1).tolist() == [[2, 1]]
+
+
+def test_head_budgets_are_global_per_row():
+    scores = torch.tensor([[[[0.9, 0.8, 0.7, 0.6], [0.1, 0.05, 0.04, 0.03]]]])  # (L=1, b=1, H=2, n=4)
+    sorted_scores, _ = rank_tokens(scores)
+    assert head_budgets(sorted_scores, 0.5, min_per_head=1).tolist() == [[[3, 1]]]
+
+
+def test_kept_positions_are_each_heads_top_in_ascending_order():
+    order = torch.tensor([[[4, 0, 3, 1, 2], [2, 1, 0, 4, 3]]])
+    assert kept_positions(order, 3).tolist() == [[[0, 3, 4], [0, 1, 2]]]

@@ -1,0 +1,134 @@
+"""ComposePress behaviour: budgets, shapes, memory, kept sets, allocation, and clear errors for bad input."""
+
+import pytest
+import torch
+from kvpress import KnormPress
+from transformers import DynamicCache
+
+from kvpress_compose import ComposePress, compute_n_kept
+from tests.models import cache_layer_lengths, prefill, random_ids, tiny_model
+from tests.reference import question_and_decode
+from tests.test_exactness import LayerRankedScorer
+
+
+@pytest.mark.parametrize("query_source", ["prefill", "bidirectional", "replay"])
+def test_ratio_zero_is_identical_to_no_press(query_source):
+    model = tiny_model(layers=3)
+    ids, question = random_ids(1, 32), random_ids(1, 5, seed=4)
+    pressed = prefill(model, ids, ComposePress(compression_ratio=0.0, query_source=query_source))
+    plain = prefill(model, ids)
+    assert cache_layer_lengths(pressed) == [32, 32, 32]
+    with_press, _ = question_and_decode(model, pressed, question, 32, 3)
+    without, _ = question_and_decode(model, plain, question, 32, 3)
+    for a, b in zip(with_press, without):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
+def test_total_kept_is_the_target_and_every_layer_keeps_its_minimum(ratio):
+    model = tiny_model(layers=4)
+    press = ComposePress(compression_ratio=ratio, query_source="prefill", min_tokens_per_layer=2)
+    cache = prefill(model, random_ids(1, 50), press)
+    lengths = cache_layer_lengths(cache)
+    assert sum(lengths) == compute_n_kept(4 * 50, ratio)
+    assert min(lengths) >= 2
+    assert lengths == press.last_budgets.tolist()
+    for layer, length in zip(cache.layers, lengths):
+        assert layer.keys.shape == layer.values.shape == (1, 2, length, 16)
+
+
+def test_memory_really_shrinks():
+    model = tiny_model(layers=4)
+    full = prefill(model, random_ids(1, 64))
+    compressed = prefill(model, random_ids(1, 64), ComposePress(compression_ratio=0.75, query_source="prefill"))
+    nbytes = lambda cache: sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)  # noqa: E731
+    assert nbytes(compressed) == nbytes(full) * compute_n_kept(4 * 64, 0.75) // (4 * 64)
+
+
+def test_each_head_keeps_exactly_its_top_budget_tokens_in_order():
+    model = tiny_model(layers=3)
+    ids = random_ids(1, 40)
+    full = prefill(model, ids)
+    press = ComposePress(compression_ratio=0.6, query_source="bidirectional")
+    compressed = prefill(model, ids, press)
+    for layer_idx, budget in enumerate(press.last_budgets.tolist()):
+        top = press.last_scores[layer_idx].topk(budget, dim=-1).indices.sort(dim=-1).values  # (1, heads, budget)
+        expected = full.layers[layer_idx].keys.gather(2, top[..., None].expand(-1, -1, -1, 16))
+        assert torch.equal(compressed.layers[layer_idx].keys, expected)
+
+
+def test_allocation_follows_the_scores():
+    model = tiny_model(layers=4)
+    press = ComposePress(compression_ratio=0.5, scorer=LayerRankedScorer(layer0_shortest=True))
+    lengths = cache_layer_lengths(prefill(model, random_ids(1, 40), press))
+    assert lengths == sorted(lengths) and lengths[-1] > lengths[0], lengths  # deeper layers score higher
+
+
+def test_scorer_scores_are_used_as_token_scores():
+    model = tiny_model(layers=3)
+    ids = random_ids(1, 40)
+    full = prefill(model, ids)
+    press = ComposePress(compression_ratio=0.5, scorer=KnormPress(), add_mean_across_heads=False)
+    prefill(model, ids, press)
+    expected = torch.stack([-layer.keys.norm(dim=-1) for layer in full.layers])
+    torch.testing.assert_close(press.last_scores, expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"compression_ratio": 1.0}, ValueError, "compression_ratio"),
+        ({"compression_ratio": -0.1}, ValueError, "compression_ratio"),
+        ({"compression_ratio": "0.5"}, TypeError, "compression_ratio"),
+        ({"query_source": "future"}, ValueError, "query_source"),
+        ({"agg_task": "median"}, ValueError, "agg_task"),
+        ({"agg_group": "sum"}, ValueError, "agg_group"),
+        ({"agg_head": "min"}, ValueError, "agg_head"),
+        ({"scorer": ComposePress()}, TypeError, "scorer"),
+        ({"min_tokens_per_layer": 0}, ValueError, "min_tokens_per_layer"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        ComposePress(**kwargs)
+
+
+def test_context_shorter_than_the_minimum_is_refused():
+    press = ComposePress(compression_ratio=0.5, query_source="prefill", min_tokens_per_layer=20)
+    with pytest.raises(ValueError, match="min_tokens_per_layer"):
+        prefill(tiny_model(), random_ids(1, 10), press)
+
+
+def test_prefill_without_a_cache_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="past_key_values"), ComposePress(compression_ratio=0.5)(model):
+        model.model(input_ids=random_ids(1, 10), use_cache=False)
+
+
+def test_models_without_attention_layers_or_rotary_are_refused():
+    class NoLayers(torch.nn.Module):
+        model = torch.nn.Module()
+
+    with pytest.raises(ValueError, match="self_attn"), ComposePress(compression_ratio=0.5)(NoLayers()):
+        pass
+    model = tiny_model()
+    model.model.rotary_emb = None
+    with pytest.raises(ValueError, match="rotary"), ComposePress(compression_ratio=0.5)(model):
+        pass
+
+
+def test_unstructured_on_eager_is_refused():
+    with pytest.raises(ValueError, match="eager"), ComposePress(0.5, structured=False)(tiny_model(attn="eager")):
+        pass
+
+
+def test_a_second_prefill_into_a_new_cache_starts_clean():
+    model = tiny_model(layers=3)
+    press = ComposePress(compression_ratio=0.5, query_source="prefill")
+    prefill(model, random_ids(1, 40), press)
+    # the next, uncompressed prefill on a fresh cache sees full causal attention again
+    cache = DynamicCache()
+    with torch.no_grad():
+        logits = model(random_ids(1, 20, seed=5), past_key_values=cache).logits
+        reference = model(random_ids(1, 20, seed=5)).logits
+    assert torch.equal(logits, reference)

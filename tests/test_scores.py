@@ -1,0 +1,70 @@
+"""Chunked scores equal the attention probabilities of a full eager forward (output_attentions)."""
+
+import pytest
+import torch
+
+from kvpress_compose import ComposePress
+from tests.models import prefill, random_ids, tiny_model
+
+
+def reference_scores(attentions, rows: slice, n: int, agg_task="max", group=2):
+    """(layers, batch, kv_heads, n) from full attention matrices: agg over rows, mean over the GQA group."""
+    per_layer = []
+    for layer_attention in attentions:  # (batch, q_heads, q, k)
+        probs = layer_attention[:, :, rows, :n]
+        stat = probs.amax(dim=2) if agg_task == "max" else probs.mean(dim=2)
+        per_layer.append(stat.unflatten(1, (-1, group)).mean(dim=2))
+    return torch.stack(per_layer)
+
+
+def press_scores(model, ids, block_size=None, **kwargs):
+    press = ComposePress(compression_ratio=0.5, add_mean_across_heads=False, score_block_size=block_size, **kwargs)
+    prefill(model, ids, press)
+    return press.last_scores
+
+
+@pytest.mark.parametrize("agg_task", ["max", "mean"])
+@pytest.mark.parametrize("block_size", [None, 7])
+def test_prefill_scores_equal_causal_attention(agg_task, block_size):
+    model = tiny_model(attn="eager")
+    ids = random_ids(1, 30)
+    with torch.no_grad():
+        attentions = model(ids, output_attentions=True).attentions
+    expected = reference_scores(attentions, slice(None), 30, agg_task)
+    actual = press_scores(model, ids, block_size, query_source="prefill", agg_task=agg_task)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block_size", [None, 5])
+def test_replay_scores_equal_attention_of_the_context_fed_twice(block_size):
+    model = tiny_model(attn="eager")
+    ids = random_ids(1, 30)
+    with torch.no_grad():
+        attentions = model(torch.cat([ids, ids], dim=1), output_attentions=True).attentions
+    expected = reference_scores(attentions, slice(30, 60), 30)
+    actual = press_scores(model, ids, block_size, query_source="replay")
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_bidirectional_scores_equal_unmasked_attention_in_the_first_layer():
+    model = tiny_model(attn="eager")
+    ids = random_ids(1, 30)
+    all_visible = torch.zeros(1, 1, 30, 30)  # additive eager mask: nothing hidden
+    with torch.no_grad():
+        attentions = model(ids, attention_mask=all_visible, output_attentions=True).attentions
+    expected = reference_scores(attentions[:1], slice(None), 30)
+    actual = press_scores(model, ids, 4, query_source="bidirectional")[:1]
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_group_max_and_value_norm_enhancement():
+    model = tiny_model(attn="eager")
+    ids = random_ids(1, 24)
+    with torch.no_grad():
+        attentions = model(ids, output_attentions=True).attentions
+    cache = prefill(model, ids)
+    probs = torch.stack([a.amax(dim=2).unflatten(1, (-1, 2)).amax(dim=2) for a in attentions])
+    value_norms = torch.stack([layer.values.norm(dim=-1) for layer in cache.layers])
+    expected = probs * value_norms
+    actual = press_scores(model, ids, query_source="prefill", agg_group="max", add_v_norm=True)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
