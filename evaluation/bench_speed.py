@@ -1,0 +1,229 @@
+"""Speed and memory of ComposePress next to a plain prefill, SnapKV and kvpress's KVComposePress.
+
+    python -m evaluation.bench_speed                       # tiny model, 4k-32k tokens
+    python -m evaluation.bench_speed --model medium --lengths 4096 32768 --json bench.json
+
+Models are built from configs (random weights: speed does not depend on them). For every context length the
+methods run interleaved (one round = every method once) after a warm-up round, and the table reports medians
+as ratios to the plain prefill measured in the same rounds. Peak extra memory is the peak resident memory
+during a run minus the resident memory before it (on CUDA: the allocator's peak), shown as a fraction of the
+full KV cache size. kvpress's KVComposePress is skipped at a length where its time, extrapolated
+quadratically from the previous length, would pass ``--kvcompose-limit-s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import threading
+import time
+
+import torch
+from kvpress import KVComposePress, SnapKVPress
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from kvpress_compose import ComposePress
+
+MODELS = {
+    "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32),
+    "medium": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=2, head_dim=64),
+}
+QUERY_SOURCES = ("prefill", "bidirectional", "replay")
+SLOW_RUN_S = 10.0
+
+
+def build_model(name: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, max_position_embeddings=65536, rope_theta=1e6,
+                         attn_implementation="sdpa", **MODELS[name])
+    return LlamaForCausalLM(config).eval().to(device=device, dtype=dtype)
+
+
+def methods(ratio: float) -> dict:
+    presses = {"plain prefill": None}
+    presses.update({f"compose[{qs}]": ComposePress(compression_ratio=ratio, query_source=qs) for qs in QUERY_SOURCES})
+    presses["snapkv"] = SnapKVPress(compression_ratio=ratio)
+    presses["kvpress KVComposePress"] = KVComposePress(compression_ratio=ratio)
+    return presses
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator peak, or resident memory sampled every ms."""
+
+    def __init__(self, device: str):
+        self.device, self.peak, self._running = device, 0, False
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while self._running:
+            self.peak = max(self.peak, self._rss() - self._base)
+            time.sleep(0.001)
+
+    def __enter__(self):
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base, self._running = self._rss(), True
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self._running = False
+            self._thread.join()
+            self.peak = max(self.peak, self._rss() - self._base)
+
+
+@torch.no_grad()
+def timed_prefill(model, ids, press, device):
+    """(seconds, peak extra bytes, cache) of one prefill (and compression) of ``ids``."""
+    cache = DynamicCache()
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        if press is None:
+            model.model(input_ids=ids, past_key_values=cache)
+        else:
+            with press(model):
+                model.model(input_ids=ids, past_key_values=cache)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return seconds, memory.peak, cache
+
+
+def cache_bytes(cache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, cache, n_context: int, steps: int, device: str) -> float:
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    start = time.perf_counter()
+    for step in range(steps):
+        position = torch.full((1, 1), n_context + step, device=device)
+        token = model(input_ids=token, past_key_values=cache, position_ids=position).logits[:, -1:].argmax(-1)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - start)
+
+
+def bench_length(model, length, args, kvcompose_estimate):
+    ids = torch.randint(0, 1024, (1, length), generator=torch.Generator().manual_seed(length)).to(args.device)
+    presses = methods(args.ratio)
+    if kvcompose_estimate is not None and kvcompose_estimate > args.kvcompose_limit_s:
+        print(f"  skipping kvpress KVComposePress at {length} tokens: estimated {kvcompose_estimate:.0f} s per run")
+        del presses["kvpress KVComposePress"]
+    times = {name: [] for name in presses}
+    peaks = {name: [] for name in presses}
+    full_bytes = None
+    timed_once = set()  # methods too slow to repeat: their warm-up run is their timing
+    for round_index in range(args.repeats + 1):  # round 0 is the warm-up
+        for name, press in presses.items():
+            if name in timed_once:
+                continue
+            seconds, peak, cache = timed_prefill(model, ids, press, args.device)
+            if name == "plain prefill":
+                full_bytes = cache_bytes(cache)
+            if name == "compose[replay]":
+                kept_fraction = cache_bytes(cache) / full_bytes
+            del cache
+            if round_index == 0 and seconds > SLOW_RUN_S:
+                timed_once.add(name)
+            if round_index > 0 or name in timed_once:
+                times[name].append(seconds)
+                peaks[name].append(peak)
+    base_time = statistics.median(times["plain prefill"])
+    base_peak = statistics.median(peaks["plain prefill"])
+    rows = []
+    for name in presses:
+        median_time = statistics.median(times[name])
+        rows.append({
+            "method": name, "tokens": length, "seconds": median_time, "time_vs_prefill": median_time / base_time,
+            "peak_extra_mb": statistics.median(peaks[name]) / 2**20,
+            "extra_peak_vs_kv_cache": (statistics.median(peaks[name]) - base_peak) / full_bytes,
+        })
+    cache_check = {"tokens": length, "ratio": args.ratio, "kept_bytes_fraction": kept_fraction,
+                   "target_fraction": 1 - args.ratio}
+    kvcompose_time = statistics.median(times.get("kvpress KVComposePress", [float("nan")]))
+    return rows, cache_check, kvcompose_time, full_bytes
+
+
+def decode_speeds(model, length, args):
+    ids = torch.randint(0, 1024, (1, length), generator=torch.Generator().manual_seed(1)).to(args.device)
+    speeds = {}
+    for ratio in (0.0, 0.5, 0.75):
+        press = ComposePress(compression_ratio=ratio, query_source="prefill") if ratio else None
+        _, _, cache = timed_prefill(model, ids, press, args.device)
+        decode_tokens_per_s(model, cache, length, 4, args.device)  # warm-up
+        speeds[ratio] = decode_tokens_per_s(model, cache, length + 4, args.decode_steps, args.device)
+    return speeds
+
+
+def print_table(rows):
+    print(f"{'method':<26}{'tokens':>8}{'seconds':>10}{'x prefill':>11}{'peak MB':>10}{'extra/KV':>10}")
+    for row in rows:
+        print(f"{row['method']:<26}{row['tokens']:>8}{row['seconds']:>10.3f}{row['time_vs_prefill']:>11.2f}"
+              f"{row['peak_extra_mb']:>10.1f}{row['extra_peak_vs_kv_cache']:>10.2f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--kvcompose-limit-s", type=float, default=120.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--json", help="write every figure to this file")
+    args = parser.parse_args(argv)
+    if any(length < 16 for length in args.lengths):
+        parser.error("--lengths must be at least 16 tokens")
+    if not 0 < args.ratio < 1:
+        parser.error("--ratio must be in (0, 1)")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    model = build_model(args.model, args.device, dtype)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"model {args.model} ({dtype}), {device_name}, compression ratio {args.ratio}")
+    rows, cache_checks, previous = [], [], None
+    for length in sorted(args.lengths):
+        estimate = None if previous is None else previous[1] * (length / previous[0]) ** 2
+        length_rows, cache_check, kvcompose_time, _ = bench_length(model, length, args, estimate)
+        rows += length_rows
+        cache_checks.append(cache_check)
+        if kvcompose_time == kvcompose_time:  # not NaN: it ran at this length
+            previous = (length, kvcompose_time)
+        print_table(length_rows)
+    print("\nkept cache bytes after compose[replay]:")
+    for check in cache_checks:
+        print(f"  {check['tokens']:>6} tokens: {check['kept_bytes_fraction']:.4f} of full (target {check['target_fraction']:.4f})")
+    speeds = decode_speeds(model, min(args.lengths), args)
+    print(f"\ndecode tokens/s after a {min(args.lengths)}-token context: "
+          + ", ".join(f"r={ratio}: {speed:.1f}" for ratio, speed in speeds.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "device": device_name, "dtype": str(dtype), "rows": rows,
+                       "cache": cache_checks, "decode_tokens_per_s": speeds}, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
