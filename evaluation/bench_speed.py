@@ -5,9 +5,9 @@
 
 Models are built from configs (random weights: speed does not depend on them). For every context length the
 methods run interleaved (one round = every method once) after a warm-up round, and the table reports medians
-as ratios to the plain prefill measured in the same rounds. Peak extra memory is the peak resident memory
-during a run minus the resident memory before it (on CUDA: the allocator's peak), shown as a fraction of the
-full KV cache size. kvpress's KVComposePress is skipped at a length where its time, extrapolated
+as ratios to the plain prefill measured in the same rounds. Peak extra memory is measured per method in a fresh
+process (peak resident memory during the run minus the resident memory just before it; on CUDA, the
+allocator's peak in the same process) and shown, minus the plain prefill's, as a fraction of the full KV cache. kvpress's KVComposePress is skipped at a length where its time, extrapolated
 quadratically from the previous length, would pass ``--kvcompose-limit-s``.
 """
 
@@ -17,8 +17,10 @@ import argparse
 import gc
 import json
 import os
+import resource
 import statistics
-import threading
+import subprocess
+import sys
 import time
 
 import torch
@@ -52,59 +54,54 @@ def methods(ratio: float) -> dict:
     return presses
 
 
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator peak, or resident memory sampled every ms."""
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    def __init__(self, device: str):
-        self.device, self.peak, self._running = device, 0, False
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def probe_peak_memory(args, method: str, length: int) -> int:
+    """Peak extra bytes of one run of ``method``, measured in a fresh process (CPU: peak resident memory
+    above the level just before the run; the allocator of a long-lived process would hide reused memory)."""
+    command = [sys.executable, "-m", "evaluation.bench_speed", "--memory-probe", method, "--model", args.model,
+               "--lengths", str(length), "--ratio", str(args.ratio), "--device", args.device,
+               "--threads", str(torch.get_num_threads())]
+    if args.dtype:
+        command += ["--dtype", args.dtype]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return int(output.strip().splitlines()[-1])
 
-    def _sample(self):
-        while self._running:
-            self.peak = max(self.peak, self._rss() - self._base)
-            time.sleep(0.001)
 
-    def __enter__(self):
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        else:
-            self._base, self._running = self._rss(), True
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self._base
-        else:
-            self._running = False
-            self._thread.join()
-            self.peak = max(self.peak, self._rss() - self._base)
+def run_memory_probe(args, dtype) -> None:
+    """The child side of :func:`probe_peak_memory`: prints the peak extra bytes."""
+    model = build_model(args.model, args.device, dtype)
+    press = methods(args.ratio)[args.memory_probe]
+    timed_prefill(model, torch.zeros(1, 256, dtype=torch.long), press, args.device)  # load kernels, warm up
+    ids = torch.randint(0, 1024, (1, args.lengths[0]), generator=torch.Generator().manual_seed(0))
+    gc.collect()
+    before = rss_bytes()
+    timed_prefill(model, ids, press, args.device)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
 
 
 @torch.no_grad()
 def timed_prefill(model, ids, press, device):
-    """(seconds, peak extra bytes, cache) of one prefill (and compression) of ``ids``."""
+    """(seconds, CUDA peak extra bytes or None on CPU, cache) of one prefill (and compression) of ``ids``."""
     cache = DynamicCache()
-    with PeakMemory(device) as memory:
-        start = time.perf_counter()
-        if press is None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    if press is None:
+        model.model(input_ids=ids, past_key_values=cache)
+    else:
+        with press(model):
             model.model(input_ids=ids, past_key_values=cache)
-        else:
-            with press(model):
-                model.model(input_ids=ids, past_key_values=cache)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    return seconds, memory.peak, cache
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else None
+    return seconds, peak, cache
 
 
 def cache_bytes(cache) -> int:
@@ -147,7 +144,10 @@ def bench_length(model, length, args, kvcompose_estimate):
                 timed_once.add(name)
             if round_index > 0 or name in timed_once:
                 times[name].append(seconds)
-                peaks[name].append(peak)
+                if peak is not None:
+                    peaks[name].append(peak)
+    if args.device != "cuda":
+        peaks = {name: [probe_peak_memory(args, name, length)] for name in presses}
     base_time = statistics.median(times["plain prefill"])
     base_peak = statistics.median(peaks["plain prefill"])
     rows = []
@@ -193,13 +193,19 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--json", help="write every figure to this file")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one run in a fresh process
     args = parser.parse_args(argv)
     if any(length < 16 for length in args.lengths):
         parser.error("--lengths must be at least 16 tokens")
     if not 0 < args.ratio < 1:
         parser.error("--ratio must be in (0, 1)")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        return run_memory_probe(args, dtype)
     model = build_model(args.model, args.device, dtype)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"model {args.model} ({dtype}), {device_name}, compression ratio {args.ratio}")

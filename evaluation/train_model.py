@@ -24,11 +24,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 
 from evaluation.synthetic_tasks import FILLER_WORDS, KEYS, TASKS, VALUES, build_tokenizer, make_sample, vocabulary
 
-COPY_WORDS = FILLER_WORDS + KEYS + VALUES
+RECALL_WORDS = FILLER_WORDS + KEYS + VALUES
 
 CURRICULUM = (128, 256, 512, 1024, 2048)  # context lengths in words (= tokens)
 TOKENS_PER_STEP = 8192
-COPY_FRACTION = 0.25
+RECALL_FRACTION = 0.5
 
 
 def build_model(arch: str, seed: int) -> torch.nn.Module:
@@ -70,23 +70,32 @@ def encode_sample(sample, token_ids: dict[str, int]) -> tuple[list[int], list[in
     return ids, targets[1:] + [-100]
 
 
-def encode_copy(length: int, rng: random.Random, token_ids: dict[str, int]) -> tuple[list[int], list[int]]:
-    """Auxiliary task: a random word sequence written twice, loss on every token of the second copy.
+def encode_recall(length: int, rng: random.Random, token_ids: dict[str, int]) -> tuple[list[int], list[int]]:
+    """Auxiliary task: random words in which earlier spans reappear at random places; the loss is on every word
+    of a reappearing span after its first.
 
-    It gives thousands of retrieval targets per batch (answers give a handful), so the induction heads that
-    every task relies on form early."""
-    words = [rng.choice(COPY_WORDS) for _ in range(length // 2)]
-    ids = [token_ids["<s>"]] + [token_ids[w] for w in words + words]
-    targets = [-100] * (len(words) + 1) + ids[len(words) + 2 :]
-    return ids, targets + [-100]
+    It gives hundreds of retrieval targets per row (answers give a handful), and since spans come from random
+    earlier places, continuing one needs content-based lookup (an induction head), not a positional offset."""
+    words = [rng.choice(RECALL_WORDS) for _ in range(length)]
+    targets = [-100] * (length + 1)
+    position = length // 4
+    while position < length - 2:
+        span = rng.randint(3, 12)
+        source = rng.randrange(0, position - span + 1) if position > span else 0
+        end = min(position + span, length)
+        words[position:end] = words[source : source + end - position]
+        for t in range(position, end - 1):  # ids are shifted by <s>: id t+1 predicts id t+2 (word t+1)
+            targets[t + 1] = token_ids[words[t + 1]]
+        position = end + rng.randint(0, 6)
+    return [token_ids["<s>"]] + [token_ids[w] for w in words], targets
 
 
 def make_batch(length: int, batch_size: int, rng: random.Random, token_ids: dict[str, int], task=None):
     """A right-padded batch whose contexts have ``length`` words: one ``task``, or (training) a random task
-    per row with a ``COPY_FRACTION`` of copy rows."""
+    per row with a ``RECALL_FRACTION`` of recall rows."""
     encoded = [
-        encode_copy(length, rng, token_ids)
-        if task is None and rng.random() < COPY_FRACTION
+        encode_recall(length, rng, token_ids)
+        if task is None and rng.random() < RECALL_FRACTION
         else encode_sample(make_sample(task or rng.choice(TASKS), length, rng), token_ids)
         for _ in range(batch_size)
     ]

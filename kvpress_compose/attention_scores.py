@@ -14,7 +14,7 @@ import torch
 from kvpress.utils import get_prerope_query_states
 from torch import nn
 
-SCORE_BLOCK_BYTES = 64 * 2**20  # fp32 logits of one query block stay under this size
+MIN_BLOCK = 16  # queries per block at least, so that small caches do not mean thousands of tiny steps
 AGGREGATIONS = ("max", "mean")
 
 
@@ -47,6 +47,7 @@ def attention_scores(
     causal_offset: int | None,
     agg_task: str,
     agg_group: str,
+    block_bytes: int,
     block_size: int | None = None,
 ) -> torch.Tensor:
     """Score the first ``n_scored`` keys by the attention the queries pay them.
@@ -60,7 +61,8 @@ def attention_scores(
     keys : (batch, kv_heads, n_keys, head_dim), rotated, as stored in the cache.
     key_valid, query_valid : (batch, n_keys) and (batch, q_len) booleans; padding is False.
     causal_offset : None for no causal mask; else query q sees key j iff ``j <= q + causal_offset``.
-    block_size : queries per block; by default as many as fit in ``SCORE_BLOCK_BYTES``.
+    block_bytes : size of the float32 attention block to aim for; sets the block size when it is None.
+    block_size : queries per block (at least ``MIN_BLOCK`` when derived from ``block_bytes``).
 
     Returns
     -------
@@ -71,22 +73,27 @@ def attention_scores(
     group = q_heads // kv_heads
     queries = queries.view(batch, kv_heads, group, q_len, head_dim) * scaling
     keys = keys.float()
-    if block_size is None:
-        block_size = max(1, SCORE_BLOCK_BYTES // (4 * batch * q_heads * n_keys))
+    block_size = block_size or max(MIN_BLOCK, block_bytes // (4 * batch * q_heads * n_keys))
     stat = torch.zeros(batch, kv_heads, group, n_scored, device=keys.device)
     key_index = torch.arange(n_keys, device=keys.device)
+    all_queries_valid = bool(query_valid.all())
     for start in range(0, q_len, block_size):
         end = min(start + block_size, q_len)
         # keys beyond the block's last visible one never matter: skip them (halves causal work)
         n_visible = n_keys if causal_offset is None else min(n_keys, causal_offset + end)
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", queries[:, :, :, start:end], keys[:, :, :n_visible])
-        visible = key_valid[:, None, None, None, :n_visible]  # (batch, 1, 1, 1, n_visible)
+        # one (batch, kv_heads, group, block, n_visible) buffer, turned into probabilities in place
+        probs = torch.einsum("bhgqd,bhkd->bhgqk", queries[:, :, :, start:end], keys[:, :, :n_visible])
+        hidden = ~key_valid[:, None, None, None, :n_visible]
         if causal_offset is not None:
             query_index = torch.arange(start, end, device=keys.device)[:, None]
-            visible = visible & (key_index[None, :n_visible] <= query_index + causal_offset)
-        probs = logits.masked_fill_(~visible, float("-inf")).softmax(dim=-1)[..., : min(n_scored, n_visible)]
-        probs = torch.where(query_valid[:, None, None, start:end, None], probs, 0.0)  # pad rows are NaN
-        scored = probs.shape[-1]
+            hidden = hidden | (key_index[None, :n_visible] > query_index + causal_offset)
+        probs.masked_fill_(hidden, float("-inf"))
+        probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
+        probs.div_(probs.sum(dim=-1, keepdim=True))
+        scored = min(n_scored, n_visible)
+        probs = probs[..., :scored]
+        if not all_queries_valid:  # padding queries (rows of NaN) take no part
+            probs.masked_fill_(~query_valid[:, None, None, start:end, None], 0.0)
         if agg_task == "max":
             stat[..., :scored] = torch.maximum(stat[..., :scored], probs.amax(dim=3))
         else:

@@ -27,6 +27,7 @@ from kvpress_compose.replay import ReplayCache, run_replay
 
 logger = logging.getLogger(__name__)
 QUERY_SOURCES = ("prefill", "bidirectional", "replay")
+SCORE_BLOCK_FRACTION = 0.1  # scoring works in blocks of about this fraction of the full KV cache size
 
 
 @dataclass
@@ -63,7 +64,8 @@ class ComposePress(BasePress):
     min_tokens_per_layer : int, default=1
         Composite tokens every layer keeps (per head, when ``structured=False``).
     score_block_size : int, optional
-        Queries scored at once; by default as many as fit in 64 MiB of logits.
+        Queries scored at once; by default a block of float32 attention probabilities is about 10% of the
+        full KV cache (at least 16 queries), so scoring adds memory O(block x context), never O(context^2).
     """
 
     compression_ratio: float = 0.0
@@ -209,6 +211,7 @@ class ComposePress(BasePress):
             causal_offset=causal_offset,
             agg_task=self.agg_task,
             agg_group=self.agg_group,
+            block_bytes=int(SCORE_BLOCK_FRACTION * len(self._attention_modules) * 2 * keys[:, :, :n_context].nbytes),
             block_size=self.score_block_size,
         )
 

@@ -1,0 +1,251 @@
+"""One evaluation run: a model, a local dataset, a press at one compression ratio.
+
+    python -m evaluation.run --model evaluation/models/retrieval-llama --data-dir evaluation/data/synthetic-1024 \
+        --press compose_replay --ratio 0.5
+
+Rows are grouped by context and kvpress's pipeline answers all the questions of a context from one
+compression. Results go to ``<output_dir>/<dataset>__<data dir name>__<model>__<press>__<ratio>`` (the model
+with "/" replaced by "--", as kvpress names its runs):
+
+- ``predictions.csv``: the rows with a ``predicted_answer`` column;
+- ``metrics.json``: per-task scores and their average (percent), fidelity averages when asked, seconds,
+  status and errors;
+- ``config.yaml``: every argument of the run.
+
+A run whose ``metrics.json`` exists is skipped unless ``overwrite``. A press that raises is recorded as
+failed, with its error in ``metrics.json``, and does not stop the caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from kvpress import BasePress  # importing kvpress registers the "kv-press-text-generation" pipeline
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, Pipeline, pipeline
+from transformers.utils import logging as transformers_logging
+
+from evaluation.data import load_rows
+from evaluation.fidelity import fidelity, summarize
+from evaluation.metrics import average, task_scores
+from evaluation.registry import check_press_name, make_press, reset_press_state
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (saved as ``config.yaml``).
+
+    ``dataset`` names the benchmark and ``data_dir`` is the local folder written by :mod:`evaluation.data`;
+    the folder's name is the short data name in the results folder. ``max_contexts`` keeps the first contexts
+    of each task. ``fidelity_rows`` rows (the first row of each task first) get fidelity metrics when
+    ``fidelity`` is set. ``no_press`` always runs at ratio 0.
+    """
+
+    model: str
+    data_dir: str
+    press_name: str
+    compression_ratio: float
+    dataset: str = "synthetic"
+    output_dir: str = "results"
+    device: str = "cpu"
+    attn_implementation: str = "sdpa"
+    max_contexts: int | None = None
+    fidelity: bool = False
+    fidelity_rows: int = 5
+    greedy_tokens: int = 8
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check_press_name(self.press_name)
+        self.model, self.data_dir, self.output_dir = str(self.model), str(self.data_dir), str(self.output_dir)
+        self.compression_ratio = 0.0 if self.press_name == "no_press" else float(self.compression_ratio)
+        if not 0 <= self.compression_ratio < 1:
+            raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
+            )
+        for name in ("max_contexts", "fidelity_rows", "greedy_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.press_name}@{self.compression_ratio:.2f}"
+
+    @property
+    def setting(self) -> str:
+        """``<dataset>__<data dir name>__<model>``: what every run of a sweep shares."""
+        return "__".join([self.dataset, Path(self.data_dir).name, self.model.rstrip("/").replace("/", "--")])
+
+    def results_dir(self) -> Path:
+        return Path(self.output_dir) / f"{self.setting}__{self.press_name}__{self.compression_ratio:.2f}"
+
+
+@lru_cache(maxsize=1)
+def load_pipeline(model: str, device: str = "cpu", attn_implementation: str = "sdpa") -> Pipeline:
+    """kvpress's text-generation pipeline for ``model`` (a hub id or a local folder); the last one is cached."""
+    transformers_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    language_model = AutoModelForCausalLM.from_pretrained(model, dtype="auto", attn_implementation=attn_implementation)
+    return pipeline("kv-press-text-generation", model=language_model.eval(), tokenizer=tokenizer, device=device)
+
+
+def first_contexts(rows: pd.DataFrame, max_contexts: int | None) -> pd.DataFrame:
+    """The rows of the first ``max_contexts`` contexts of each task (all rows when ``None``)."""
+    if max_contexts is None:
+        return rows
+    context_rank = rows.groupby("task", sort=False)["context"].transform(lambda c: pd.factorize(c)[0])
+    return rows[context_rank < max_contexts]
+
+
+def predict(pipe: Pipeline, rows: pd.DataFrame, press: BasePress | None, desc: str) -> pd.Series:
+    """Predicted answers for ``rows``: one compression per context answers all of its questions."""
+    predictions = pd.Series(index=rows.index, dtype=object)
+    groups = rows.groupby("context", sort=False)
+    for context, group in tqdm(groups, total=groups.ngroups, desc=desc, leave=False):
+        output = pipe(
+            context,
+            questions=group["question"].tolist(),
+            answer_prefix=group["answer_prefix"].iloc[0],
+            press=press,
+            max_new_tokens=int(group["max_new_tokens"].max()),
+        )
+        predictions[group.index] = output["answers"]
+    return predictions
+
+
+def fidelity_metrics(pipe: Pipeline, rows: pd.DataFrame, press: BasePress | None, config: RunConfig) -> dict:
+    """Fidelity averaged over ``config.fidelity_rows`` rows, tokenized exactly as the pipeline does."""
+    first_per_task = rows.groupby("task", sort=False).cumcount().sort_values(kind="stable").index
+    device, results = pipe.model.device, []
+    for _, row in rows.loc[first_per_task[: config.fidelity_rows]].iterrows():
+        inputs = pipe.preprocess(
+            row["context"], [row["question"]], row["answer_prefix"], pipe.tokenizer.model_max_length
+        )
+        context_ids, question_ids = inputs["context_ids"].to(device), inputs["questions_ids"][0].to(device)
+        answer_ids = pipe.tokenizer.encode(row["answer"], add_special_tokens=False, return_tensors="pt").to(device)
+        results.append(fidelity(pipe.model, context_ids, question_ids, answer_ids, press, config.greedy_tokens))
+    return summarize(results)
+
+
+def _evaluate_rows(pipe: Pipeline, rows: pd.DataFrame, config: RunConfig) -> tuple[pd.DataFrame, dict]:
+    """Predictions and metrics of a press that ran to the end."""
+    torch.manual_seed(config.seed)
+    press = make_press(config.press_name, config.compression_ratio)
+    reset_press_state(pipe.model)
+    predictions = rows.assign(predicted_answer=predict(pipe, rows, press, config.label))
+    scores = task_scores(predictions)
+    metrics = {"status": "ok", "scores": scores, "average": average(scores)}
+    if config.fidelity:
+        metrics["fidelity"] = fidelity_metrics(pipe, rows, press, config)
+    return predictions, metrics
+
+
+def run(config: RunConfig) -> Path:
+    """Run (or skip) one evaluation and return its results folder."""
+    results_dir = config.results_dir()
+    metrics_file = results_dir / "metrics.json"
+    if metrics_file.exists() and not config.overwrite:
+        tqdm.write(f"skip {results_dir} (metrics.json exists; overwrite to rerun)")
+        return results_dir
+    rows = first_contexts(load_rows(config.data_dir), config.max_contexts)
+    pipe = load_pipeline(config.model, config.device, config.attn_implementation)
+    start = time.perf_counter()
+    metrics = {"press": config.press_name, "compression_ratio": config.compression_ratio, "rows": len(rows),
+               "contexts": rows["context"].nunique()}
+    try:
+        predictions, outcome = _evaluate_rows(pipe, rows, config)
+    except Exception as error:  # a press that cannot run on this model is a result, not a crash
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        tqdm.write(f"warning: {config.label} failed: {message}")
+        predictions, outcome = None, {"status": "failed", "errors": [message]}
+    results_dir.mkdir(parents=True, exist_ok=True)
+    if predictions is not None:
+        predictions.to_csv(results_dir / "predictions.csv", index=False)
+    else:  # no stale predictions from an earlier run next to a failure
+        (results_dir / "predictions.csv").unlink(missing_ok=True)
+    metrics.update(outcome, seconds=round(time.perf_counter() - start, 3))
+    metrics.setdefault("errors", [])
+    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
+    (results_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    return results_dir
+
+
+def evaluate(
+    model: str,
+    dataset: str,
+    data_dir: str | Path,
+    press_name: str,
+    ratio: float,
+    out_root: str | Path = "results",
+    **options,
+) -> Path:
+    """Run ``press_name`` at ``ratio`` on ``model`` over the local dataset in ``data_dir``; see :class:`RunConfig`."""
+    config = RunConfig(model, str(data_dir), press_name, ratio, dataset=dataset, output_dir=str(out_root), **options)
+    return run(config)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by a single run and a sweep."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
+    parser.add_argument("--max-contexts", type=int, default=None, help="first contexts of each task only")
+    parser.add_argument("--fidelity", action="store_true", help="also measure KL and greedy divergence")
+    parser.add_argument("--fidelity-rows", type=int, default=5)
+    parser.add_argument("--greedy-tokens", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="rerun even if metrics.json exists")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU threads for torch (default 1: the shipped model is small, and more threads than idle cores "
+             "slow torch down many times over)",
+    )
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """The :class:`RunConfig` keyword arguments that :func:`add_run_options` parsed; applies ``--threads``."""
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    names = ("device", "attn_implementation", "max_contexts", "fidelity", "fidelity_rows", "greedy_tokens", "seed",
+             "overwrite")
+    return {name: getattr(args, name) for name in names}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="hub id or local model folder")
+    parser.add_argument("--data-dir", required=True, help="folder written by `python -m evaluation.data`")
+    parser.add_argument("--press", required=True, help="a name from evaluation.registry.PRESS_REGISTRY")
+    parser.add_argument("--ratio", type=float, required=True, help="compression ratio in [0, 1)")
+    parser.add_argument("--dataset", default="synthetic")
+    parser.add_argument("--out", default="results")
+    add_run_options(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = RunConfig(args.model, args.data_dir, args.press, args.ratio, dataset=args.dataset,
+                           output_dir=args.out, **run_options(args))
+    except ValueError as error:
+        parser.error(str(error))
+    results_dir = run(config)
+    print(f"results in {results_dir}")
+    return results_dir
+
+
+if __name__ == "__main__":
+    main()

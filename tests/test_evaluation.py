@@ -1,0 +1,292 @@
+"""The evaluation CLI: data, registry, metrics, fidelity, single runs and sweeps (tiny random model, no downloads)."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import datasets
+import pandas as pd
+import pytest
+import torch
+import yaml
+from kvpress import BasePress, KnormPress, SnapKVPress
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import evaluation.__main__ as cli
+from evaluation import registry
+from evaluation.data import load_rows, write_dataset
+from evaluation.fidelity import fidelity
+from evaluation.metrics import average, string_match_all, task_scores
+from evaluation.run import RunConfig, evaluate, load_pipeline
+from evaluation.sweep import accuracy_by_ratio, plot, trapezoid_area
+from evaluation.synthetic_tasks import TASKS, build_tokenizer, vocabulary
+
+KVPRESS_COLUMNS = ["context", "question", "answer_prefix", "answer", "max_new_tokens", "task"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the tiny model gains nothing from more, and loses a lot when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama over the synthetic vocabulary, saved as a Hugging Face model folder."""
+    config = LlamaConfig(
+        vocab_size=len(vocabulary()),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # random init attends almost uniformly; sharpen it so that presses change outputs
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data") / "synthetic-96", n_contexts=2, n_words=96, seed=0)
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+
+def test_rows_have_kvpress_columns_and_every_task(data_dir):
+    rows = load_rows(data_dir)
+    assert list(rows.columns) == KVPRESS_COLUMNS
+    assert set(rows["task"]) == set(TASKS)
+    assert (rows.groupby("task")["context"].nunique() == 2).all()
+    assert (rows["answer_prefix"] == "").all() and (rows["max_new_tokens"] >= 2).all()
+    assert list(load_rows(data_dir, "niah_single")["task"].unique()) == ["niah_single"]
+
+
+def test_answers_follow_their_key_in_the_context(data_dir):
+    for row in load_rows(data_dir).itertuples():
+        key = row.question.split()[-1]
+        answer = row.answer.split()
+        # variable tracking: the asked key points to the next key of the chain, which the answer starts with
+        follows = answer[:1] if row.task == "variable_tracking" else answer
+        assert f"| {key} {' '.join(follows)}" in row.context, row
+
+
+def test_generation_is_deterministic_by_seed(tmp_path):
+    first = load_rows(write_dataset(tmp_path / "a", 2, 96, seed=3))
+    again = load_rows(write_dataset(tmp_path / "b", 2, 96, seed=3))
+    other = load_rows(write_dataset(tmp_path / "c", 2, 96, seed=4))
+    pd.testing.assert_frame_equal(first, again)
+    assert not first["context"].equals(other["context"])
+
+
+def test_multiquery_rows_share_their_context(data_dir):
+    rows = load_rows(data_dir, "niah_multiquery")
+    questions_per_context = rows.groupby("context")["question"].count()
+    assert len(questions_per_context) == 2 and (questions_per_context > 1).all()
+
+
+def test_loadable_with_datasets(data_dir, tmp_path):
+    everything = datasets.load_dataset(str(data_dir), split="test", cache_dir=str(tmp_path))
+    pd.testing.assert_frame_equal(everything.to_pandas(), load_rows(data_dir))
+    one_task = datasets.load_dataset(str(data_dir), "variable_tracking", split="test", cache_dir=str(tmp_path))
+    assert set(one_task["task"]) == {"variable_tracking"}
+
+
+def test_write_dataset_rejects_unknown_task(tmp_path):
+    with pytest.raises(ValueError, match="niah_nope"):
+        write_dataset(tmp_path, 1, 96, tasks=("niah_nope",))
+
+
+# -- registry -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(registry.PRESS_REGISTRY))
+def test_every_press_builds(name):
+    press = registry.make_press(name, 0.5)
+    if name == "no_press":
+        assert press is None
+    else:
+        assert isinstance(press, BasePress) and press.compression_ratio == 0.5
+
+
+def test_unknown_press_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown press 'snapkvv'.*compose_replay"):
+        registry.make_press("snapkvv", 0.5)
+
+
+def test_register_with_kvpress_adds_ours_without_overwriting():
+    existing = SnapKVPress()
+    stand_in = types.ModuleType("evaluate_registry")
+    stand_in.PRESS_REGISTRY = {"snapkv": existing, "compose": existing}
+    added = registry.register_with_kvpress(stand_in)
+    assert added == [name for name in registry.COMPOSE_PRESSES if name != "compose"]
+    assert stand_in.PRESS_REGISTRY["compose"] is existing
+    for name in added:
+        assert stand_in.PRESS_REGISTRY[name].compression_ratio == 0.0
+    with pytest.raises(TypeError, match="PRESS_REGISTRY"):
+        registry.register_with_kvpress(types.ModuleType("not_a_registry"))
+
+
+# -- metrics ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prediction, answer, expected",
+    [
+        ("v203", "v203", 1.0),
+        ("the answer is v203 </s>", "v203", 1.0),
+        ("v2030", "v203", 0.0),  # whole words, not substrings
+        ("v011 v203", "v203 v011 v145", 2 / 3),
+        ("K007 k001", "k007 k001 v042", 2 / 3),
+        ("", "v203", 0.0),
+    ],
+)
+def test_string_match_all(prediction, answer, expected):
+    assert string_match_all(prediction, answer) == pytest.approx(expected)
+
+
+def test_task_scores_and_average():
+    df = pd.DataFrame(
+        {
+            "task": ["a", "a", "b"],
+            "answer": ["v1", "v2 v3", "k1"],
+            "predicted_answer": ["v1", "v3", None],
+        }
+    )
+    scores = task_scores(df)
+    assert scores == {"a": pytest.approx(75.0), "b": 0.0}
+    assert average(scores) == pytest.approx(37.5)
+
+
+# -- fidelity -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fidelity_inputs(model_dir, data_dir):
+    pipe = load_pipeline(str(model_dir))
+    row = load_rows(data_dir, "niah_single").iloc[0]
+    inputs = pipe.preprocess(row["context"], [row["question"]], "", 10_000)
+    answer_ids = pipe.tokenizer.encode(row["answer"], add_special_tokens=False, return_tensors="pt")
+    return pipe.model, inputs["context_ids"], inputs["questions_ids"][0], answer_ids
+
+
+@pytest.mark.parametrize("press", [None, SnapKVPress(compression_ratio=0.0)], ids=["no_press", "ratio_0"])
+def test_fidelity_is_exact_without_compression(fidelity_inputs, press):
+    result = fidelity(*fidelity_inputs, press=press, n_greedy=6)
+    assert result.kl == pytest.approx(0.0, abs=1e-6)
+    assert result.first_divergence is None
+
+
+def test_fidelity_sees_compression(fidelity_inputs):
+    result = fidelity(*fidelity_inputs, press=KnormPress(compression_ratio=0.9), n_greedy=6)
+    assert result.kl > 1e-4
+    assert result.first_divergence is None or 0 <= result.first_divergence < 6
+
+
+# -- runs and sweeps ----------------------------------------------------------------------------------------------
+
+
+def test_cli_sweep_writes_runs_table_and_plot(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = ["--model", str(model_dir), "--dataset-dir", str(data_dir), "--out", str(out), "--max-contexts", "1",
+            "--presses", "no_press", "snapkv", "compose_prefill", "--ratios", "0.5",
+            "--fidelity", "--fidelity-rows", "2"]
+    cli.main(argv)
+    model_name = str(model_dir).replace("/", "--")
+    expected = [f"synthetic__synthetic-96__{model_name}__{press}" for press in
+                ("no_press__0.00", "snapkv__0.50", "compose_prefill__0.50")]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("sweep__")) == sorted(expected)
+    for name in expected:
+        run_dir = out / name
+        predictions = pd.read_csv(run_dir / "predictions.csv", keep_default_na=False)
+        assert list(predictions.columns) == KVPRESS_COLUMNS + ["predicted_answer"]
+        assert (predictions.groupby("task")["context"].nunique() == 1).all() and len(predictions) >= len(TASKS)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["status"] == "ok" and metrics["errors"] == []
+        assert set(metrics["scores"]) == set(TASKS)
+        assert all(0 <= score <= 100 for score in [*metrics["scores"].values(), metrics["average"]])
+        assert metrics["fidelity"]["rows"] == 2 and metrics["fidelity"]["kl"] >= 0 and metrics["seconds"] > 0
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["model"] == str(model_dir) and config["max_contexts"] == 1 and config["fidelity"] is True
+    no_press = json.loads((out / expected[0] / "metrics.json").read_text())
+    assert no_press["fidelity"]["kl"] == 0 and no_press["fidelity"]["diverged"] == 0
+    sweep_dir = out / f"sweep__synthetic__synthetic-96__{model_name}"
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    assert list(summary["press"]) == ["no_press", "snapkv", "compose_prefill"]
+    assert {"average", *TASKS, "fidelity_kl"} <= set(summary.columns)
+    assert "| press | 0.00 | 0.50 | auc |" in (sweep_dir / "summary.md").read_text()
+    assert (sweep_dir / "accuracy_vs_ratio.png").read_bytes().startswith(PNG_MAGIC)
+    printed = capsys.readouterr().out
+    assert str(sweep_dir / "accuracy_vs_ratio.png") in printed and "## Average accuracy" in printed
+
+    cli.main(argv)  # every run is done: all skipped
+    assert capsys.readouterr().out.count("skip ") == 3
+
+
+def test_failing_press_is_recorded_not_raised(model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    class BrokenPress(KnormPress):
+        def score(self, *args, **kwargs):
+            raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setitem(registry.PRESS_REGISTRY, "broken", BrokenPress)
+    run_dir = evaluate(str(model_dir), "synthetic", data_dir, "broken", 0.5, tmp_path, max_contexts=1)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["errors"] == ["RuntimeError: boom"]
+    assert not (run_dir / "predictions.csv").exists() and (run_dir / "config.yaml").exists()
+    assert "warning: broken@0.50 failed: RuntimeError: boom" in capsys.readouterr().out
+
+
+def test_no_press_runs_at_ratio_zero():
+    config = RunConfig("org/m", "d/synthetic-96", "no_press", 0.5)
+    assert config.results_dir().name == "synthetic__synthetic-96__org--m__no_press__0.00"
+
+
+def test_cli_errors_name_the_bad_argument(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "m", "--presses", "snapkvv", "--dataset-dir", str(tmp_path)])
+    assert "unknown press 'snapkvv'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "m", "--ratios", "1.5", "--dataset-dir", str(tmp_path)])
+    assert "compression_ratio must be in [0, 1), got 1.5" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "SHIPPED_MODEL", tmp_path / "missing")
+    with pytest.raises(SystemExit, match="python -m evaluation.train_model"):
+        cli.main([])
+
+
+def test_cli_data_subcommand(tmp_path):
+    cli.main(["data", "--out", str(tmp_path / "d"), "--contexts", "1", "--words", "64", "--tasks", "niah_single"])
+    assert len(load_rows(tmp_path / "d")) == 1
+
+
+def test_area_under_curve_starts_from_no_press(tmp_path):
+    table = pd.DataFrame(
+        {
+            "press": ["no_press", "snapkv", "snapkv"],
+            "ratio": [0.0, 0.5, 0.75],
+            "status": ["ok", "ok", "ok"],
+            "average": [80.0, 60.0, 40.0],
+        }
+    )
+    wide = accuracy_by_ratio(table)
+    assert wide.loc["snapkv", "auc"] == pytest.approx((80 + 60) / 2 * 0.5 + (60 + 40) / 2 * 0.25)
+    assert wide.loc["no_press", "auc"] == pytest.approx(80 * 0.75)
+    assert list(wide.columns) == ["0.00", "0.50", "0.75", "auc"]
+    assert trapezoid_area([0.5], [60.0]) != trapezoid_area([0.5], [60.0])  # NaN: one point has no area
+    assert plot(table, tmp_path / "p.png", "t").read_bytes().startswith(PNG_MAGIC)
