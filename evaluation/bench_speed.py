@@ -17,7 +17,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,12 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def probe_peak_memory(args, method: str, length: int) -> int:
     """Peak extra bytes of one run of ``method``, measured in a fresh process (CPU: peak resident memory
     above the level just before the run; the allocator of a long-lived process would hide reused memory)."""
@@ -78,9 +83,11 @@ def run_memory_probe(args, dtype) -> None:
     timed_prefill(model, torch.zeros(1, 256, dtype=torch.long), press, args.device)  # load kernels, warm up
     ids = torch.randint(0, 1024, (1, args.lengths[0]), generator=torch.Generator().manual_seed(0))
     gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak resident memory (VmHWM) to the current level
     before = rss_bytes()
     timed_prefill(model, ids, press, args.device)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    print(peak_rss_bytes() - before)
 
 
 @torch.no_grad()

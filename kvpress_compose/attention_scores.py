@@ -9,27 +9,47 @@ memory is O(block x n_keys) per layer instead of O(n_queries x n_keys).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from kvpress.utils import get_prerope_query_states
 from torch import nn
 
+QueryBlocks = Callable[[int, int], torch.Tensor]
 MIN_BLOCK = 16  # queries per block at least, so that small caches do not mean thousands of tiny steps
+PROJECTION_ROWS = 256  # queries are projected this many at a time (small matmuls are slow), scored per block
 AGGREGATIONS = ("max", "mean")
 
 
 def recompute_queries(module: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """The attention module's rotated queries, ``(batch, q_heads, q_len, head_dim)``, in float32."""
+    """The attention module's rotated, scaled queries, ``(batch, q_heads, q_len, head_dim)``, in float32."""
+    queries = get_prerope_query_states(module, hidden_states)
+    cos, sin = position_embeddings
+    apply_rotary_pos_emb = sys.modules[type(module).__module__].apply_rotary_pos_emb
+    queries, _ = apply_rotary_pos_emb(queries, queries, cos, sin)
+    return queries.float() * module.scaling
+
+
+def query_blocks(module: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> QueryBlocks:
+    """Queries of positions ``[start, end)`` on demand, so that only one block of them exists at a time."""
     if position_embeddings is None:
         raise ValueError(
             f"{type(module).__name__} received no rotary position_embeddings: ComposePress supports RoPE models "
             "(Llama, Mistral, Qwen2, Qwen3, Phi3)"
         )
-    queries = get_prerope_query_states(module, hidden_states)
     cos, sin = position_embeddings
-    apply_rotary_pos_emb = sys.modules[type(module).__module__].apply_rotary_pos_emb
-    queries, _ = apply_rotary_pos_emb(queries, queries, cos, sin)
-    return queries.float()
+    projected = {"start": 0, "end": 0, "queries": None}  # the current chunk of PROJECTION_ROWS queries
+
+    def block(start: int, end: int) -> torch.Tensor:
+        if not projected["start"] <= start < end <= projected["end"]:
+            chunk_end = max(end, min(start + PROJECTION_ROWS, hidden_states.shape[1]))
+            rotary = (cos[:, start:chunk_end], sin[:, start:chunk_end])
+            queries = recompute_queries(module, hidden_states[:, start:chunk_end], rotary)
+            projected.update(start=start, end=chunk_end, queries=queries)
+        offset = projected["start"]
+        return projected["queries"][:, :, start - offset : end - offset]
+
+    return block
 
 
 def aggregate(x: torch.Tensor, how: str, dim: int) -> torch.Tensor:
@@ -37,12 +57,13 @@ def aggregate(x: torch.Tensor, how: str, dim: int) -> torch.Tensor:
 
 
 def attention_scores(
-    queries: torch.Tensor,
+    queries: QueryBlocks,
+    q_len: int,
+    q_heads: int,
     keys: torch.Tensor,
     key_valid: torch.Tensor,
     query_valid: torch.Tensor,
     *,
-    scaling: float,
     n_scored: int,
     causal_offset: int | None,
     agg_task: str,
@@ -57,7 +78,8 @@ def attention_scores(
 
     Parameters
     ----------
-    queries : (batch, q_heads, q_len, head_dim), rotated.
+    queries : ``queries(start, end)`` gives the rotated, scaled queries ``(batch, q_heads, end - start, head_dim)``
+        of ``q_len`` query positions.
     keys : (batch, kv_heads, n_keys, head_dim), rotated, as stored in the cache.
     key_valid, query_valid : (batch, n_keys) and (batch, q_len) booleans; padding is False.
     causal_offset : None for no causal mask; else query q sees key j iff ``j <= q + causal_offset``.
@@ -68,36 +90,48 @@ def attention_scores(
     -------
     (batch, kv_heads, n_scored) float32 scores.
     """
-    batch, q_heads, q_len, head_dim = queries.shape
-    kv_heads, n_keys = keys.shape[1], keys.shape[2]
+    batch, kv_heads, n_keys, head_dim = keys.shape
     group = q_heads // kv_heads
-    queries = queries.view(batch, kv_heads, group, q_len, head_dim) * scaling
-    keys = keys.float()
-    block_size = block_size or max(MIN_BLOCK, block_bytes // (4 * batch * q_heads * n_keys))
-    stat = torch.zeros(batch, kv_heads, group, n_scored, device=keys.device)
-    key_index = torch.arange(n_keys, device=keys.device)
+    keys = keys.float().flatten(0, 1)  # (batch * kv_heads, n_keys, head_dim)
+    key_valid = None if bool(key_valid.all()) else key_valid
     all_queries_valid = bool(query_valid.all())
+    block_size = block_size or max(MIN_BLOCK, block_bytes // (4 * batch * q_heads * n_keys))
+    stat = torch.full((batch, kv_heads, group, n_scored), float("-inf") if agg_task == "max" else 0.0,
+                      device=keys.device)
     for start in range(0, q_len, block_size):
         end = min(start + block_size, q_len)
+        rows = end - start
         # keys beyond the block's last visible one never matter: skip them (halves causal work)
         n_visible = n_keys if causal_offset is None else min(n_keys, causal_offset + end)
-        # one (batch, kv_heads, group, block, n_visible) buffer, turned into probabilities in place
-        probs = torch.einsum("bhgqd,bhkd->bhgqk", queries[:, :, :, start:end], keys[:, :, :n_visible])
-        hidden = ~key_valid[:, None, None, None, :n_visible]
-        if causal_offset is not None:
-            query_index = torch.arange(start, end, device=keys.device)[:, None]
-            hidden = hidden | (key_index[None, :n_visible] > query_index + causal_offset)
-        probs.masked_fill_(hidden, float("-inf"))
-        probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
-        probs.div_(probs.sum(dim=-1, keepdim=True))
-        scored = min(n_scored, n_visible)
-        probs = probs[..., :scored]
+        bias = visibility_bias(start, end, n_visible, causal_offset, key_valid, group, kv_heads, keys.device)
+        # log-probabilities of one (batch * kv_heads, group * rows, n_visible) block, in place
+        block = queries(start, end).reshape(batch * kv_heads, group * rows, head_dim)
+        logits = torch.baddbmm(bias, block, keys[:, :n_visible].transpose(1, 2))
+        logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+        log_probs = logits.view(batch, kv_heads, group, rows, n_visible)[..., :n_scored]
         if not all_queries_valid:  # padding queries (rows of NaN) take no part
-            probs.masked_fill_(~query_valid[:, None, None, start:end, None], 0.0)
-        if agg_task == "max":
-            stat[..., :scored] = torch.maximum(stat[..., :scored], probs.amax(dim=3))
+            log_probs.masked_fill_(~query_valid[:, None, None, start:end, None], float("-inf"))
+        scored = log_probs.shape[-1]
+        if agg_task == "max":  # max of probabilities = exp of the max log-probability
+            stat[..., :scored] = torch.maximum(stat[..., :scored], log_probs.amax(dim=3))
         else:
-            stat[..., :scored] += probs.sum(dim=3)
-    if agg_task == "mean":
+            stat[..., :scored] += log_probs.exp().sum(dim=3)
+    if agg_task == "max":
+        stat = stat.exp()
+    else:
         stat /= query_valid.sum(dim=-1).clamp(min=1)[:, None, None, None]
     return aggregate(stat, agg_group, dim=2)
+
+
+def visibility_bias(start, end, n_visible, causal_offset, key_valid, group, kv_heads, device) -> torch.Tensor:
+    """Additive mask (0 or -inf) of queries ``[start, end)`` repeated over the ``group`` query heads of a KV
+    head: ``(group * rows, n_visible)``, or ``(batch * kv_heads, group * rows, n_visible)`` with key padding."""
+    hidden = torch.zeros(end - start, n_visible, dtype=torch.bool, device=device)
+    if causal_offset is not None:
+        query_index = torch.arange(start, end, device=device)[:, None]
+        hidden |= torch.arange(n_visible, device=device)[None, :] > query_index + causal_offset
+    if key_valid is not None:
+        hidden = hidden | ~key_valid[:, None, :n_visible].to(device)  # (batch, rows, n_visible)
+    bias = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, float("-inf"))
+    bias = bias.repeat(*([1] * (bias.dim() - 2)), group, 1)  # rows follow the (group, rows) query order
+    return bias if key_valid is None else bias.repeat_interleave(kv_heads, dim=0)

@@ -20,7 +20,7 @@ from kvpress_compose.allocation import (
     layer_budgets,
     rank_tokens,
 )
-from kvpress_compose.attention_scores import AGGREGATIONS, attention_scores, recompute_queries
+from kvpress_compose.attention_scores import AGGREGATIONS, attention_scores, query_blocks
 from kvpress_compose.cache_gather import compress_layer, layer_states
 from kvpress_compose.layer_masks import install_layer_mask_hooks
 from kvpress_compose.replay import ReplayCache, run_replay
@@ -179,9 +179,10 @@ class ComposePress(BasePress):
         elif self.query_source != "replay":
             if self.query_source == "prefill":  # the causal mask needs the keys' original positions
                 self._check_unpruned(keys, hidden_states)
-            queries = recompute_queries(module, hidden_states, kwargs.get("position_embeddings"))
+            queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
             causal_offset = 0 if self.query_source == "prefill" else None
-            scores = self._attention_scores(module, queries, keys, self._inputs["valid"], causal_offset)
+            scores = self._attention_scores(module, queries, hidden_states.shape[1], keys, self._inputs["valid"],
+                                            causal_offset)
             self._store_scores(module.layer_idx, scores, values)
         else:
             self._check_unpruned(keys, hidden_states)
@@ -197,16 +198,17 @@ class ComposePress(BasePress):
                 "prune tokens use query_source='bidirectional' or a scorer"
             )
 
-    def _attention_scores(self, module, queries, keys, key_valid, causal_offset):
+    def _attention_scores(self, module, queries, q_len, keys, key_valid, causal_offset):
         n_context = self._inputs["valid"].shape[1]
         if key_valid.shape[1] != keys.shape[2]:  # an earlier press pruned this layer: positions are unknown
             key_valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool)
         return attention_scores(
             queries,
+            q_len,
+            module.config.num_attention_heads,
             keys,
             key_valid.to(keys.device),
             self._inputs["valid"].to(keys.device),
-            scaling=module.scaling,
             n_scored=n_context if keys.shape[2] >= n_context else keys.shape[2],
             causal_offset=causal_offset,
             agg_task=self.agg_task,
@@ -219,8 +221,9 @@ class ComposePress(BasePress):
         keys = self._replay_cache.attended_keys.pop(module.layer_idx)  # original context, then re-fed tokens
         n_context = self._inputs["valid"].shape[1]
         valid = self._inputs["valid"].to(keys.device)
-        queries = recompute_queries(module, hidden_states, kwargs.get("position_embeddings"))
-        scores = self._attention_scores(module, queries, keys, torch.cat([valid, valid], dim=1), n_context)
+        queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
+        scores = self._attention_scores(module, queries, hidden_states.shape[1], keys,
+                                        torch.cat([valid, valid], dim=1), n_context)
         _, values = layer_states(self._replay_cache.source, module.layer_idx)
         self._store_scores(module.layer_idx, scores, values)
 
