@@ -7,8 +7,9 @@ Models are built from configs (random weights: speed does not depend on them). F
 methods run interleaved (one round = every method once) after a warm-up round, and the table reports medians
 as ratios to the plain prefill measured in the same rounds. Peak extra memory is measured per method in a fresh
 process (peak resident memory during the run minus the resident memory just before it; on CUDA, the
-allocator's peak in the same process) and shown, minus the plain prefill's, as a fraction of the full KV cache. kvpress's KVComposePress is skipped at a length where its time, extrapolated
-quadratically from the previous length, would pass ``--kvcompose-limit-s``.
+allocator's peak in the same process) and shown, minus the plain prefill's, as a fraction of the full KV cache.
+kvpress's KVComposePress is skipped at a length where its time, extrapolated quadratically from the previous
+length, would pass ``--kvcompose-limit-s``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -222,12 +224,13 @@ def main(argv=None):
         length_rows, cache_check, kvcompose_time, _ = bench_length(model, length, args, estimate)
         rows += length_rows
         cache_checks.append(cache_check)
-        if kvcompose_time == kvcompose_time:  # not NaN: it ran at this length
+        if not math.isnan(kvcompose_time):  # it ran at this length
             previous = (length, kvcompose_time)
         print_table(length_rows)
     print("\nkept cache bytes after compose[replay]:")
     for check in cache_checks:
-        print(f"  {check['tokens']:>6} tokens: {check['kept_bytes_fraction']:.4f} of full (target {check['target_fraction']:.4f})")
+        kept, target = check["kept_bytes_fraction"], check["target_fraction"]
+        print(f"  {check['tokens']:>6} tokens: {kept:.4f} of full (target {target:.4f})")
     speeds = decode_speeds(model, min(args.lengths), args)
     print(f"\ndecode tokens/s after a {min(args.lengths)}-token context: "
           + ", ".join(f"r={ratio}: {speed:.1f}" for ratio, speed in speeds.items()))

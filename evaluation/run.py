@@ -168,7 +168,7 @@ def run(config: RunConfig) -> Path:
                "contexts": rows["context"].nunique()}
     try:
         predictions, outcome = _evaluate_rows(pipe, rows, config)
-    except Exception as error:  # a press that cannot run on this model is a result, not a crash
+    except Exception as error:  # noqa: BLE001 - a press that cannot run on this model is a result, not a crash
         message = f"{type(error).__name__}: {error}".splitlines()[0]
         tqdm.write(f"warning: {config.label} failed: {message}")
         predictions, outcome = None, {"status": "failed", "errors": [message]}

@@ -31,10 +31,11 @@ TOKENS_PER_STEP = 8192
 RECALL_FRACTION = 0.5
 
 
-def build_model(arch: str, seed: int) -> torch.nn.Module:
+def build_model(arch: str, seed: int, attention_bias: bool = False) -> torch.nn.Module:
     """A fresh model of the given architecture, with its token ids matching :func:`build_tokenizer`."""
     torch.manual_seed(seed)
     common = dict(
+        attention_bias=attention_bias,
         vocab_size=len(vocabulary()),
         hidden_size=128,
         intermediate_size=384,
@@ -144,7 +145,7 @@ def save_final(model, out: Path) -> None:
 def train(args) -> None:
     torch.set_num_threads(args.threads)
     token_ids = {token: i for i, token in enumerate(vocabulary())}
-    model = build_model(args.arch, args.seed)
+    model = build_model(args.arch, args.seed, args.attention_bias)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     checkpoint_dir = Path(args.checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -156,38 +157,38 @@ def train(args) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         print(f"resumed from {checkpoint} at step {state['step']} (stage {state['stage']})", flush=True)
-    log = open(checkpoint_dir / "log.jsonl", "a")
-    model.train()
-    start = time.time()
-    while state["step"] < args.max_steps:
-        step, length = state["step"], CURRICULUM[state["stage"]]
-        rng = random.Random(f"train-{args.seed}-{step}")
-        input_ids, targets = make_batch(length, max(2, TOKENS_PER_STEP // length), rng, token_ids)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.max_steps, args.lr)
-        logits = model(input_ids=input_ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        state["step"] += 1
-        if state["step"] % args.log_every == 0:
-            record = {"step": state["step"], "length": length, "loss": round(loss.item(), 4),
-                      "elapsed_s": round(time.time() - start, 1)}
-            if state["step"] % args.eval_every == 0:
-                record["accuracy"] = answer_accuracy(model, length, 32, state["step"], token_ids)
-                if min(record["accuracy"].values()) >= args.advance_at and state["stage"] + 1 < len(CURRICULUM):
-                    state["stage"] += 1
-                    record["advanced_to"] = CURRICULUM[state["stage"]]
-            print(json.dumps(record), flush=True)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        if state["step"] % args.checkpoint_every == 0 or state["step"] == args.max_steps:
-            saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
-            torch.save(saved, checkpoint_dir / "last.tmp")
-            (checkpoint_dir / "last.tmp").replace(checkpoint)
-            save_final(model, Path(args.out))
+    with open(checkpoint_dir / "log.jsonl", "a") as log:
+        model.train()
+        start = time.time()
+        while state["step"] < args.max_steps:
+            step, length = state["step"], CURRICULUM[state["stage"]]
+            rng = random.Random(f"train-{args.seed}-{step}")
+            input_ids, targets = make_batch(length, max(2, TOKENS_PER_STEP // length), rng, token_ids)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, args.max_steps, args.lr)
+            logits = model(input_ids=input_ids).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            state["step"] += 1
+            if state["step"] % args.log_every == 0:
+                record = {"step": state["step"], "length": length, "loss": round(loss.item(), 4),
+                          "elapsed_s": round(time.time() - start, 1)}
+                if state["step"] % args.eval_every == 0:
+                    record["accuracy"] = answer_accuracy(model, length, 32, state["step"], token_ids)
+                    if min(record["accuracy"].values()) >= args.advance_at and state["stage"] + 1 < len(CURRICULUM):
+                        state["stage"] += 1
+                        record["advanced_to"] = CURRICULUM[state["stage"]]
+                print(json.dumps(record), flush=True)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if state["step"] % args.checkpoint_every == 0 or state["step"] == args.max_steps:
+                saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
+                torch.save(saved, checkpoint_dir / "last.tmp")
+                (checkpoint_dir / "last.tmp").replace(checkpoint)
+                save_final(model, Path(args.out))
     save_final(model, Path(args.out))
     print(f"saved model to {args.out}", flush=True)
 
@@ -199,6 +200,7 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint-dir", default=None, help="default: evaluation/checkpoints/<arch>")
     parser.add_argument("--max-steps", type=int, default=6000)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--attention-bias", action="store_true", help="biases on q/k/v/o projections")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=10)

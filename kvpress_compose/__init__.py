@@ -3,4 +3,4 @@
 from kvpress_compose.allocation import compute_n_kept
 from kvpress_compose.compose_press import QUERY_SOURCES, ComposePress
 
-__all__ = ["ComposePress", "QUERY_SOURCES", "compute_n_kept"]
+__all__ = ["QUERY_SOURCES", "ComposePress", "compute_n_kept"]

@@ -56,7 +56,7 @@ def aggregate(x: torch.Tensor, how: str, dim: int) -> torch.Tensor:
     return x.amax(dim=dim) if how == "max" else x.mean(dim=dim)
 
 
-def attention_scores(
+def attention_statistics(
     queries: QueryBlocks,
     q_len: int,
     q_heads: int,
@@ -67,14 +67,13 @@ def attention_scores(
     n_scored: int,
     causal_offset: int | None,
     agg_task: str,
-    agg_group: str,
     block_bytes: int,
     block_size: int | None = None,
 ) -> torch.Tensor:
-    """Score the first ``n_scored`` keys by the attention the queries pay them.
-
-    ``s[b, h, i] = agg_group over the query heads of KV head h of (agg_task over valid queries q of
-    softmax(q . k / sqrt(d))[i])``.
+    """Per query head, the attention the valid queries pay each of the first ``n_scored`` keys:
+    the max (``agg_task="max"``) or the sum ("mean") over queries of ``softmax(q . k / sqrt(d))[i]``.
+    Statistics of several query sets merge with :func:`merge_statistics`; :func:`finish_scores` turns them
+    into scores.
 
     Parameters
     ----------
@@ -88,7 +87,7 @@ def attention_scores(
 
     Returns
     -------
-    (batch, kv_heads, n_scored) float32 scores.
+    (batch, kv_heads, group, n_scored) float32 statistics.
     """
     batch, kv_heads, n_keys, head_dim = keys.shape
     group = q_heads // kv_heads
@@ -116,10 +115,21 @@ def attention_scores(
             stat[..., :scored] = torch.maximum(stat[..., :scored], log_probs.amax(dim=3))
         else:
             stat[..., :scored] += log_probs.exp().sum(dim=3)
-    if agg_task == "max":
-        stat = stat.exp()
-    else:
-        stat /= query_valid.sum(dim=-1).clamp(min=1)[:, None, None, None]
+    return stat.exp() if agg_task == "max" else stat
+
+
+def merge_statistics(a: torch.Tensor | None, b: torch.Tensor, agg_task: str) -> torch.Tensor:
+    """Statistics of two query sets combined (max or sum)."""
+    if a is None:
+        return b
+    return torch.maximum(a, b) if agg_task == "max" else a + b
+
+
+def finish_scores(stat: torch.Tensor, n_queries: torch.Tensor, agg_task: str, agg_group: str) -> torch.Tensor:
+    """``s[b, h, i] = agg_group over the query heads of KV head h of (agg_task over queries)``:
+    ``(batch, kv_heads, n)`` from ``(batch, kv_heads, group, n)`` statistics of ``n_queries`` (batch,) queries."""
+    if agg_task == "mean":
+        stat = stat / n_queries.clamp(min=1).to(stat.device)[:, None, None, None]
     return aggregate(stat, agg_group, dim=2)
 
 

@@ -44,3 +44,18 @@ def compress_layer(cache: Cache, layer_idx: int, positions: torch.Tensor) -> Non
     """Keep only ``positions`` ``(batch, kv_heads, k)`` of a layer's context entries."""
     keys, values = layer_states(cache, layer_idx)
     write_layer(cache, layer_idx, gather_positions(keys, positions), gather_positions(values, positions))
+
+
+def mask_evicted_entries(attention_modules, token_order: torch.Tensor, budgets: torch.Tensor) -> None:
+    """Unstructured variant: hide every (row, head, position) beyond its head's budget with kvpress's head-wise
+    masking (``masked_key_indices``); the cache keeps every entry, so no memory is saved.
+
+    ``token_order`` is ``(layers, batch, kv_heads, n)`` (each head's positions by descending score) and
+    ``budgets`` ``(batch, layers, kv_heads)``."""
+    ranks = torch.arange(token_order.shape[-1], device=token_order.device)
+    for layer_idx, module in enumerate(attention_modules):
+        order = token_order[layer_idx]  # (batch, kv_heads, n)
+        kept_by_rank = ranks < budgets[:, layer_idx, :, None].to(order.device)
+        kept = torch.zeros_like(kept_by_rank).scatter_(-1, order, kept_by_rank)
+        device = next(module.parameters()).device
+        module.masked_key_indices = tuple(index.to(device) for index in (~kept).nonzero(as_tuple=True))

@@ -13,17 +13,24 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from kvpress_compose.allocation import (
-    compute_n_kept,
     composite_scores,
+    compute_n_kept,
     head_budgets,
     kept_positions,
     layer_budgets,
     rank_tokens,
 )
-from kvpress_compose.attention_scores import AGGREGATIONS, attention_scores, query_blocks
-from kvpress_compose.cache_gather import compress_layer, layer_states
+from kvpress_compose.attention_scores import (
+    AGGREGATIONS,
+    attention_statistics,
+    finish_scores,
+    merge_statistics,
+    query_blocks,
+)
+from kvpress_compose.cache_gather import compress_layer, layer_states, mask_evicted_entries
 from kvpress_compose.layer_masks import install_layer_mask_hooks
-from kvpress_compose.replay import ReplayCache, run_replay
+from kvpress_compose.prefill_inputs import PrefillInputs, capture_prefill_inputs
+from kvpress_compose.replay import ReplayCache, replay_chunk_size, run_replay
 
 logger = logging.getLogger(__name__)
 QUERY_SOURCES = ("prefill", "bidirectional", "replay")
@@ -99,8 +106,9 @@ class ComposePress(BasePress):
         self._reset()
 
     def _reset(self):
-        self._inputs: dict | None = None  # the prefill's inputs, captured by the language model pre-hook
-        self._scores: dict[int, torch.Tensor] = {}  # layer -> (batch, kv_heads, n) scores
+        self._inputs: PrefillInputs | None = None  # the prefill's inputs, captured by the decoder pre-hook
+        self._statistics: dict[int, torch.Tensor] = {}  # layer -> (batch, kv_heads, group, n) attention stats
+        self._scores: dict[int, torch.Tensor] = {}  # layer -> (batch, kv_heads, n) scores from a scorer
         self._replaying = False
 
     # -- setting up ---------------------------------------------------------------------------------------
@@ -135,28 +143,11 @@ class ComposePress(BasePress):
             self._capture_hook = None
 
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict):
-        """Language-model pre-hook: remember a fresh prefill's inputs (padding, positions, ids for replay)."""
-        cache = kwargs.get("past_key_values")
-        if self._replaying or (cache is not None and cache.get_seq_length() > 0):
-            return
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        batch, n = (input_ids if input_ids is not None else embeds).shape[:2]
-        device = (input_ids if input_ids is not None else embeds).device
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            position_ids = torch.arange(n, device=device)[None].expand(batch, n)
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("ComposePress needs a 2D attention_mask (batch, seq_len) for the context, or None")
-        self._scores = {}
-        self._inputs = {
-            "input_ids": input_ids,
-            "inputs_embeds": embeds,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            "valid": attention_mask.bool() if attention_mask is not None else torch.ones(batch, n, dtype=torch.bool, device=device),
-        }
+        """Decoder pre-hook: remember a fresh prefill's inputs (padding, positions, ids for replay)."""
+        if not self._replaying:
+            inputs = capture_prefill_inputs(args, kwargs)
+            if inputs is not None:
+                self._inputs, self._scores, self._statistics = inputs, {}, {}
 
     # -- scoring (forward hook) ---------------------------------------------------------------------------
 
@@ -174,16 +165,16 @@ class ComposePress(BasePress):
             raise RuntimeError("ComposePress saw a prefill it did not capture: use it as `with press(model):`")
         keys, values = layer_states(cache, module.layer_idx)
         if self.scorer is not None:
-            scores = self.scorer.score(module, hidden_states, keys, values, output[1], kwargs).float()
-            self._store_scores(module.layer_idx, scores, values)
+            scores = self.scorer.score(module, hidden_states, keys, values, output[1], kwargs)
+            self._scores[module.layer_idx] = scores.float()
         elif self.query_source != "replay":
             if self.query_source == "prefill":  # the causal mask needs the keys' original positions
                 self._check_unpruned(keys, hidden_states)
             queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
             causal_offset = 0 if self.query_source == "prefill" else None
-            scores = self._attention_scores(module, queries, hidden_states.shape[1], keys, self._inputs["valid"],
-                                            causal_offset)
-            self._store_scores(module.layer_idx, scores, values)
+            self._statistics[module.layer_idx] = self._attention_statistics(
+                module, queries, keys, self._inputs.valid, self._inputs.valid, causal_offset
+            )
         else:
             self._check_unpruned(keys, hidden_states)
         if module.layer_idx == len(self._attention_modules) - 1:
@@ -198,50 +189,63 @@ class ComposePress(BasePress):
                 "prune tokens use query_source='bidirectional' or a scorer"
             )
 
-    def _attention_scores(self, module, queries, q_len, keys, key_valid, causal_offset):
-        n_context = self._inputs["valid"].shape[1]
+    def _attention_statistics(self, module, queries, keys, key_valid, query_valid, causal_offset):
+        n_context = self._inputs.length
         if key_valid.shape[1] != keys.shape[2]:  # an earlier press pruned this layer: positions are unknown
             key_valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool)
-        return attention_scores(
+        return attention_statistics(
             queries,
-            q_len,
+            query_valid.shape[1],
             module.config.num_attention_heads,
             keys,
             key_valid.to(keys.device),
-            self._inputs["valid"].to(keys.device),
-            n_scored=n_context if keys.shape[2] >= n_context else keys.shape[2],
+            query_valid.to(keys.device),
+            n_scored=min(n_context, keys.shape[2]),
             causal_offset=causal_offset,
             agg_task=self.agg_task,
-            agg_group=self.agg_group,
-            block_bytes=int(SCORE_BLOCK_FRACTION * len(self._attention_modules) * 2 * keys[:, :, :n_context].nbytes),
+            block_bytes=int(SCORE_BLOCK_FRACTION * self._full_cache_bytes(keys[:, :, :n_context])),
             block_size=self.score_block_size,
         )
 
-    def _score_replay(self, module, hidden_states, kwargs):
-        keys = self._replay_cache.attended_keys.pop(module.layer_idx)  # original context, then re-fed tokens
-        n_context = self._inputs["valid"].shape[1]
-        valid = self._inputs["valid"].to(keys.device)
-        queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
-        scores = self._attention_scores(module, queries, hidden_states.shape[1], keys,
-                                        torch.cat([valid, valid], dim=1), n_context)
-        _, values = layer_states(self._replay_cache.source, module.layer_idx)
-        self._store_scores(module.layer_idx, scores, values)
+    def _full_cache_bytes(self, layer_keys: torch.Tensor) -> int:
+        return len(self._attention_modules) * 2 * layer_keys.nbytes  # keys and values of every layer
 
-    def _store_scores(self, layer_idx: int, scores: torch.Tensor, values: torch.Tensor):
+    def _score_replay(self, module, hidden_states, kwargs):
+        """Statistics of one chunk of re-fed queries, merged into the layer's."""
+        keys = self._replay_cache.attended_keys.pop(module.layer_idx)  # original context, then re-fed tokens
+        start, n_context = self._replay_cache.replayed, self._inputs.length
+        valid = self._inputs.valid
+        end = start + hidden_states.shape[1]
+        queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
+        chunk = self._attention_statistics(
+            module, queries, keys, torch.cat([valid, valid[:, :end]], dim=1), valid[:, start:end], n_context + start
+        )
+        layer = module.layer_idx
+        self._statistics[layer] = merge_statistics(self._statistics.get(layer), chunk, self.agg_task)
+
+    def _layer_scores(self, cache, layer_idx: int) -> torch.Tensor:
+        """``(batch, kv_heads, n)`` scores of a layer: finished attention statistics or the scorer's, with the
+        value-norm enhancement and padding at -inf (never kept)."""
+        scores = self._scores.get(layer_idx)
+        if scores is None:
+            n_queries = self._inputs.valid.sum(dim=-1)
+            scores = finish_scores(self._statistics[layer_idx], n_queries, self.agg_task, self.agg_group)
         if self.add_v_norm:
+            _, values = layer_states(cache, layer_idx)
             scores = scores * values[:, :, : scores.shape[2]].float().norm(dim=-1)
-        if scores.shape[2] == self._inputs["valid"].shape[1]:  # padding is never kept
-            scores = scores.masked_fill(~self._inputs["valid"][:, None].to(scores.device), float("-inf"))
-        self._scores[layer_idx] = scores
+        if scores.shape[2] == self._inputs.length:
+            scores = scores.masked_fill(~self._inputs.valid[:, None].to(scores.device), float("-inf"))
+        return scores
 
     # -- allocation and compression -----------------------------------------------------------------------
 
     def _compress(self, cache):
         if self.scorer is None and self.query_source == "replay":
             self._replaying = True
-            self._replay_cache = ReplayCache(cache, self._inputs["valid"].shape[1])
+            self._replay_cache = ReplayCache(cache, self._inputs.length)
+            chunk_size = replay_chunk_size(self._full_cache_bytes(layer_states(cache, 0)[0]), self._inputs.length)
             try:
-                run_replay(self._language_model, self._inputs, self._replay_cache)
+                run_replay(self._language_model, self._inputs, self._replay_cache, chunk_size)
             finally:
                 self._replaying = False
                 self._replay_cache = None
@@ -254,26 +258,26 @@ class ComposePress(BasePress):
             self._compress_structured(cache, sorted_scores, token_order)
         else:
             self._mask_unstructured(sorted_scores, token_order)
-        self._inputs, self._scores = None, {}
+        self._inputs, self._scores, self._statistics = None, {}, {}
 
     def _stacked_scores(self, cache) -> torch.Tensor:
         """``(layers, batch, kv_heads, n)`` scores on one device; positions a layer lacks are -inf."""
-        device = self._scores[0].device
-        n = max(s.shape[2] for s in self._scores.values())
-        shortest = int(self._inputs["valid"].sum(dim=1).min())
+        layer_scores = [self._layer_scores(cache, layer_idx) for layer_idx in range(len(self._attention_modules))]
+        device = layer_scores[0].device
+        n = max(scores.shape[2] for scores in layer_scores)
+        shortest = int(self._inputs.valid.sum(dim=1).min())
         if shortest < self.min_tokens_per_layer:
             raise ValueError(
                 f"context has {shortest} tokens, fewer than min_tokens_per_layer={self.min_tokens_per_layer}"
             )
         stacked = []
-        for layer_idx in range(len(self._attention_modules)):
-            layer_scores = self._scores[layer_idx].to(device)
-            if cache.get_seq_length(layer_idx) != layer_scores.shape[2]:
+        for layer_idx, scores in enumerate(layer_scores):
+            if cache.get_seq_length(layer_idx) != scores.shape[2]:
                 raise ValueError(
                     "a press after ComposePress changed the cache before ComposePress compressed it: "
                     "put ComposePress last in ComposedPress"
                 )
-            stacked.append(torch.nn.functional.pad(layer_scores, (0, n - layer_scores.shape[2]), value=float("-inf")))
+            stacked.append(torch.nn.functional.pad(scores.to(device), (0, n - scores.shape[2]), value=float("-inf")))
         return torch.stack(stacked)
 
     def _compress_structured(self, cache, sorted_scores, token_order):
@@ -292,13 +296,7 @@ class ComposePress(BasePress):
     def _mask_unstructured(self, sorted_scores, token_order):
         budgets = head_budgets(sorted_scores, self.compression_ratio, self.min_tokens_per_layer)  # (b, L, H)
         self.last_budgets = budgets.cpu()
-        ranks = torch.arange(token_order.shape[-1], device=token_order.device)
-        for layer_idx, module in enumerate(self._attention_modules):
-            order = token_order[layer_idx]  # (batch, kv_heads, n)
-            kept_by_rank = ranks < budgets[:, layer_idx, :, None].to(order.device)
-            kept = torch.zeros_like(kept_by_rank).scatter_(-1, order, kept_by_rank)
-            device = next(module.parameters()).device
-            module.masked_key_indices = tuple(index.to(device) for index in (~kept).nonzero(as_tuple=True))
+        mask_evicted_entries(self._attention_modules, token_order, budgets)
 
 
 def language_model_of(model: PreTrainedModel) -> nn.Module:

@@ -1,8 +1,9 @@
 """The paper's query source: the context re-fed after itself, scored against the original keys.
 
 :class:`ReplayCache` stands in for the real cache during the second pass: each layer attends to the
-original context entries plus the re-fed tokens seen so far, but nothing is stored, so the real cache never
-holds the re-fed tokens and extra memory stays at one layer's keys at a time.
+original context entries plus the re-fed tokens seen so far, which only the replay cache holds, so the real
+cache never keeps them. The context is re-fed in chunks, so attention masks are O(chunk x context), not
+O(context^2); the re-fed keys and values (as large as the cache) are the replay's main extra memory.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from kvpress_compose.cache_gather import layer_states
+from kvpress_compose.prefill_inputs import PrefillInputs
+
+MIN_REPLAY_CHUNK, MAX_REPLAY_CHUNK = 64, 1024
 
 
 class ReplayCache(DynamicCache):
-    """Serves ``source``'s first ``context_length`` entries as the past of a replay pass, storing nothing.
+    """Serves ``source``'s first ``context_length`` entries, then the re-fed tokens so far, as the past of the
+    replay pass. The re-fed tokens are stored here only, never in ``source``.
 
-    The keys each layer attended to in the replay are kept in ``attended_keys`` until the scoring hook
-    pops them.
+    The keys each layer attended to are kept in ``attended_keys`` until the scoring hook pops them, and
+    ``replayed`` counts the re-fed tokens of the chunks already done.
     """
 
     def __init__(self, source: Cache, context_length: int):
@@ -26,9 +31,16 @@ class ReplayCache(DynamicCache):
         self.layers = [DynamicLayer() for _ in source.layers]  # empty: other presses' hooks index them
         self.source = source
         self.context_length = context_length
+        self.replayed = 0
         self.attended_keys: dict[int, torch.Tensor] = {}
+        self._refed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if layer_idx in self._refed:
+            past_keys, past_values = self._refed[layer_idx]
+            key_states = torch.cat([past_keys, key_states], dim=2)
+            value_states = torch.cat([past_values, value_states], dim=2)
+        self._refed[layer_idx] = (key_states, value_states)
         keys, values = layer_states(self.source, layer_idx)
         keys = torch.cat([keys[:, :, : self.context_length], key_states], dim=2)
         values = torch.cat([values[:, :, : self.context_length], value_states], dim=2)
@@ -36,10 +48,10 @@ class ReplayCache(DynamicCache):
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.context_length
+        return self.context_length + self.replayed
 
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
-        return self.context_length + cache_position.shape[0], 0
+        return self.get_seq_length() + cache_position.shape[0], 0
 
 
 def replay_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -47,17 +59,27 @@ def replay_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return position_ids + position_ids.amax(dim=-1, keepdim=True) + 1
 
 
-def run_replay(language_model, inputs: dict, replay_cache: ReplayCache) -> None:
-    """Feed the captured context inputs again, attending to the replay cache's source context."""
-    attention_mask = inputs.get("attention_mask")
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask, attention_mask], dim=-1)
+def replay_chunk_size(cache_bytes: int, context_length: int) -> int:
+    """Re-fed tokens per chunk: a chunk's (chunk x 2 context) attention mask stays near a quarter of the cache."""
+    mask_bytes_per_token = 5 * 2 * context_length  # boolean mask, and the float copy attention may make of it
+    return max(MIN_REPLAY_CHUNK, min(MAX_REPLAY_CHUNK, cache_bytes // (4 * mask_bytes_per_token)))
+
+
+def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache, chunk_size: int) -> None:
+    """Feed the captured context again, ``chunk_size`` tokens at a time, over the replay cache."""
+    positions = replay_position_ids(inputs.position_ids)
     with torch.no_grad():
-        language_model(
-            input_ids=inputs.get("input_ids"),
-            inputs_embeds=inputs.get("inputs_embeds"),
-            attention_mask=attention_mask,
-            position_ids=replay_position_ids(inputs["position_ids"]),
-            past_key_values=replay_cache,
-            use_cache=True,
-        )
+        for start in range(0, inputs.length, chunk_size):
+            end = min(start + chunk_size, inputs.length)
+            attention_mask = inputs.attention_mask
+            if attention_mask is not None:  # the original context, then the re-fed tokens up to this chunk
+                attention_mask = torch.cat([attention_mask, attention_mask[:, :end]], dim=-1)
+            language_model(
+                input_ids=None if inputs.input_ids is None else inputs.input_ids[:, start:end],
+                inputs_embeds=None if inputs.inputs_embeds is None else inputs.inputs_embeds[:, start:end],
+                attention_mask=attention_mask,
+                position_ids=positions[:, start:end],
+                past_key_values=replay_cache,
+                use_cache=True,
+            )
+            replay_cache.replayed = end

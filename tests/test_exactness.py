@@ -15,7 +15,7 @@ ATTENTION = ["eager", "sdpa"]
 
 def assert_same_logits(compressed, reference, atol=2e-5):
     for step, (c, r) in enumerate(zip(compressed, reference)):
-        torch.testing.assert_close(c, r, atol=atol, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(c, r, atol=atol, rtol=1e-4, msg=lambda m, step=step: f"step {step}: {m}")
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
@@ -106,3 +106,12 @@ def _unstructured_run(model, ids, press):
         for handle in handles:
             handle.remove()
     return compressed, reference, kept
+
+
+def test_chunked_replay_with_padding_matches_reference(monkeypatch):
+    monkeypatch.setattr("kvpress_compose.replay.MIN_REPLAY_CHUNK", 9)
+    monkeypatch.setattr("kvpress_compose.replay.MAX_REPLAY_CHUNK", 9)
+    model = tiny_model("qwen3", layers=3)
+    press = ComposePress(compression_ratio=0.6, query_source="replay", agg_task="mean")
+    compressed, reference, _ = compressed_vs_reference(model, random_ids(1, 40), press, random_ids(1, 5, seed=9))
+    assert_same_logits(compressed, reference)

@@ -73,7 +73,11 @@ def test_generate_compresses_after_prefill_and_decodes_from_the_compressed_cache
     assert generated[0, 40:].tolist() == torch.cat(manual, dim=1)[0].tolist()
 
 
-def test_left_padded_batch_never_keeps_padding_and_matches_the_reference():
+@pytest.mark.parametrize("chunk", [None, 11])
+def test_left_padded_batch_never_keeps_padding_and_matches_the_reference(chunk, monkeypatch):
+    if chunk:  # the replay pass in several chunks
+        monkeypatch.setattr("kvpress_compose.replay.MIN_REPLAY_CHUNK", chunk)
+        monkeypatch.setattr("kvpress_compose.replay.MAX_REPLAY_CHUNK", chunk)
     model = tiny_model(layers=3)
     ids = random_ids(2, 40)
     attention_mask = torch.ones(2, 40, dtype=torch.long)
@@ -138,7 +142,7 @@ def test_any_scorer_gains_composite_tokens_and_global_allocation(scorer):
 def test_half_precision_models_score_in_float32(dtype):
     model = tiny_model(layers=3, dtype=dtype)
     press = ComposePress(compression_ratio=0.5, query_source="replay")
-    compressed, reference, kept = compressed_vs_reference(model, random_ids(1, 40), press, random_ids(1, 5, seed=2))
+    compressed, reference, _ = compressed_vs_reference(model, random_ids(1, 40), press, random_ids(1, 5, seed=2))
     assert press.last_scores.dtype == torch.float32
     assert compressed[0].dtype == dtype
     for c, r in zip(compressed, reference):

@@ -41,7 +41,9 @@ def test_memory_really_shrinks():
     model = tiny_model(layers=4)
     full = prefill(model, random_ids(1, 64))
     compressed = prefill(model, random_ids(1, 64), ComposePress(compression_ratio=0.75, query_source="prefill"))
-    nbytes = lambda cache: sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)  # noqa: E731
+    def nbytes(cache):
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
     assert nbytes(compressed) == nbytes(full) * compute_n_kept(4 * 64, 0.75) // (4 * 64)
 
 

@@ -68,3 +68,15 @@ def test_group_max_and_value_norm_enhancement():
     expected = probs * value_norms
     actual = press_scores(model, ids, query_source="prefill", agg_group="max", add_v_norm=True)
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_replay_in_chunks_gives_the_same_scores(monkeypatch):
+    model = tiny_model(attn="eager")
+    ids = random_ids(1, 30)
+    with torch.no_grad():
+        attentions = model(torch.cat([ids, ids], dim=1), output_attentions=True).attentions
+    expected = reference_scores(attentions, slice(30, 60), 30)
+    monkeypatch.setattr("kvpress_compose.replay.MIN_REPLAY_CHUNK", 7)
+    monkeypatch.setattr("kvpress_compose.replay.MAX_REPLAY_CHUNK", 7)
+    actual = press_scores(model, ids, 4, query_source="replay")
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
