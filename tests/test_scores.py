@@ -23,6 +23,15 @@ def press_scores(model, ids, block_size=None, **kwargs):
     return press.last_scores
 
 
+def replay_reference(n=30):
+    """A model, a context and its replay scores from an eager forward of the context written twice."""
+    model = tiny_model(attn="eager")
+    ids = random_ids(1, n)
+    with torch.no_grad():
+        attentions = model(torch.cat([ids, ids], dim=1), output_attentions=True).attentions
+    return model, ids, reference_scores(attentions, slice(n, 2 * n), n)
+
+
 @pytest.mark.parametrize("agg_task", ["max", "mean"])
 @pytest.mark.parametrize("block_size", [None, 7])
 def test_prefill_scores_equal_causal_attention(agg_task, block_size):
@@ -37,11 +46,7 @@ def test_prefill_scores_equal_causal_attention(agg_task, block_size):
 
 @pytest.mark.parametrize("block_size", [None, 5])
 def test_replay_scores_equal_attention_of_the_context_fed_twice(block_size):
-    model = tiny_model(attn="eager")
-    ids = random_ids(1, 30)
-    with torch.no_grad():
-        attentions = model(torch.cat([ids, ids], dim=1), output_attentions=True).attentions
-    expected = reference_scores(attentions, slice(30, 60), 30)
+    model, ids, expected = replay_reference()
     actual = press_scores(model, ids, block_size, query_source="replay")
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
 
@@ -71,11 +76,7 @@ def test_group_max_and_value_norm_enhancement():
 
 
 def test_replay_in_chunks_gives_the_same_scores(monkeypatch):
-    model = tiny_model(attn="eager")
-    ids = random_ids(1, 30)
-    with torch.no_grad():
-        attentions = model(torch.cat([ids, ids], dim=1), output_attentions=True).attentions
-    expected = reference_scores(attentions, slice(30, 60), 30)
+    model, ids, expected = replay_reference()
     monkeypatch.setattr("kvpress_compose.replay.MIN_REPLAY_CHUNK", 7)
     monkeypatch.setattr("kvpress_compose.replay.MAX_REPLAY_CHUNK", 7)
     actual = press_scores(model, ids, 4, query_source="replay")
