@@ -66,9 +66,10 @@ def encode_sample(sample, token_ids: dict[str, int]) -> tuple[list[int], list[in
         question_ids = [token_ids[w] for w in question.split()]
         answer_ids = [token_ids[w] for w in answer.split()] + [token_ids["</s>"]]
         ids += question_ids + answer_ids
-        # position t predicts token t+1: the answer is predicted from the last question token onwards
+        # targets[t] is what position t predicts (token t+1): the last question token predicts the first answer
+        # token, each answer token the next, the final </s> nothing
         targets += [-100] * (len(question_ids) - 1) + answer_ids + [-100]
-    return ids, targets[1:] + [-100]
+    return ids, targets
 
 
 def encode_recall(length: int, rng: random.Random, token_ids: dict[str, int]) -> tuple[list[int], list[int]]:

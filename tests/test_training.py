@@ -1,0 +1,45 @@
+"""The trainer's batches: every loss target is the next token, and the answer follows the asked key."""
+
+import random
+
+import pytest
+import torch
+
+from evaluation.synthetic_tasks import TASKS, make_sample, vocabulary
+from evaluation.train_model import build_model, encode_recall, encode_sample, make_batch
+
+TOKEN_IDS = {token: i for i, token in enumerate(vocabulary())}
+WORDS = vocabulary()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_answer_targets_sit_on_the_key_and_are_the_next_tokens(task):
+    sample = make_sample(task, 80, random.Random(4))
+    ids, targets = encode_sample(sample, TOKEN_IDS)
+    assert len(ids) == len(targets)
+    for position, target in enumerate(targets):
+        if target != -100:
+            assert target == ids[position + 1]
+    # the first answer token is predicted at the asked key (the last question token), never at "?"
+    first_answer = [WORDS[ids[p]] for p, t in enumerate(targets) if t != -100 and WORDS[ids[p]].startswith("k")]
+    asked = [question.split()[-1] for question in sample.questions]
+    assert first_answer[: len(asked)] == asked if task != "variable_tracking" else first_answer[0] == asked[0]
+    assert all(WORDS[ids[p]] != "?" for p, t in enumerate(targets) if t != -100)
+
+
+def test_recall_rows_target_the_next_token_inside_repeated_spans():
+    ids, targets = encode_recall(64, random.Random(2), TOKEN_IDS)
+    assert len(ids) == len(targets)
+    supervised = [p for p, t in enumerate(targets) if t != -100]
+    assert len(supervised) > 10
+    assert all(targets[p] == ids[p + 1] for p in supervised)
+
+
+def test_a_training_step_runs_and_the_model_matches_the_tokenizer():
+    model = build_model("qwen3", seed=0)
+    input_ids, targets = make_batch(64, 2, random.Random(0), TOKEN_IDS)
+    logits = model(input_ids=input_ids).logits
+    assert logits.shape == (*input_ids.shape, len(WORDS))
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    assert torch.isfinite(loss)
