@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicLayer
 from kvpress_compose.cache_gather import layer_states
 from kvpress_compose.prefill_inputs import PrefillInputs
 
-MIN_REPLAY_CHUNK, MAX_REPLAY_CHUNK = 64, 1024
+MIN_REPLAY_CHUNK, MAX_REPLAY_CHUNK = 256, 2048  # fewer chunks: each re-copies the context keys
 
 
 class ReplayCache(DynamicCache):
