@@ -31,7 +31,9 @@ TOKENS_PER_STEP = 8192
 RECALL_FRACTION = 0.5
 
 
-def build_model(arch: str, seed: int, attention_bias: bool = False) -> torch.nn.Module:
+def build_model(
+    arch: str, seed: int, attention_bias: bool = False, heads: int = 4, kv_heads: int = 2
+) -> torch.nn.Module:
     """A fresh model of the given architecture, with its token ids matching :func:`build_tokenizer`."""
     torch.manual_seed(seed)
     common = dict(
@@ -40,9 +42,9 @@ def build_model(arch: str, seed: int, attention_bias: bool = False) -> torch.nn.
         hidden_size=128,
         intermediate_size=384,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=128 // heads,
         max_position_embeddings=32768,
         rope_theta=100000.0,
         tie_word_embeddings=True,
@@ -170,7 +172,7 @@ def save_final(model, out: Path, log_path: Path | None = None) -> None:
 def train(args) -> None:
     torch.set_num_threads(args.threads)
     token_ids = {token: i for i, token in enumerate(vocabulary())}
-    model = build_model(args.arch, args.seed, args.attention_bias)
+    model = build_model(args.arch, args.seed, args.attention_bias, args.heads, args.kv_heads)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     checkpoint_dir = Path(args.checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -226,6 +228,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-steps", type=int, default=6000)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--attention-bias", action="store_true", help="biases on q/k/v/o projections")
+    parser.add_argument("--heads", type=int, default=4, help="query heads (head_dim = 128 / heads)")
+    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA when fewer than heads)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=10)
