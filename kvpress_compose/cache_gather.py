@@ -37,6 +37,8 @@ def write_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.
         layer.cumulative_length = keys.shape[2]
     else:
         layer.keys, layer.values = keys, values
+        if hasattr(layer, "cumulative_length"):  # sliding-window layers count their length separately
+            layer.cumulative_length = keys.shape[2]
     setattr(layer, CONTEXT_LENGTH_ATTRIBUTE, keys.shape[2])
 
 

@@ -121,7 +121,8 @@ class ComposePress(BasePress):
                 "structured=False relies on kvpress's head-wise masking, which does not patch eager attention: "
                 "load the model with attn_implementation='sdpa' (or flash_attention_2)"
             )
-        install_layer_mask_hooks(self._attention_modules)
+        install_layer_mask_hooks(self._language_model, self._attention_modules)
+        self._sliding_window = getattr(model.config, "sliding_window", None)
         self._remove_capture_hook()
         self._capture_hook = self._language_model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
         if self.scorer is not None:
@@ -131,9 +132,11 @@ class ComposePress(BasePress):
     @contextmanager
     def __call__(self, model: PreTrainedModel):
         with super().__call__(model):
+            self._in_own_context = True
             try:
                 yield
             finally:
+                self._in_own_context = False
                 self._remove_capture_hook()
                 self._reset()
 
@@ -145,8 +148,13 @@ class ComposePress(BasePress):
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict):
         """Decoder pre-hook: remember a fresh prefill's inputs (padding, positions, ids for replay)."""
         if not self._replaying:
-            inputs = capture_prefill_inputs(args, kwargs)
+            inputs = capture_prefill_inputs(module, args, kwargs)
             if inputs is not None:
+                if self._sliding_window is not None and inputs.length > self._sliding_window:
+                    raise ValueError(
+                        f"context of {inputs.length} tokens is longer than the model's sliding window "
+                        f"({self._sliding_window}): ComposePress supports full-attention layers only"
+                    )
                 self._inputs, self._scores, self._statistics = inputs, {}, {}
 
     # -- scoring (forward hook) ---------------------------------------------------------------------------
@@ -159,7 +167,10 @@ class ComposePress(BasePress):
         cache = kwargs.get("past_key_values")
         if cache is None:
             raise ValueError("ComposePress needs a cache: call the model with past_key_values=DynamicCache()")
-        if not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]) or self.compression_ratio == 0:
+        if not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):
+            return output
+        if self.compression_ratio == 0:
+            self._finish_prefill(module)
             return output
         if self._inputs is None:
             raise RuntimeError("ComposePress saw a prefill it did not capture: use it as `with press(model):`")
@@ -179,7 +190,13 @@ class ComposePress(BasePress):
             self._check_unpruned(keys, hidden_states)
         if module.layer_idx == len(self._attention_modules) - 1:
             self._compress(cache)
+        self._finish_prefill(module)
         return output
+
+    def _finish_prefill(self, module: nn.Module):
+        """After the last layer: inside kvpress's ComposedPress (not our own context manager), stop capturing."""
+        if module.layer_idx == len(self._attention_modules) - 1 and not getattr(self, "_in_own_context", False):
+            self._remove_capture_hook()
 
     def _check_unpruned(self, keys: torch.Tensor, hidden_states: torch.Tensor):
         if keys.shape[2] != hidden_states.shape[1]:
@@ -241,6 +258,11 @@ class ComposePress(BasePress):
 
     def _compress(self, cache):
         if self.scorer is None and self.query_source == "replay":
+            if any(cache.get_seq_length(i) != self._inputs.length for i in range(len(self._attention_modules))):
+                raise ValueError(
+                    "query_source='replay' needs every layer's full context, but a press changed the cache: put "
+                    "ComposePress last in ComposedPress"
+                )
             self._replaying = True
             self._replay_cache = ReplayCache(cache, self._inputs.length)
             chunk_size = replay_chunk_size(self._full_cache_bytes(layer_states(cache, 0)[0]), self._inputs.length)

@@ -6,11 +6,15 @@ it from the left and lets question tokens see future tokens; 5.x crashes on the 
 
 A forward pre-hook on every attention module rebuilds that layer's mask, right-aligned to its own cache:
 all kept context entries are visible, and the tokens that came after the context (question, answer) keep
-their causal structure and any padding the original mask gave them. The hook acts only on caches that
-ComposePress compressed (their layers carry ``CONTEXT_LENGTH_ATTRIBUTE``), for eager, sdpa and flash attention.
+their causal structure and any padding the original mask gave them. A pre-hook on the decoder first rewrites
+a 2D padding mask given at the original length (``generate`` passes one): transformers would read its columns
+from the left, so the later tokens' padding is taken from its right end instead. The hooks act only on caches
+that ComposePress compressed (their layers carry ``CONTEXT_LENGTH_ATTRIBUTE``), for eager, sdpa and flash.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -18,14 +22,40 @@ from torch import nn
 from kvpress_compose.cache_gather import CONTEXT_LENGTH_ATTRIBUTE
 
 HOOK_ATTRIBUTE = "_compose_layer_mask_hook"
+logger = logging.getLogger(__name__)
 
 
-def install_layer_mask_hooks(attention_modules: list[nn.Module]) -> None:
-    """Register the mask pre-hook once per attention module (it stays: the question pass runs after the press)."""
-    for module in attention_modules:
+def install_layer_mask_hooks(language_model: nn.Module, attention_modules: list[nn.Module]) -> None:
+    """Register the mask pre-hooks once per module (they stay: the question pass runs after the press)."""
+    hooks = [(language_model, decoder_mask_pre_hook)] + [(module, layer_mask_pre_hook) for module in attention_modules]
+    for module, hook in hooks:
         if getattr(module, HOOK_ATTRIBUTE, None) is None:
-            handle = module.register_forward_pre_hook(layer_mask_pre_hook, with_kwargs=True)
-            setattr(module, HOOK_ATTRIBUTE, handle)
+            setattr(module, HOOK_ATTRIBUTE, module.register_forward_pre_hook(hook, with_kwargs=True))
+
+
+def decoder_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    """On a compressed cache, make a 2D padding mask ``(layer-0 context) + later tokens`` long, its later part
+    taken from the right end of the given mask (which may span the original context)."""
+    cache = kwargs.get("past_key_values")
+    layers = getattr(cache, "layers", None)
+    layer0_context = getattr(layers[0], CONTEXT_LENGTH_ATTRIBUTE, None) if layers else None
+    if layer0_context is None:
+        return None
+    if kwargs.get("position_ids") is None and kwargs.get("cache_position") is None:
+        logger.warning_once(
+            "ComposePress: the cache was compressed, so positions counted from its length are wrong: pass "
+            "position_ids continuing from the original context length"
+        )
+    mask = kwargs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return None
+    inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    later = layers[0].get_seq_length() - layer0_context + inputs.shape[1]  # tokens after the context, new ones too
+    if mask.shape[1] < later:
+        raise ValueError(f"attention_mask has {mask.shape[1]} columns, fewer than the {later} tokens after the context")
+    context = mask.new_ones(mask.shape[0], layer0_context)  # kept context entries are never padding
+    kwargs["attention_mask"] = torch.cat([context, mask[:, mask.shape[1] - later :]], dim=1)
+    return args, kwargs
 
 
 def layer_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):

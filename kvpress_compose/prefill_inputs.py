@@ -6,9 +6,11 @@ keeps padding out of the scores and the cache, and replay feeds the same inputs 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -24,12 +26,14 @@ class PrefillInputs:
         return self.valid.shape[1]
 
 
-def capture_prefill_inputs(args: tuple, kwargs: dict) -> PrefillInputs | None:
+def capture_prefill_inputs(decoder: nn.Module, args: tuple, kwargs: dict) -> PrefillInputs | None:
     """The decoder call's inputs when it is a fresh prefill (empty or no cache), else None."""
+    kwargs = inspect.signature(decoder.forward).bind_partial(*args, **kwargs).arguments
+    kwargs = {**kwargs.pop("kwargs", {}), **kwargs}
     cache = kwargs.get("past_key_values")
     if cache is not None and cache.get_seq_length() > 0:
         return None
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    input_ids = kwargs.get("input_ids")
     embeds = kwargs.get("inputs_embeds")
     reference = input_ids if input_ids is not None else embeds
     batch, n = reference.shape[:2]

@@ -164,3 +164,72 @@ def test_quantized_cache_is_compressed_with_different_layer_lengths():
     dense_logits, _ = question_and_decode(model, dense, question, 40, 0)
     assert quantized_logits[0].shape == dense_logits[0].shape
     assert (quantized_logits[0] - dense_logits[0]).abs().max() < 0.25 * dense_logits[0].abs().max()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_heavily_padded_row_with_a_full_length_mask_matches_the_reference(attn):
+    """generate() and batched question passes give a 2D mask spanning the original context; a row whose padding
+    exceeds layer 0's kept length must still see its own later tokens."""
+    model = tiny_model(attn=attn, layers=3)
+    ids = random_ids(2, 40)
+    context_mask = torch.ones(2, 40, dtype=torch.long)
+    context_mask[1, :30] = 0
+    press = ComposePress(compression_ratio=0.5, query_source="bidirectional")
+    compressed = prefill(model, ids, press, attention_mask=context_mask)
+    full = prefill(model, ids, attention_mask=context_mask)
+    kept = kept_from_cache(full, compressed)
+    assert min(press.last_budgets.tolist()) < 30
+    question = random_ids(2, 4, seed=3)
+    with torch.no_grad():
+        mask = torch.cat([context_mask, torch.ones(2, 4, dtype=torch.long)], dim=1)
+        positions = torch.arange(40, 44)[None].expand(2, -1)
+        compressed_logits = model(question, past_key_values=compressed, attention_mask=mask, position_ids=positions)
+        handles = install_reference_masks(model, kept, 40)
+        try:
+            reference = model(question, past_key_values=full, position_ids=positions)
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert_same_logits([compressed_logits.logits], [reference.logits])
+
+
+def test_generate_on_a_padded_batch_decodes_like_the_reference():
+    model = tiny_model(layers=3)
+    model.generation_config.eos_token_id = None
+    ids = random_ids(2, 40)
+    context_mask = torch.ones(2, 40, dtype=torch.long)
+    context_mask[1, :30] = 0
+    press = ComposePress(compression_ratio=0.5, query_source="bidirectional")
+    with torch.no_grad(), press(model):
+        generated = model.generate(ids, attention_mask=context_mask, max_new_tokens=4, do_sample=False)
+    # the padded row keeps all 10 of its tokens here, so it must decode like the row alone, uncompressed
+    assert min(press.last_budgets.tolist()) >= 10
+    with torch.no_grad():
+        alone = model.generate(ids[1:, 30:], max_new_tokens=4, do_sample=False)
+    assert generated[1, 40:].tolist() == alone[0, 10:].tolist()
+
+
+def test_compose_press_first_with_replay_names_the_supported_order():
+    press = ComposedPress([ComposePress(0.5, query_source="replay"), KnormPress(0.25)])
+    with pytest.raises(ValueError, match="last"):
+        prefill(tiny_model(layers=3), random_ids(1, 40), press)
+
+
+def test_sliding_window_caches_are_compressed_and_longer_contexts_refused():
+    model = tiny_model("mistral", layers=3)
+    model.config.sliding_window = 64
+    cache = DynamicCache(config=model.config)
+    press = ComposePress(compression_ratio=0.5, query_source="bidirectional")
+    prefill(model, random_ids(1, 40), press, cache=cache)
+    assert cache_layer_lengths(cache) == press.last_budgets.tolist()
+    logits, _ = question_and_decode(model, cache, random_ids(1, 5, seed=2), 40, 2)
+    assert logits[0].shape == (1, 5, model.config.vocab_size)
+    with pytest.raises(ValueError, match="sliding window"):
+        prefill(model, random_ids(1, 80), press, cache=DynamicCache(config=model.config))
+
+
+def test_composed_press_leaves_no_capture_hook_behind():
+    model = tiny_model(layers=3)
+    press = ComposedPress([KnormPress(0.25), ComposePress(0.5, query_source="bidirectional")])
+    prefill(model, random_ids(1, 40), press)
+    assert len(model.model._forward_pre_hooks) == 1  # the permanent decoder mask hook only
