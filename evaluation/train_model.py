@@ -1,13 +1,17 @@
 """Train the small long-context retrieval model that the evaluation ships (deterministic, seeded, resumable).
 
-    python -m evaluation.train_model --arch llama --out evaluation/models/retrieval-llama
+    nohup python -m evaluation.train_model > train.log &      # writes evaluation/models/retrieval-llama
 
-A Llama-architecture (GQA, RoPE) or Qwen3-style (q_norm/k_norm) causal LM is trained from scratch on the
-tasks of :mod:`evaluation.synthetic_tasks`. Each training sequence is ``<s> context ? key answer </s> ...``
-(several questions per context); the loss is on answer tokens only. Context length follows a curriculum that
-moves to the next length once every task is answered well at the current one. Checkpoints are written every
-``--checkpoint-every`` steps and the run resumes from the newest one, so it can run under ``nohup`` and be
-restarted. The result is a normal Hugging Face model directory (config, safetensors, tokenizer).
+A Llama-architecture causal LM (4 layers, hidden 128, GQA with 2 query heads of 64 dims over 1 KV head, RoPE,
+attention biases) -- or with ``--arch qwen3`` the Qwen3 layout (q_norm/k_norm) -- is trained from scratch on
+the tasks of :mod:`evaluation.synthetic_tasks`. A task sequence is ``<s> context ? key answer </s> ...``
+(several questions per context), with the loss on answer tokens; half of the rows are an auxiliary span-recall
+text (random words whose earlier spans reappear) with the loss on every recalled word, which is what makes
+the model form the induction heads retrieval needs. Context length follows a curriculum that moves to the next
+length once every task is answered at 95%. Checkpoints are written every ``--checkpoint-every`` steps to
+``evaluation/checkpoints/<arch>`` and the run resumes from the newest one; the model folder (config,
+safetensors, tokenizer, and a README stating how far training got) is refreshed at each checkpoint. The
+defaults reproduce the shipped model exactly (one thread: float results depend on the thread count).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ RECALL_FRACTION = 0.5
 
 
 def build_model(
-    arch: str, seed: int, attention_bias: bool = False, heads: int = 4, kv_heads: int = 2
+    arch: str, seed: int, attention_bias: bool = True, heads: int = 2, kv_heads: int = 1
 ) -> torch.nn.Module:
     """A fresh model of the given architecture, with its token ids matching :func:`build_tokenizer`."""
     torch.manual_seed(seed)
@@ -225,13 +229,14 @@ def main(argv=None) -> None:
     parser.add_argument("--arch", choices=["llama", "qwen3"], default="llama")
     parser.add_argument("--out", default="evaluation/models/retrieval-llama")
     parser.add_argument("--checkpoint-dir", default=None, help="default: evaluation/checkpoints/<arch>")
-    parser.add_argument("--max-steps", type=int, default=6000)
+    parser.add_argument("--max-steps", type=int, default=12000)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--attention-bias", action="store_true", help="biases on q/k/v/o projections")
-    parser.add_argument("--heads", type=int, default=4, help="query heads (head_dim = 128 / heads)")
-    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA when fewer than heads)")
+    parser.add_argument("--no-attention-bias", dest="attention_bias", action="store_false",
+                        help="no biases on q/k/v/o projections (they make position-based heads easy to learn)")
+    parser.add_argument("--heads", type=int, default=2, help="query heads (head_dim = 128 / heads)")
+    parser.add_argument("--kv-heads", type=int, default=1, help="key/value heads (GQA when fewer than heads)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (results are exact for one count)")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=100)
