@@ -73,19 +73,29 @@ def test_generate_compresses_after_prefill_and_decodes_from_the_compressed_cache
     assert generated[0, 40:].tolist() == torch.cat(manual, dim=1)[0].tolist()
 
 
+def left_padding_mask(padding: int, length: int = 40) -> torch.Tensor:
+    """(2, length) mask: row 0 full, row 1 left-padded by ``padding``."""
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, :padding] = 0
+    return mask
+
+
+def padded_batch_caches(model, press, padding: int):
+    """Compressed and full caches of a 2-row batch whose second row is left-padded, and the kept masks."""
+    ids, mask = random_ids(2, 40), left_padding_mask(padding)
+    compressed = prefill(model, ids, press, attention_mask=mask)
+    full = prefill(model, ids, attention_mask=mask)
+    return compressed, full, kept_from_cache(full, compressed)
+
+
 @pytest.mark.parametrize("chunk", [None, 11])
 def test_left_padded_batch_never_keeps_padding_and_matches_the_reference(chunk, monkeypatch):
     if chunk:  # the replay pass in several chunks
         monkeypatch.setattr("kvpress_compose.replay.MIN_REPLAY_CHUNK", chunk)
         monkeypatch.setattr("kvpress_compose.replay.MAX_REPLAY_CHUNK", chunk)
     model = tiny_model(layers=3)
-    ids = random_ids(2, 40)
-    attention_mask = torch.ones(2, 40, dtype=torch.long)
-    attention_mask[1, :8] = 0
     press = ComposePress(compression_ratio=0.5, query_source="replay")
-    compressed = prefill(model, ids, press, attention_mask=attention_mask)
-    full = prefill(model, ids, attention_mask=attention_mask)
-    kept = kept_from_cache(full, compressed)
+    compressed, full, kept = padded_batch_caches(model, press, padding=8)
     for layer_idx, (layer_kept, budget) in enumerate(zip(kept, press.last_budgets.tolist())):
         assert not layer_kept[1, :, :8].any(), "padding must never be kept"
         assert (layer_kept.sum(dim=-1) == budget).all(), "every row and head keeps the layer's budget"
@@ -171,13 +181,9 @@ def test_heavily_padded_row_with_a_full_length_mask_matches_the_reference(attn):
     """generate() and batched question passes give a 2D mask spanning the original context; a row whose padding
     exceeds layer 0's kept length must still see its own later tokens."""
     model = tiny_model(attn=attn, layers=3)
-    ids = random_ids(2, 40)
-    context_mask = torch.ones(2, 40, dtype=torch.long)
-    context_mask[1, :30] = 0
     press = ComposePress(compression_ratio=0.5, query_source="bidirectional")
-    compressed = prefill(model, ids, press, attention_mask=context_mask)
-    full = prefill(model, ids, attention_mask=context_mask)
-    kept = kept_from_cache(full, compressed)
+    compressed, full, kept = padded_batch_caches(model, press, padding=30)
+    context_mask = left_padding_mask(padding=30)
     assert min(press.last_budgets.tolist()) < 30
     question = random_ids(2, 4, seed=3)
     with torch.no_grad():
@@ -197,8 +203,7 @@ def test_generate_on_a_padded_batch_decodes_like_the_reference():
     model = tiny_model(layers=3)
     model.generation_config.eos_token_id = None
     ids = random_ids(2, 40)
-    context_mask = torch.ones(2, 40, dtype=torch.long)
-    context_mask[1, :30] = 0
+    context_mask = left_padding_mask(padding=30)
     press = ComposePress(compression_ratio=0.5, query_source="bidirectional")
     with torch.no_grad(), press(model):
         generated = model.generate(ids, attention_mask=context_mask, max_new_tokens=4, do_sample=False)
