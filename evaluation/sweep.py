@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import matplotlib
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
@@ -94,17 +95,23 @@ def accuracy_by_ratio(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
-    """Average accuracy against compression ratio, one line per press (no_press dashed)."""
-    figure = Figure(figsize=(7, 4.5))
+    """Average accuracy against compression ratio, one line and colour per press: ComposePress variants solid,
+    kvpress baselines dashed, no_press black."""
+    figure = Figure(figsize=(8.5, 5))
     axes = figure.subplots()
     failed = set(table["press"]) - set(table.loc[table["status"] == "ok", "press"])
-    for press, curve in curves(table).items():
-        style = {"linestyle": "--", "color": "black"} if press == BASELINE else {"marker": "o"}
+    palette = matplotlib.colormaps["tab20"].colors
+    for index, (press, curve) in enumerate(curves(table).items()):
+        if press == BASELINE:
+            style = {"linestyle": ":", "color": "black"}
+        else:
+            ours = press.startswith("compose")
+            style = {"marker": "o" if ours else "s", "linestyle": "-" if ours else "--", "color": palette[index % 20]}
         label = f"{press} (failed)" if press in failed else press
         axes.plot(curve.index, curve.to_numpy(), label=label, **style)
     axes.set(xlabel="compression ratio", ylabel="average accuracy (%)", title=title, ylim=(-2, 102))
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return path
