@@ -26,7 +26,9 @@ import time
 
 import torch
 from kvpress import KVComposePress, SnapKVPress
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from evaluation.fidelity import prefill
 
 from kvpress_compose import ComposePress
 
@@ -95,17 +97,12 @@ def run_memory_probe(args, dtype) -> None:
 @torch.no_grad()
 def timed_prefill(model, ids, press, device):
     """(seconds, CUDA peak extra bytes or None on CPU, cache) of one prefill (and compression) of ``ids``."""
-    cache = DynamicCache()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    if press is None:
-        model.model(input_ids=ids, past_key_values=cache)
-    else:
-        with press(model):
-            model.model(input_ids=ids, past_key_values=cache)
+    cache = prefill(model, ids, press)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -170,7 +167,7 @@ def bench_length(model, length, args, kvcompose_estimate):
     cache_check = {"tokens": length, "ratio": args.ratio, "kept_bytes_fraction": kept_fraction,
                    "target_fraction": 1 - args.ratio}
     kvcompose_time = statistics.median(times.get("kvpress KVComposePress", [float("nan")]))
-    return rows, cache_check, kvcompose_time, full_bytes
+    return rows, cache_check, kvcompose_time
 
 
 def decode_speeds(model, length, args):
@@ -221,7 +218,7 @@ def main(argv=None):
     rows, cache_checks, previous = [], [], None
     for length in sorted(args.lengths):
         estimate = None if previous is None else previous[1] * (length / previous[0]) ** 2
-        length_rows, cache_check, kvcompose_time, _ = bench_length(model, length, args, estimate)
+        length_rows, cache_check, kvcompose_time = bench_length(model, length, args, estimate)
         rows += length_rows
         cache_checks.append(cache_check)
         if not math.isnan(kvcompose_time):  # it ran at this length

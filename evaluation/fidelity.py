@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from kvpress import BasePress
-from transformers import DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 
 from evaluation.registry import reset_press_state
 
@@ -42,11 +42,19 @@ class _Trace:
     greedy: torch.Tensor  # (n_greedy,)
 
 
-def prefill(model: PreTrainedModel, context_ids: torch.Tensor, press: BasePress | None) -> DynamicCache:
-    """The context's KV cache, compressed by ``press`` (``None``: uncompressed)."""
-    cache = DynamicCache()
+@torch.no_grad()
+def prefill(
+    model: PreTrainedModel,
+    context_ids: torch.Tensor,
+    press: BasePress | None = None,
+    attention_mask: torch.Tensor | None = None,
+    cache: Cache | None = None,
+) -> Cache:
+    """The context's KV cache (a new ``DynamicCache`` unless ``cache`` is given), compressed by ``press``
+    (``None``: uncompressed), filled through the base model as kvpress's pipeline does."""
+    cache = DynamicCache() if cache is None else cache
     with press(model) if press is not None else nullcontext():
-        model.model(input_ids=context_ids, past_key_values=cache)
+        model.model(input_ids=context_ids, attention_mask=attention_mask, past_key_values=cache)
     return cache
 
 

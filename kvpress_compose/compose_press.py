@@ -103,6 +103,8 @@ class ComposePress(BasePress):
             raise TypeError(f"scorer must be a kvpress ScorerPress, got {type(self.scorer).__name__}")
         if not isinstance(self.min_tokens_per_layer, int) or self.min_tokens_per_layer < 1:
             raise ValueError(f"min_tokens_per_layer must be an int >= 1, got {self.min_tokens_per_layer!r}")
+        self._capture_hook = None  # decoder pre-hook capturing prefill inputs, while the press is in use
+        self._in_own_context = False  # inside our own `with press(model)` (not only kvpress's ComposedPress)
         self._reset()
 
     def _reset(self):
@@ -141,7 +143,7 @@ class ComposePress(BasePress):
                 self._reset()
 
     def _remove_capture_hook(self):
-        if getattr(self, "_capture_hook", None) is not None:
+        if self._capture_hook is not None:
             self._capture_hook.remove()
             self._capture_hook = None
 
@@ -195,7 +197,7 @@ class ComposePress(BasePress):
 
     def _finish_prefill(self, module: nn.Module):
         """After the last layer: inside kvpress's ComposedPress (not our own context manager), stop capturing."""
-        if module.layer_idx == len(self._attention_modules) - 1 and not getattr(self, "_in_own_context", False):
+        if module.layer_idx == len(self._attention_modules) - 1 and not self._in_own_context:
             self._remove_capture_hook()
 
     def _check_unpruned(self, keys: torch.Tensor, hidden_states: torch.Tensor):
@@ -258,11 +260,7 @@ class ComposePress(BasePress):
 
     def _compress(self, cache):
         if self.scorer is None and self.query_source == "replay":
-            if any(cache.get_seq_length(i) != self._inputs.length for i in range(len(self._attention_modules))):
-                raise ValueError(
-                    "query_source='replay' needs every layer's full context, but a press changed the cache: put "
-                    "ComposePress last in ComposedPress"
-                )
+            self._check_cache_lengths(cache, [self._inputs.length] * len(self._attention_modules))
             self._replaying = True
             self._replay_cache = ReplayCache(cache, self._inputs.length)
             chunk_size = replay_chunk_size(self._full_cache_bytes(layer_states(cache, 0)[0]), self._inputs.length)
@@ -282,6 +280,14 @@ class ComposePress(BasePress):
             self._mask_unstructured(sorted_scores, token_order)
         self._inputs, self._scores, self._statistics = None, {}, {}
 
+    def _check_cache_lengths(self, cache, scored_lengths: list[int]) -> None:
+        """Every layer still holds the entries that were scored: no press after ComposePress pruned them."""
+        if any(cache.get_seq_length(i) != length for i, length in enumerate(scored_lengths)):
+            raise ValueError(
+                "a press after ComposePress changed the cache before ComposePress compressed it: "
+                "put ComposePress last in ComposedPress"
+            )
+
     def _stacked_scores(self, cache) -> torch.Tensor:
         """``(layers, batch, kv_heads, n)`` scores on one device; positions a layer lacks are -inf."""
         layer_scores = [self._layer_scores(cache, layer_idx) for layer_idx in range(len(self._attention_modules))]
@@ -292,15 +298,9 @@ class ComposePress(BasePress):
             raise ValueError(
                 f"context has {shortest} tokens, fewer than min_tokens_per_layer={self.min_tokens_per_layer}"
             )
-        stacked = []
-        for layer_idx, scores in enumerate(layer_scores):
-            if cache.get_seq_length(layer_idx) != scores.shape[2]:
-                raise ValueError(
-                    "a press after ComposePress changed the cache before ComposePress compressed it: "
-                    "put ComposePress last in ComposedPress"
-                )
-            stacked.append(torch.nn.functional.pad(scores.to(device), (0, n - scores.shape[2]), value=float("-inf")))
-        return torch.stack(stacked)
+        self._check_cache_lengths(cache, [scores.shape[2] for scores in layer_scores])
+        padded = [torch.nn.functional.pad(s.to(device), (0, n - s.shape[2]), value=float("-inf")) for s in layer_scores]
+        return torch.stack(padded)
 
     def _compress_structured(self, cache, sorted_scores, token_order):
         n_layers, _, _, n = sorted_scores.shape

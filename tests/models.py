@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from transformers import (
-    DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -16,6 +15,8 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+from evaluation.fidelity import prefill  # noqa: F401 - the tests' prefill is the evaluation's
 
 VOCAB = 97
 FAMILIES = {
@@ -59,17 +60,6 @@ def tiny_model(family="llama", attn="sdpa", layers=3, heads=4, kv_heads=2, dtype
 def random_ids(batch, length, seed=1):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
-
-
-@torch.no_grad()
-def prefill(model, ids, press=None, attention_mask=None, cache=None):
-    cache = DynamicCache() if cache is None else cache
-    if press is None:
-        model.model(input_ids=ids, attention_mask=attention_mask, past_key_values=cache)
-    else:
-        with press(model):
-            model.model(input_ids=ids, attention_mask=attention_mask, past_key_values=cache)
-    return cache
 
 
 def cache_layer_lengths(cache):
