@@ -18,6 +18,7 @@ from torch import nn
 QueryBlocks = Callable[[int, int], torch.Tensor]
 MIN_BLOCK = 16  # queries per block at least, so that small caches do not mean thousands of tiny steps
 PROJECTION_ROWS = 256  # queries are projected this many at a time (small matmuls are slow), scored per block
+TILE_COLUMNS, TILE_KEYS = 256, 512  # (query x head) columns and keys of one tile of the log-sum-exp path
 AGGREGATIONS = ("max", "mean")
 
 
@@ -115,6 +116,55 @@ def attention_statistics(
             stat[..., :scored] = torch.maximum(stat[..., :scored], log_probs.amax(dim=3))
         else:
             stat[..., :scored] += log_probs.exp().sum(dim=3)
+    return stat.exp() if agg_task == "max" else stat
+
+
+def statistics_from_lse(
+    queries: QueryBlocks,
+    lse: torch.Tensor,
+    keys: torch.Tensor,
+    query_valid: torch.Tensor,
+    *,
+    n_scored: int,
+    causal_offset: int | None,
+    agg_task: str,
+) -> torch.Tensor:
+    """The statistics of :func:`attention_statistics`, given each query's attention log-sum-exp ``lse``
+    ``(batch, q_heads, q_len)`` over the keys it saw (from the model's own attention call): a log-probability
+    is then ``q . k - lse``, so each small tile of queries x keys is one matrix product and a reduction, with
+    no softmax. Keys the queries never saw (padding) get meaningless statistics: the caller masks them.
+    """
+    batch, kv_heads, _, head_dim = keys.shape
+    q_heads, q_len = lse.shape[1:]
+    group = q_heads // kv_heads
+    keys = keys[:, :, :n_scored].float().flatten(0, 1)  # (batch * kv_heads, n_scored, head_dim)
+    neg_lse = (-lse).masked_fill(~query_valid[:, None].to(lse.device), float("-inf"))  # padding takes no part
+    neg_lse = neg_lse.view(batch * kv_heads, group, q_len)
+    stat = torch.full((batch * kv_heads, n_scored, group), float("-inf") if agg_task == "max" else 0.0,
+                      device=keys.device)
+    rows = max(1, TILE_COLUMNS // group)
+    for start in range(0, q_len, rows):
+        end = min(start + rows, q_len)
+        block = queries(start, end).reshape(batch * kv_heads, group * (end - start), head_dim).transpose(1, 2)
+        bias = neg_lse[:, :, start:end].reshape(batch * kv_heads, 1, group * (end - start))
+        n_visible = n_scored if causal_offset is None else min(n_scored, causal_offset + end)
+        seen_by_all = n_visible if causal_offset is None else min(n_visible, causal_offset + start + 1)
+        # key tiles every query of the block sees, then the few keys on the causal diagonal
+        tiles = [(k, min(k + TILE_KEYS, seen_by_all)) for k in range(0, seen_by_all, TILE_KEYS)]
+        for key_start, key_end in tiles + ([(seen_by_all, n_visible)] if seen_by_all < n_visible else []):
+            # (batch * kv_heads, tile keys, group, rows) log-probabilities
+            log_probs = torch.baddbmm(bias, keys[:, key_start:key_end], block)
+            log_probs = log_probs.view(-1, key_end - key_start, group, end - start)
+            if key_end > seen_by_all:
+                key_index = torch.arange(key_start, key_end, device=keys.device)[:, None, None]
+                log_probs.masked_fill_(key_index > torch.arange(start, end, device=keys.device) + causal_offset,
+                                       float("-inf"))
+            tile = stat[:, key_start:key_end]
+            if agg_task == "max":
+                torch.maximum(tile, log_probs.amax(dim=-1), out=tile)
+            else:
+                tile += log_probs.exp_().sum(dim=-1)
+    stat = stat.view(batch, kv_heads, n_scored, group).transpose(2, 3)
     return stat.exp() if agg_task == "max" else stat
 
 

@@ -20,12 +20,14 @@ from kvpress_compose.allocation import (
     layer_budgets,
     rank_tokens,
 )
+from kvpress_compose import attention_lse
 from kvpress_compose.attention_scores import (
     AGGREGATIONS,
     attention_statistics,
     finish_scores,
     merge_statistics,
     query_blocks,
+    statistics_from_lse,
 )
 from kvpress_compose.cache_gather import compress_layer, layer_states, mask_evicted_entries
 from kvpress_compose.layer_masks import install_layer_mask_hooks
@@ -33,6 +35,7 @@ from kvpress_compose.prefill_inputs import PrefillInputs, capture_prefill_inputs
 from kvpress_compose.replay import ReplayCache, replay_chunk_size, run_replay
 
 logger = logging.getLogger(__name__)
+attention_lse.install()
 QUERY_SOURCES = ("prefill", "bidirectional", "replay")
 SCORE_BLOCK_FRACTION = 0.1  # scoring works in blocks of about this fraction of the full KV cache size
 
@@ -112,6 +115,7 @@ class ComposePress(BasePress):
         self._statistics: dict[int, torch.Tensor] = {}  # layer -> (batch, kv_heads, group, n) attention stats
         self._scores: dict[int, torch.Tensor] = {}  # layer -> (batch, kv_heads, n) scores from a scorer
         self._replaying = False
+        attention_lse.set_capture(getattr(self, "_attention_modules", []), False)
 
     # -- setting up ---------------------------------------------------------------------------------------
 
@@ -158,6 +162,8 @@ class ComposePress(BasePress):
                         f"({self._sliding_window}): ComposePress supports full-attention layers only"
                     )
                 self._inputs, self._scores, self._statistics = inputs, {}, {}
+                uses_lse = self.scorer is None and self.query_source in ("prefill", "replay")
+                attention_lse.set_capture(self._attention_modules, uses_lse and self.compression_ratio > 0)
 
     # -- scoring (forward hook) ---------------------------------------------------------------------------
 
@@ -185,9 +191,15 @@ class ComposePress(BasePress):
                 self._check_unpruned(keys, hidden_states)
             queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
             causal_offset = 0 if self.query_source == "prefill" else None
-            self._statistics[module.layer_idx] = self._attention_statistics(
-                module, queries, keys, self._inputs.valid, self._inputs.valid, causal_offset
-            )
+            lse = attention_lse.take_lse(module, *hidden_states.shape[:2]) if causal_offset == 0 else None
+            if lse is not None:
+                statistics = statistics_from_lse(queries, lse, keys, self._inputs.valid, n_scored=self._inputs.length,
+                                                 causal_offset=0, agg_task=self.agg_task)
+            else:
+                statistics = self._attention_statistics(
+                    module, queries, keys, self._inputs.valid, self._inputs.valid, causal_offset
+                )
+            self._statistics[module.layer_idx] = statistics
         else:
             self._check_unpruned(keys, hidden_states)
         if module.layer_idx == len(self._attention_modules) - 1:
@@ -236,9 +248,15 @@ class ComposePress(BasePress):
         valid = self._inputs.valid
         end = start + hidden_states.shape[1]
         queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
-        chunk = self._attention_statistics(
-            module, queries, keys, torch.cat([valid, valid[:, :end]], dim=1), valid[:, start:end], n_context + start
-        )
+        lse = attention_lse.take_lse(module, *hidden_states.shape[:2])
+        if lse is not None:  # normalised over everything the re-fed queries saw; every context key is visible
+            chunk = statistics_from_lse(queries, lse, keys, valid[:, start:end], n_scored=n_context,
+                                        causal_offset=None, agg_task=self.agg_task)
+        else:
+            chunk = self._attention_statistics(
+                module, queries, keys, torch.cat([valid, valid[:, :end]], dim=1), valid[:, start:end],
+                n_context + start
+            )
         layer = module.layer_idx
         self._statistics[layer] = merge_statistics(self._statistics.get(layer), chunk, self.agg_task)
 
@@ -279,6 +297,7 @@ class ComposePress(BasePress):
         else:
             self._mask_unstructured(sorted_scores, token_order)
         self._inputs, self._scores, self._statistics = None, {}, {}
+        attention_lse.set_capture(self._attention_modules, False)
 
     def _check_cache_lengths(self, cache, scored_lengths: list[int]) -> None:
         """Every layer still holds the entries that were scored: no press after ComposePress pruned them."""

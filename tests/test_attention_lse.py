@@ -1,0 +1,70 @@
+"""The log-sum-exp path: the wrapped sdpa gives sdpa's output and the true log-sum-exp, and scores computed
+from it equal the softmax path's (eager attention, which never captures)."""
+
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kvpress_compose import ComposePress, attention_lse
+from kvpress_compose import compose_press as compose_press_module
+from tests.models import prefill, random_ids, tiny_model
+
+
+class Attention(torch.nn.Module):
+    num_key_value_groups = 2
+    is_causal = True
+
+
+def test_wrapped_sdpa_matches_sdpa_and_returns_the_log_sum_exp():
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    visible = torch.ones(9, 9, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    visible[1, :, :, :3] = False  # row 1: three padding keys
+    visible[1, :, :3, :3] = True  # (padding queries see something, as transformers arranges)
+    module = Attention()
+    wrapped = attention_lse.wrap_sdpa(sdpa_attention_forward)
+    for mask in (None, visible):
+        expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+        setattr(module, attention_lse.CAPTURE_ATTRIBUTE, True)
+        output, _ = wrapped(module, query, key, value, mask, scaling=0.3)
+        torch.testing.assert_close(output, expected, atol=1e-6, rtol=1e-5)
+        logits = 0.3 * query @ key.repeat_interleave(2, dim=1).transpose(-1, -2)
+        hidden = ~visible if mask is not None else ~visible[:1]
+        expected_lse = logits.masked_fill(hidden, float("-inf")).logsumexp(dim=-1)
+        lse = attention_lse.take_lse(module, 2, 9)
+        torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
+        assert attention_lse.take_lse(module, 2, 9) is None  # taken once
+
+
+def test_wrapped_sdpa_passes_through_when_not_capturing():
+    module = Attention()
+    wrapped = attention_lse.wrap_sdpa(lambda *args, **kwargs: ("original", args[5], kwargs))
+    assert wrapped(module, None, None, None, None, 0.0, scaling=2.0) == ("original", 0.0, {"scaling": 2.0})
+
+
+def scores_and_lse_calls(attn, ids, monkeypatch, attention_mask=None, **press_kwargs):
+    calls = []
+    original = compose_press_module.statistics_from_lse
+    monkeypatch.setattr(compose_press_module, "statistics_from_lse",
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    model = tiny_model(attn=attn)
+    press = ComposePress(compression_ratio=0.5, add_mean_across_heads=False, **press_kwargs)
+    prefill(model, ids, press, attention_mask=attention_mask)
+    assert not any(hasattr(layer.self_attn, attention_lse.LSE_ATTRIBUTE) for layer in model.model.layers)
+    assert not any(getattr(layer.self_attn, attention_lse.CAPTURE_ATTRIBUTE) for layer in model.model.layers)
+    return press.last_scores, len(calls)
+
+
+@pytest.mark.parametrize("query_source", ["prefill", "replay"])
+@pytest.mark.parametrize("agg_task", ["max", "mean"])
+@pytest.mark.parametrize("padding", [0, 5])
+def test_log_sum_exp_scores_equal_softmax_scores(query_source, agg_task, padding, monkeypatch):
+    ids = random_ids(2, 700)  # more than one tile of keys and of queries
+    mask = torch.ones(2, 700, dtype=torch.long)
+    mask[1, :padding] = 0
+    kwargs = dict(query_source=query_source, agg_task=agg_task)
+    expected, softmax_calls = scores_and_lse_calls("eager", ids, monkeypatch, mask, **kwargs)
+    actual, lse_calls = scores_and_lse_calls("sdpa", ids, monkeypatch, mask, **kwargs)
+    assert softmax_calls == 0 and lse_calls > 0
+    assert torch.isneginf(actual[:, 1, :, :padding]).all()
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
