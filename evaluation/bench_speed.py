@@ -29,7 +29,6 @@ from kvpress import KVComposePress, SnapKVPress
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evaluation.fidelity import prefill
-
 from kvpress_compose import ComposePress
 
 MODELS = {

@@ -12,6 +12,7 @@ from kvpress.presses.base_press import is_prefilling
 from torch import nn
 from transformers import PreTrainedModel
 
+from kvpress_compose import attention_lse
 from kvpress_compose.allocation import (
     composite_scores,
     compute_n_kept,
@@ -20,7 +21,6 @@ from kvpress_compose.allocation import (
     layer_budgets,
     rank_tokens,
 )
-from kvpress_compose import attention_lse
 from kvpress_compose.attention_scores import (
     AGGREGATIONS,
     attention_statistics,
