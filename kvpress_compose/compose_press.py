@@ -25,6 +25,7 @@ from kvpress_compose.attention_scores import (
     AGGREGATIONS,
     attention_statistics,
     finish_scores,
+    later_keys_lse,
     merge_statistics,
     query_blocks,
     statistics_from_lse,
@@ -162,8 +163,8 @@ class ComposePress(BasePress):
                         f"({self._sliding_window}): ComposePress supports full-attention layers only"
                     )
                 self._inputs, self._scores, self._statistics = inputs, {}, {}
-                uses_lse = self.scorer is None and self.query_source in ("prefill", "replay")
-                attention_lse.set_capture(self._attention_modules, uses_lse and self.compression_ratio > 0)
+                uses_lse = self.scorer is None and self.compression_ratio > 0
+                attention_lse.set_capture(self._attention_modules, uses_lse)
 
     # -- scoring (forward hook) ---------------------------------------------------------------------------
 
@@ -191,10 +192,10 @@ class ComposePress(BasePress):
                 self._check_unpruned(keys, hidden_states)
             queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
             causal_offset = 0 if self.query_source == "prefill" else None
-            lse = attention_lse.take_lse(module, *hidden_states.shape[:2]) if causal_offset == 0 else None
+            lse = self._prefill_lse(module, queries, keys, hidden_states)
             if lse is not None:
                 statistics = statistics_from_lse(queries, lse, keys, self._inputs.valid, n_scored=self._inputs.length,
-                                                 causal_offset=0, agg_task=self.agg_task)
+                                                 causal_offset=causal_offset, agg_task=self.agg_task)
             else:
                 statistics = self._attention_statistics(
                     module, queries, keys, self._inputs.valid, self._inputs.valid, causal_offset
@@ -219,6 +220,17 @@ class ComposePress(BasePress):
                 f"tokens) but found {keys.shape[2]}: put ComposePress last in ComposedPress, and after presses that "
                 "prune tokens use query_source='bidirectional' or a scorer"
             )
+
+    def _prefill_lse(self, module, queries, keys, hidden_states) -> torch.Tensor | None:
+        """Each query's log-sum-exp over the keys it scores: the prefill attention's own (causal), plus that of
+        the later keys for "bidirectional"; None where it was not captured (the softmax path runs instead)."""
+        lse = attention_lse.take_lse(module, *hidden_states.shape[:2])
+        if lse is None or self.query_source == "prefill":
+            return lse
+        if keys.shape[2] != hidden_states.shape[1]:  # an earlier press pruned keys the causal lse covered
+            return None
+        later = later_keys_lse(queries, hidden_states.shape[1], lse.shape[1], keys, self._inputs.valid)
+        return torch.logaddexp(lse, later)
 
     def _attention_statistics(self, module, queries, keys, key_valid, query_valid, causal_offset):
         n_context = self._inputs.length

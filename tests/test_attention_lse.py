@@ -55,16 +55,17 @@ def scores_and_lse_calls(attn, ids, monkeypatch, attention_mask=None, **press_kw
     return press.last_scores, len(calls)
 
 
-@pytest.mark.parametrize("query_source", ["prefill", "replay"])
+@pytest.mark.parametrize("query_source", ["prefill", "bidirectional", "replay"])
 @pytest.mark.parametrize("agg_task", ["max", "mean"])
-@pytest.mark.parametrize("padding", [0, 5])
+@pytest.mark.parametrize("padding", [None, slice(0, 5), slice(690, 700)])
 def test_log_sum_exp_scores_equal_softmax_scores(query_source, agg_task, padding, monkeypatch):
     ids = random_ids(2, 700)  # more than one tile of keys and of queries
     mask = torch.ones(2, 700, dtype=torch.long)
-    mask[1, :padding] = 0
-    kwargs = dict(query_source=query_source, agg_task=agg_task)
+    if padding is not None:  # left or right padding on row 1
+        mask[1, padding] = 0
+    kwargs = {"query_source": query_source, "agg_task": agg_task}
     expected, softmax_calls = scores_and_lse_calls("eager", ids, monkeypatch, mask, **kwargs)
     actual, lse_calls = scores_and_lse_calls("sdpa", ids, monkeypatch, mask, **kwargs)
     assert softmax_calls == 0 and lse_calls > 0
-    assert torch.isneginf(actual[:, 1, :, :padding]).all()
+    assert torch.isneginf(actual[:, 1, :, ~mask[1].bool()]).all()
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
