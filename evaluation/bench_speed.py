@@ -15,6 +15,7 @@ length, would pass ``--kvcompose-limit-s``.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -38,6 +39,9 @@ MODELS = {
                    num_key_value_heads=2, head_dim=64),
 }
 QUERY_SOURCES = ("prefill", "bidirectional", "replay")
+TIME_TARGETS = {"compose[prefill]": 1.3, "compose[bidirectional]": 1.3, "compose[replay]": 2.5}  # x plain prefill
+EXTRA_MEMORY_TARGET = 0.25  # peak extra memory over the plain prefill's, as a fraction of the full KV cache
+SPEEDUP_TARGET = 20.0  # against kvpress's KVComposePress at 8k tokens
 SLOW_RUN_S = 10.0
 
 
@@ -170,14 +174,21 @@ def bench_length(model, length, args, kvcompose_estimate):
 
 
 def decode_speeds(model, length, args):
+    """Decode tokens/s after a ``length``-token context at r = 0, 0.5 and 0.75: medians over ``--repeats``
+    interleaved rounds of ``--decode-steps`` steps, each on a copy of the same prefilled cache."""
     ids = torch.randint(0, 1024, (1, length), generator=torch.Generator().manual_seed(1)).to(args.device)
-    speeds = {}
-    for ratio in (0.0, 0.5, 0.75):
+    ratios = (0.0, 0.5, 0.75)
+    caches = {}
+    for ratio in ratios:
         press = ComposePress(compression_ratio=ratio, query_source="prefill") if ratio else None
-        _, _, cache = timed_prefill(model, ids, press, args.device)
-        decode_tokens_per_s(model, cache, length, 4, args.device)  # warm-up
-        speeds[ratio] = decode_tokens_per_s(model, cache, length + 4, args.decode_steps, args.device)
-    return speeds
+        caches[ratio] = timed_prefill(model, ids, press, args.device)[2]
+        decode_tokens_per_s(model, copy.deepcopy(caches[ratio]), length, 4, args.device)  # warm-up
+    speeds = {ratio: [] for ratio in ratios}
+    for _ in range(args.repeats):
+        for ratio in ratios:
+            cache = copy.deepcopy(caches[ratio])
+            speeds[ratio].append(decode_tokens_per_s(model, cache, length, args.decode_steps, args.device))
+    return {ratio: statistics.median(values) for ratio, values in speeds.items()}
 
 
 def print_table(rows):
@@ -185,6 +196,27 @@ def print_table(rows):
     for row in rows:
         print(f"{row['method']:<26}{row['tokens']:>8}{row['seconds']:>10.3f}{row['time_vs_prefill']:>11.2f}"
               f"{row['peak_extra_mb']:>10.1f}{row['extra_peak_vs_kv_cache']:>10.2f}")
+
+
+def print_targets(rows) -> None:
+    """Each ComposePress mode against the issue's targets, and its speed-up over kvpress's KVComposePress."""
+    by_method = {(row["method"], row["tokens"]): row for row in rows}
+    print("\nagainst the targets (time and extra memory vs plain prefill; speed-up vs KVComposePress):")
+    for (method, tokens), row in by_method.items():
+        if method not in TIME_TARGETS:
+            continue
+        time_ok = row["time_vs_prefill"] <= TIME_TARGETS[method]
+        memory_ok = row["extra_peak_vs_kv_cache"] <= EXTRA_MEMORY_TARGET
+        line = (f"  {method:<24}{tokens:>7} tokens: {row['time_vs_prefill']:.2f}x (<= {TIME_TARGETS[method]}x: "
+                f"{'met' if time_ok else 'NOT met'}), extra {row['extra_peak_vs_kv_cache']:.2f} of KV (<= "
+                f"{EXTRA_MEMORY_TARGET}: {'met' if memory_ok else 'NOT met'})")
+        kvcompose = by_method.get(("kvpress KVComposePress", tokens))
+        if kvcompose is not None:
+            speedup = kvcompose["seconds"] / row["seconds"]
+            line += f", {speedup:.1f}x faster than KVComposePress"
+            if tokens == 8192:
+                line += f" (>= {SPEEDUP_TARGET:.0f}x: {'met' if speedup >= SPEEDUP_TARGET else 'NOT met'})"
+        print(line)
 
 
 def main(argv=None):
@@ -223,6 +255,7 @@ def main(argv=None):
         if not math.isnan(kvcompose_time):  # it ran at this length
             previous = (length, kvcompose_time)
         print_table(length_rows)
+    print_targets(rows)
     print("\nkept cache bytes after compose[replay]:")
     for check in cache_checks:
         kept, target = check["kept_bytes_fraction"], check["target_fraction"]

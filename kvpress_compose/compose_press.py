@@ -57,8 +57,9 @@ class ComposePress(BasePress):
     query_source : str, default="replay"
         Which queries score the context. "prefill": the prefill's own queries, causal (no extra pass).
         "bidirectional": the prefill's queries attending to every context key (no extra pass). "replay": the
-        paper's, the context re-fed after itself in a second forward pass (about twice the prefill cost);
-        the cache never keeps the re-fed tokens. Ignored when ``scorer`` is given.
+        paper's, the context re-fed after itself in a second forward pass, whose attention covers three times
+        the prefill's (query, key) pairs; the cache never keeps the re-fed tokens. Ignored when ``scorer`` is
+        given. On CPU with sdpa, scoring reuses the log-sum-exp of the model's own attention.
     structured : bool, default=True
         False gives the unstructured upper bound: per-(layer, head) budgets applied with kvpress's head-wise
         masking. That saves no memory (evicted entries are masked, not removed) and needs sdpa or flash.

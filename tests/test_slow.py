@@ -62,3 +62,19 @@ def test_shipped_model_through_the_pipeline_with_compose_press():
     accuracy(shipped_pipeline(), "niah_single", 1024, press=press, n_contexts=1)
     config_layers = 4
     assert int(press.last_budgets.sum()) == compute_n_kept(config_layers * (1024 + 1), 0.5)
+
+
+def test_speed_benchmark_runs_and_checks_the_cache_bytes(tmp_path, capsys):
+    import json
+
+    from evaluation import bench_speed
+
+    bench_speed.main(["--lengths", "128", "--repeats", "1", "--decode-steps", "2", "--threads", "1",
+                      "--json", str(tmp_path / "bench.json")])
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    methods = {row["method"] for row in figures["rows"]}
+    assert methods == {"plain prefill", "compose[prefill]", "compose[bidirectional]", "compose[replay]", "snapkv",
+                       "kvpress KVComposePress"}
+    assert figures["cache"][0]["kept_bytes_fraction"] == 0.5
+    assert set(figures["decode_tokens_per_s"]) == {"0.0", "0.5", "0.75"}
+    assert "against the targets" in capsys.readouterr().out
