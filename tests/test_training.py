@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evaluation.synthetic_tasks import TASKS, make_sample, vocabulary
-from evaluation.train_model import build_model, encode_recall, encode_sample, make_batch
+from evaluation.train_model import build_model, encode_recall, encode_sample, learning_rate, make_batch
 
 TOKEN_IDS = {token: i for i, token in enumerate(vocabulary())}
 WORDS = vocabulary()
@@ -43,3 +43,10 @@ def test_a_training_step_runs_and_the_model_matches_the_tokenizer():
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_learning_rate_warms_up_decays_to_a_tenth_and_halves_for_long_contexts():
+    assert learning_rate(0, 1000, 1.0, 128) == 1 / 200
+    assert learning_rate(200, 1000, 1.0, 1024) == 1.0
+    assert learning_rate(1000, 1000, 1.0, 1024) == pytest.approx(0.1)
+    assert learning_rate(600, 1000, 1.0, 2048) == learning_rate(600, 1000, 1.0, 1024) / 2
