@@ -8,10 +8,11 @@ the tasks of :mod:`evaluation.synthetic_tasks`. A task sequence is ``<s> context
 (several questions per context), with the loss on answer tokens; half of the rows are an auxiliary span-recall
 text (random words whose earlier spans reappear) with the loss on every recalled word, which is what makes
 the model form the induction heads retrieval needs. Context length follows a curriculum (128 to 4096 words,
-from 2048 on at half the learning rate) that moves to the next length once every task is answered at 95%. Checkpoints are written every ``--checkpoint-every`` steps to
-``evaluation/checkpoints/<arch>`` and the run resumes from the newest one; the model folder (config,
-safetensors, tokenizer, and a README stating how far training got) is refreshed at each checkpoint. The
-defaults reproduce the shipped model exactly (one thread: float results depend on the thread count).
+from 2048 on at half the learning rate) that moves to the next length once every task is answered at 95%.
+Checkpoints are written every ``--checkpoint-every`` steps to ``evaluation/checkpoints/<arch>`` and the run
+resumes from the newest one; the model folder (config, safetensors, tokenizer, and a README stating how far
+training got) is refreshed at each checkpoint. The defaults reproduce the shipped model exactly (one thread:
+float results depend on the thread count).
 """
 
 from __future__ import annotations
