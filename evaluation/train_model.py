@@ -198,7 +198,8 @@ def train(args) -> None:
     with open(checkpoint_dir / "log.jsonl", "a") as log:
         model.train()
         start = time.time()
-        while state["step"] < args.max_steps:
+        last_step = min(args.max_steps, args.stop_after or args.max_steps)
+        while state["step"] < last_step:
             step, length = state["step"], CURRICULUM[state["stage"]]
             rng = random.Random(f"train-{args.seed}-{step}")
             input_ids, targets = make_batch(length, max(2, TOKENS_PER_STEP // length), rng, token_ids)
@@ -222,7 +223,7 @@ def train(args) -> None:
                 print(json.dumps(record), flush=True)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            if state["step"] % args.checkpoint_every == 0 or state["step"] == args.max_steps:
+            if state["step"] % args.checkpoint_every == 0 or state["step"] == last_step:
                 saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
                 torch.save(saved, checkpoint_dir / "last.tmp")
                 (checkpoint_dir / "last.tmp").replace(checkpoint)
@@ -237,6 +238,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="evaluation/models/retrieval-llama")
     parser.add_argument("--checkpoint-dir", default=None, help="default: evaluation/checkpoints/<arch>")
     parser.add_argument("--max-steps", type=int, default=12000)
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop at this step (the schedule still spans --max-steps): reproduces a snapshot")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--no-attention-bias", dest="attention_bias", action="store_false",
                         help="no biases on q/k/v/o projections (they make position-based heads easy to learn)")

@@ -1,5 +1,6 @@
 """The trainer's batches: every loss target is the next token, and the answer follows the asked key."""
 
+import json
 import random
 
 import pytest
@@ -50,3 +51,20 @@ def test_learning_rate_warms_up_decays_to_a_tenth_and_halves_for_long_contexts()
     assert learning_rate(200, 1000, 1.0, 1024) == 1.0
     assert learning_rate(1000, 1000, 1.0, 1024) == pytest.approx(0.1)
     assert learning_rate(600, 1000, 1.0, 2048) == learning_rate(600, 1000, 1.0, 1024) / 2
+
+
+def test_training_stops_where_asked_and_resuming_reproduces_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from evaluation.train_model import main
+
+    def run(name, stop_after):
+        main(["--out", str(tmp_path / name), "--checkpoint-dir", str(tmp_path / f"{name}-checkpoints"),
+              "--stop-after", str(stop_after), "--max-steps", "10", "--log-every", "1", "--eval-every", "1000"])
+        return load_file(tmp_path / name / "model.safetensors")
+
+    run("resumed", 1)
+    resumed = run("resumed", 2)
+    uninterrupted = run("uninterrupted", 2)
+    assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted)
+    assert json.loads((tmp_path / "resumed-checkpoints" / "log.jsonl").read_text().splitlines()[-1])["step"] == 2
