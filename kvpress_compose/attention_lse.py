@@ -21,11 +21,11 @@ LSE_ATTRIBUTE = "compose_lse"  # (batch, q_heads, q_len) float32, natural log
 WRAPPED_ATTRIBUTE = "_compose_wraps"
 
 
-def capture_supported(module: nn.Module, query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
+def capture_supported(module: nn.Module, query, key, attention_mask, dropout: float, kwargs: dict) -> bool:
     return (
         getattr(module, CAPTURE_ATTRIBUTE, False)
         and query.device.type == "cpu"
-        and query.shape[2] > 1
+        and (attention_mask is not None or query.shape[2] == key.shape[2])  # no mask: causal, square only
         and dropout == 0.0
         and getattr(module, "masked_key_indices", None) is None  # kvpress's head-wise masking is not active
         and not kwargs.get("output_attentions", False)
@@ -44,7 +44,7 @@ def additive_mask(attention_mask: torch.Tensor | None, key_length: int, dtype: t
 
 def wrap_sdpa(sdpa_forward):
     def sdpa_with_lse(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
-        if not capture_supported(module, query, dropout, kwargs):
+        if not capture_supported(module, query, key, attention_mask, dropout, kwargs):
             return sdpa_forward(module, query, key, value, attention_mask, dropout, **kwargs)
         is_causal = kwargs.get("is_causal")
         if is_causal is None:

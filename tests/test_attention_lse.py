@@ -36,10 +36,14 @@ def test_wrapped_sdpa_matches_sdpa_and_returns_the_log_sum_exp():
         assert attention_lse.take_lse(module, 2, 9) is None  # taken once
 
 
-def test_wrapped_sdpa_passes_through_when_not_capturing():
+def test_wrapped_sdpa_passes_through_when_not_capturing_or_when_the_causal_mask_is_implicit_and_not_square():
     module = Attention()
     wrapped = attention_lse.wrap_sdpa(lambda *args, **kwargs: ("original", args[5], kwargs))
-    assert wrapped(module, None, None, None, None, 0.0, scaling=2.0) == ("original", 0.0, {"scaling": 2.0})
+    query, key = torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 5, 8)
+    assert wrapped(module, query, key, key, None, 0.0, scaling=2.0) == ("original", 0.0, {"scaling": 2.0})
+    setattr(module, attention_lse.CAPTURE_ATTRIBUTE, True)
+    assert wrapped(module, query, key, key, None, 0.0)[0] == "original"  # top-left causal would be wrong
+    assert not hasattr(module, attention_lse.LSE_ATTRIBUTE)
 
 
 def scores_and_lse_calls(attn, ids, monkeypatch, attention_mask=None, **press_kwargs):
