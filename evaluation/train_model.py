@@ -168,6 +168,14 @@ project ships until training completes, and the evaluation reports whatever it s
     )
 
 
+def portable_tokenizer_class(config_path: Path) -> None:
+    """Name the tokenizer class ``PreTrainedTokenizerFast``, which transformers 4.x and 5.x both load
+    (5.x writes ``TokenizersBackend``, unknown to 4.57)."""
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def save_final(model, out: Path, log_path: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
@@ -176,6 +184,7 @@ def save_final(model, out: Path, log_path: Path | None = None) -> None:
     model.generation_config.pad_token_id = 0
     model.save_pretrained(out, safe_serialization=True)
     build_tokenizer().save_pretrained(out)
+    portable_tokenizer_class(out / "tokenizer_config.json")
     if log_path is not None and log_path.exists():
         write_model_card(out, log_path)
 

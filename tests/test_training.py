@@ -68,3 +68,16 @@ def test_training_stops_where_asked_and_resuming_reproduces_an_uninterrupted_run
     uninterrupted = run("uninterrupted", 2)
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted)
     assert json.loads((tmp_path / "resumed-checkpoints" / "log.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_saved_model_folder_loads_with_auto_classes_on_either_transformers_major(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluation.train_model import save_final
+
+    save_final(build_model("llama", seed=0), tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # 4.57 cannot load 5.x's TokenizersBackend
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer("k001 v002").input_ids == [TOKEN_IDS["k001"], TOKEN_IDS["v002"]]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.vocab_size == len(WORDS)
