@@ -5,7 +5,9 @@ compute ``lse`` inside their attention call, and on CPU torch's flash kernel ret
 there leaves scoring one matrix product and a max per key, without the exponentials and second reduction of
 a softmax. :func:`install` wraps transformers' ``"sdpa"`` attention function (as kvpress wraps it for its
 head-wise masking): on a module whose ``CAPTURE_ATTRIBUTE`` is set, it runs the same attention through
-that kernel and leaves the log-sum-exp on ``module.<LSE_ATTRIBUTE>``; every other call goes through as before.
+that kernel and leaves the log-sum-exp, with the keys it was taken over, on ``module.<LSE_ATTRIBUTE>``;
+every other call goes through as before. Scoring uses those keys, so the two always match, whatever a cache
+(QuantizedCache) or an earlier press (ThinK) does to the stored keys.
 Where the kernel is unavailable (CUDA, eager, flash-attn) nothing is captured and scoring computes the
 softmax itself.
 """
@@ -17,8 +19,9 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 CAPTURE_ATTRIBUTE = "compose_capture_lse"
-LSE_ATTRIBUTE = "compose_lse"  # (batch, q_heads, q_len) float32, natural log
+LSE_ATTRIBUTE = "compose_lse"  # ((batch, q_heads, q_len) float32 natural-log lse, (batch, kv_heads, k_len, d) keys)
 WRAPPED_ATTRIBUTE = "_compose_wraps"
+KERNEL_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 9)  # CPU flash GQA: 2.9
 
 
 def capture_supported(module: nn.Module, query, key, attention_mask, dropout: float, kwargs: dict) -> bool:
@@ -49,16 +52,19 @@ def wrap_sdpa(sdpa_forward):
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
+        attended_keys, group = key, query.shape[1] // key.shape[1]
+        if group > 1 and not KERNEL_HAS_GQA:
+            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
         output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query,
-            key,  # (batch, kv_heads, k_len, head_dim): the kernel handles GQA itself
+            key,  # (batch, kv_heads, k_len, head_dim): from torch 2.9 the kernel handles GQA itself
             value,
             0.0,
             attention_mask is None and is_causal,
             attn_mask=additive_mask(attention_mask, key.shape[2], query.dtype),
             scale=kwargs.get("scaling"),
         )
-        setattr(module, LSE_ATTRIBUTE, lse.float())
+        setattr(module, LSE_ATTRIBUTE, (lse.float(), attended_keys))
         return output.transpose(1, 2).contiguous(), None
 
     setattr(sdpa_with_lse, WRAPPED_ATTRIBUTE, sdpa_forward)
@@ -72,17 +78,16 @@ def install() -> None:
 
 
 def set_capture(modules: list[nn.Module], enabled: bool) -> None:
-    """Start (or stop and forget) capturing the log-sum-exp on these attention modules."""
+    """Start or stop capturing the log-sum-exp on these attention modules, forgetting any left over."""
     for module in modules:
         setattr(module, CAPTURE_ATTRIBUTE, enabled)
-        if not enabled and hasattr(module, LSE_ATTRIBUTE):
-            delattr(module, LSE_ATTRIBUTE)
+        module.__dict__.pop(LSE_ATTRIBUTE, None)
 
 
-def take_lse(module: nn.Module, batch: int, q_len: int) -> torch.Tensor | None:
-    """The log-sum-exp captured by the module's last attention call, if it covers ``batch x q_len`` queries;
-    it is removed from the module."""
-    lse = module.__dict__.pop(LSE_ATTRIBUTE, None)
-    if lse is None or lse.shape[0] != batch or lse.shape[2] != q_len:
+def take_lse(module: nn.Module, batch: int, q_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(lse, keys)`` of the module's last attention call, if it covered ``batch x q_len`` queries; removed
+    from the module."""
+    captured = module.__dict__.pop(LSE_ATTRIBUTE, None)
+    if captured is None or captured[0].shape[0] != batch or captured[0].shape[2] != q_len:
         return None
-    return lse
+    return captured

@@ -142,7 +142,7 @@ def statistics_from_lse(
     group = q_heads // kv_heads
     keys = keys[:, :, :n_scored].float().flatten(0, 1)  # (batch * kv_heads, n_scored, head_dim)
     neg_lse = (-lse).masked_fill(~query_valid[:, None].to(lse.device), float("-inf"))  # padding takes no part
-    neg_lse = neg_lse.view(batch * kv_heads, group, q_len)
+    neg_lse = neg_lse.reshape(batch * kv_heads, group, q_len)
     stat = torch.full((batch * kv_heads, n_scored, group), float("-inf") if agg_task == "max" else 0.0,
                       device=keys.device)
     rows = max(1, TILE_COLUMNS // group)

@@ -164,12 +164,21 @@ class ComposePress(BasePress):
                         f"({self._sliding_window}): ComposePress supports full-attention layers only"
                     )
                 self._inputs, self._scores, self._statistics = inputs, {}, {}
-                uses_lse = self.scorer is None and self.compression_ratio > 0
+                uses_lse = self.scorer is None and self.query_source != "replay" and self.compression_ratio > 0
                 attention_lse.set_capture(self._attention_modules, uses_lse)
 
     # -- scoring (forward hook) ---------------------------------------------------------------------------
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
+        try:
+            return self._score_layer(module, kwargs, output)
+        except BaseException:  # leave no capture behind (kvpress's ComposedPress does not call our __call__)
+            attention_lse.set_capture(self._attention_modules, False)
+            if not self._in_own_context:
+                self._remove_capture_hook()
+            raise
+
+    def _score_layer(self, module: nn.Module, kwargs: dict, output: list):
         hidden_states = kwargs["hidden_states"]
         if self._replaying:
             self._score_replay(module, hidden_states, kwargs)
@@ -193,10 +202,12 @@ class ComposePress(BasePress):
                 self._check_unpruned(keys, hidden_states)
             queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
             causal_offset = 0 if self.query_source == "prefill" else None
-            lse = self._prefill_lse(module, queries, keys, hidden_states)
-            if lse is not None:
-                statistics = statistics_from_lse(queries, lse, keys, self._inputs.valid, n_scored=self._inputs.length,
-                                                 causal_offset=causal_offset, agg_task=self.agg_task)
+            captured = self._prefill_lse(module, queries, keys, hidden_states)
+            if captured is not None:
+                lse, attended_keys = captured
+                statistics = statistics_from_lse(queries, lse, attended_keys, self._inputs.valid,
+                                                 n_scored=self._inputs.length, causal_offset=causal_offset,
+                                                 agg_task=self.agg_task)
             else:
                 statistics = self._attention_statistics(
                     module, queries, keys, self._inputs.valid, self._inputs.valid, causal_offset
@@ -222,16 +233,18 @@ class ComposePress(BasePress):
                 "prune tokens use query_source='bidirectional' or a scorer"
             )
 
-    def _prefill_lse(self, module, queries, keys, hidden_states) -> torch.Tensor | None:
-        """Each query's log-sum-exp over the keys it scores: the prefill attention's own (causal), plus that of
-        the later keys for "bidirectional"; None where it was not captured (the softmax path runs instead)."""
-        lse = attention_lse.take_lse(module, *hidden_states.shape[:2])
-        if lse is None or self.query_source == "prefill":
-            return lse
-        if keys.shape[2] != hidden_states.shape[1]:  # an earlier press pruned keys the causal lse covered
+    def _prefill_lse(self, module, queries, keys, hidden_states) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(lse, attended keys)``: each query's log-sum-exp over the keys it scores, the prefill attention's
+        own (causal), plus that of the later keys for "bidirectional"; None where it was not captured or the
+        cache no longer holds every attended key (the softmax path runs instead)."""
+        captured = attention_lse.take_lse(module, *hidden_states.shape[:2])
+        if captured is None or keys.shape[2] != captured[1].shape[2]:  # an earlier press pruned this layer
             return None
-        later = later_keys_lse(queries, hidden_states.shape[1], lse.shape[1], keys, self._inputs.valid)
-        return torch.logaddexp(lse, later)
+        if self.query_source == "prefill":
+            return captured
+        lse, attended_keys = captured
+        later = later_keys_lse(queries, hidden_states.shape[1], lse.shape[1], attended_keys, self._inputs.valid)
+        return torch.logaddexp(lse, later), attended_keys
 
     def _attention_statistics(self, module, queries, keys, key_valid, query_valid, causal_offset):
         n_context = self._inputs.length
@@ -261,9 +274,10 @@ class ComposePress(BasePress):
         valid = self._inputs.valid
         end = start + hidden_states.shape[1]
         queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
-        lse = attention_lse.take_lse(module, *hidden_states.shape[:2])
-        if lse is not None:  # normalised over everything the re-fed queries saw; every context key is visible
-            chunk = statistics_from_lse(queries, lse, keys, valid[:, start:end], n_scored=n_context,
+        captured = attention_lse.take_lse(module, *hidden_states.shape[:2])
+        if captured is not None:  # normalised over everything the re-fed queries saw; every context key is visible
+            lse, attended_keys = captured
+            chunk = statistics_from_lse(queries, lse, attended_keys, valid[:, start:end], n_scored=n_context,
                                         causal_offset=None, agg_task=self.agg_task)
         else:
             chunk = self._attention_statistics(
@@ -295,6 +309,8 @@ class ComposePress(BasePress):
             self._replaying = True
             self._replay_cache = ReplayCache(cache, self._inputs.length)
             chunk_size = replay_chunk_size(self._full_cache_bytes(layer_states(cache, 0)[0]), self._inputs.length)
+            # a sliding window may hide context keys from re-fed queries, which scoring assumes they all see
+            attention_lse.set_capture(self._attention_modules, self._sliding_window is None)
             try:
                 run_replay(self._language_model, self._inputs, self._replay_cache, chunk_size)
             finally:

@@ -19,8 +19,7 @@ def test_wrapped_sdpa_matches_sdpa_and_returns_the_log_sum_exp():
     torch.manual_seed(0)
     query, key, value = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
     visible = torch.ones(9, 9, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
-    visible[1, :, :, :3] = False  # row 1: three padding keys
-    visible[1, :, :3, :3] = True  # (padding queries see something, as transformers arranges)
+    visible[1, :, :, :3] = False  # row 1: three padding keys (its first three queries see nothing)
     module = Attention()
     wrapped = attention_lse.wrap_sdpa(sdpa_attention_forward)
     for mask in (None, visible):
@@ -31,8 +30,11 @@ def test_wrapped_sdpa_matches_sdpa_and_returns_the_log_sum_exp():
         logits = 0.3 * query @ key.repeat_interleave(2, dim=1).transpose(-1, -2)
         hidden = ~visible if mask is not None else ~visible[:1]
         expected_lse = logits.masked_fill(hidden, float("-inf")).logsumexp(dim=-1)
-        lse = attention_lse.take_lse(module, 2, 9)
-        torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
+        lse, attended_keys = attention_lse.take_lse(module, 2, 9)
+        seeing = visible.any(dim=-1) if mask is not None else torch.ones(1, 1, 9, dtype=torch.bool)
+        seeing = seeing.expand(2, 4, 9)
+        torch.testing.assert_close(lse[seeing], expected_lse.expand(2, 4, 9)[seeing], atol=1e-5, rtol=1e-5)
+        assert attended_keys is key
         assert attention_lse.take_lse(module, 2, 9) is None  # taken once
 
 
@@ -70,6 +72,54 @@ def test_log_sum_exp_scores_equal_softmax_scores(query_source, agg_task, padding
     kwargs = {"query_source": query_source, "agg_task": agg_task}
     expected, softmax_calls = scores_and_lse_calls("eager", ids, monkeypatch, mask, **kwargs)
     actual, lse_calls = scores_and_lse_calls("sdpa", ids, monkeypatch, mask, **kwargs)
-    assert softmax_calls == 0 and lse_calls > 0
+    layers, replay_chunks = 3, 3  # 700 re-fed tokens in chunks of 256
+    assert softmax_calls == 0 and lse_calls == layers * (replay_chunks if query_source == "replay" else 1)
     assert torch.isneginf(actual[:, 1, :, ~mask[1].bool()]).all()
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_replay_on_a_sliding_window_model_falls_back_to_the_softmax_path(monkeypatch):
+    """With n <= window < 2n the window hides early context keys from late re-fed queries: the captured
+    log-sum-exp would not cover keys that scoring assumes visible, so replay computes its own softmax."""
+    ids = random_ids(1, 40)
+    scores = {}
+    for attn in ("eager", "sdpa"):
+        model = tiny_model(family="mistral", attn=attn)
+        model.config.sliding_window = 48
+        press = ComposePress(compression_ratio=0.5, query_source="replay", add_mean_across_heads=False)
+        prefill(model, ids, press)
+        scores[attn] = press.last_scores
+    torch.testing.assert_close(scores["sdpa"], scores["eager"], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("query_source", ["prefill", "bidirectional"])
+def test_scores_use_the_keys_attention_saw_even_when_the_cache_stores_others(query_source):
+    """A 4-bit QuantizedCache stores other keys than the prefill attended to: the scores are still the
+    attention probabilities of the prefill (max <= 1), identical to those over a DynamicCache."""
+    pytest.importorskip("optimum.quanto")
+    from transformers import DynamicCache, QuantizedCache
+
+    model, ids = tiny_model(), random_ids(1, 64)
+    scores = {}
+    for name in ("dynamic", "quantized"):
+        cache = DynamicCache() if name == "dynamic" else QuantizedCache(
+            backend="quanto", config=model.config, nbits=4, q_group_size=16, residual_length=8)
+        press = ComposePress(compression_ratio=0.5, query_source=query_source, add_mean_across_heads=False)
+        prefill(model, ids, press, cache=cache)
+        scores[name] = press.last_scores
+    assert scores["quantized"].max() <= 1.0
+    torch.testing.assert_close(scores["quantized"], scores["dynamic"])
+
+
+def test_an_error_inside_composed_press_leaves_no_capture_behind():
+    from kvpress import ComposedPress
+
+    model = tiny_model()
+    press = ComposePress(compression_ratio=0.5, query_source="prefill", min_tokens_per_layer=100)
+    with pytest.raises(ValueError, match="min_tokens_per_layer"):
+        prefill(model, random_ids(1, 50), ComposedPress([press]))
+    assert not any(getattr(layer.self_attn, attention_lse.CAPTURE_ATTRIBUTE) for layer in model.model.layers)
+    assert press._capture_hook is None
+    with torch.no_grad():
+        model(random_ids(1, 20))
+    assert not any(hasattr(layer.self_attn, attention_lse.LSE_ATTRIBUTE) for layer in model.model.layers)
