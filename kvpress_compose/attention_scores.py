@@ -122,6 +122,12 @@ def attention_statistics(
     return stat.exp() if agg_task == "max" else stat
 
 
+def query_columns(queries: QueryBlocks, start: int, end: int, batch_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Queries ``[start, end)`` as ``(batch * kv_heads, head_dim, group * rows)`` columns: ``keys @ columns``
+    gives one tile's logits with the key axis first, ready to reduce over queries."""
+    return queries(start, end).reshape(batch_kv_heads, -1, head_dim).transpose(1, 2)
+
+
 def statistics_from_lse(
     queries: QueryBlocks,
     lse: torch.Tensor,
@@ -148,7 +154,7 @@ def statistics_from_lse(
     rows = max(1, TILE_COLUMNS // group)
     for start in range(0, q_len, rows):
         end = min(start + rows, q_len)
-        block = queries(start, end).reshape(batch * kv_heads, group * (end - start), head_dim).transpose(1, 2)
+        block = query_columns(queries, start, end, batch * kv_heads, head_dim)
         bias = neg_lse[:, :, start:end].reshape(batch * kv_heads, 1, group * (end - start))
         n_visible = n_scored if causal_offset is None else min(n_scored, causal_offset + end)
         seen_by_all = n_visible if causal_offset is None else min(n_visible, causal_offset + start + 1)
@@ -183,7 +189,7 @@ def later_keys_lse(queries: QueryBlocks, q_len: int, q_heads: int, keys: torch.T
     rows = max(1, TILE_COLUMNS // group)
     for start in range(0, q_len, rows):
         end = min(start + rows, q_len)
-        block = queries(start, end).reshape(batch * kv_heads, group * (end - start), head_dim).transpose(1, 2)
+        block = query_columns(queries, start, end, batch * kv_heads, head_dim)
         block_lse = lse[:, :, start:end]
         for key_start in range(start + 1, n_keys, TILE_KEYS):
             key_end = min(key_start + TILE_KEYS, n_keys)

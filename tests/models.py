@@ -62,5 +62,12 @@ def random_ids(batch, length, seed=1):
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
 
 
+def quantized_cache(model):
+    """A 4-bit quanto QuantizedCache small enough that short test contexts spill out of its residual."""
+    from transformers import QuantizedCache
+
+    return QuantizedCache(backend="quanto", config=model.config, nbits=4, q_group_size=16, residual_length=8)
+
+
 def cache_layer_lengths(cache):
     return [cache.get_seq_length(layer) for layer in range(len(cache.layers))]

@@ -7,7 +7,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvpress_compose import ComposePress, attention_lse
 from kvpress_compose import compose_press as compose_press_module
-from tests.models import prefill, random_ids, tiny_model
+from tests.models import prefill, quantized_cache, random_ids, tiny_model
 
 
 class Attention(torch.nn.Module):
@@ -97,13 +97,12 @@ def test_scores_use_the_keys_attention_saw_even_when_the_cache_stores_others(que
     """A 4-bit QuantizedCache stores other keys than the prefill attended to: the scores are still the
     attention probabilities of the prefill (max <= 1), identical to those over a DynamicCache."""
     pytest.importorskip("optimum.quanto")
-    from transformers import DynamicCache, QuantizedCache
+    from transformers import DynamicCache
 
     model, ids = tiny_model(), random_ids(1, 64)
     scores = {}
     for name in ("dynamic", "quantized"):
-        cache = DynamicCache() if name == "dynamic" else QuantizedCache(
-            backend="quanto", config=model.config, nbits=4, q_group_size=16, residual_length=8)
+        cache = DynamicCache() if name == "dynamic" else quantized_cache(model)
         press = ComposePress(compression_ratio=0.5, query_source=query_source, add_mean_across_heads=False)
         prefill(model, ids, press, cache=cache)
         scores[name] = press.last_scores

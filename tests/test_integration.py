@@ -13,11 +13,11 @@ from kvpress import (
     SnapKVPress,
     TOVAPress,
 )
-from transformers import DynamicCache, QuantizedCache, pipeline
+from transformers import DynamicCache, pipeline
 
 from evaluation.synthetic_tasks import build_tokenizer, make_sample, vocabulary
 from kvpress_compose import ComposePress, compute_n_kept
-from tests.models import cache_layer_lengths, prefill, random_ids, tiny_model
+from tests.models import cache_layer_lengths, prefill, quantized_cache, random_ids, tiny_model
 from tests.reference import compressed_vs_reference, install_reference_masks, kept_from_cache, question_and_decode
 from tests.test_exactness import LayerRankedScorer, assert_same_logits
 
@@ -164,7 +164,7 @@ def test_quantized_cache_is_compressed_with_different_layer_lengths():
     model = tiny_model(layers=4)
     ids, question = random_ids(1, 40), random_ids(1, 5, seed=2)
     press = ComposePress(compression_ratio=0.5, scorer=LayerRankedScorer())
-    cache = QuantizedCache(backend="quanto", config=model.config, nbits=4, q_group_size=16, residual_length=8)
+    cache = quantized_cache(model)
     prefill(model, ids, press, cache=cache)
     lengths = press.last_budgets.tolist()
     assert cache_layer_lengths(cache) == lengths and len(set(lengths)) == 4
