@@ -8,6 +8,10 @@ head-wise masking): on a module whose ``CAPTURE_ATTRIBUTE`` is set, it runs the 
 that kernel and leaves the log-sum-exp, with the keys it was taken over, on ``module.<LSE_ATTRIBUTE>``;
 every other call goes through as before. Scoring uses those keys, so the two always match, whatever a cache
 (QuantizedCache) or an earlier press (ThinK) does to the stored keys.
+The replay pass attends to the whole context plus the re-fed tokens causally. Without padding, ComposePress
+says so with ``VISIBLE_PREFIX_ATTRIBUTE`` (the number of keys every query sees), and the call runs as two
+unmasked kernel calls, the visible prefix and the square causal rest, merged by their log-sum-exps: no mask is
+read or converted, and the kernel's causal skipping applies to the rest.
 Where the kernel is unavailable (CUDA, eager, flash-attn) nothing is captured and scoring computes the
 softmax itself.
 """
@@ -20,6 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 CAPTURE_ATTRIBUTE = "compose_capture_lse"
 LSE_ATTRIBUTE = "compose_lse"  # ((batch, q_heads, q_len) float32 natural-log lse, (batch, kv_heads, k_len, d) keys)
+VISIBLE_PREFIX_ATTRIBUTE = "compose_visible_prefix"  # keys every query of the call sees; the rest are causal
 WRAPPED_ATTRIBUTE = "_compose_wraps"
 KERNEL_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 9)  # CPU flash GQA: 2.9
 
@@ -41,8 +46,29 @@ def additive_mask(attention_mask: torch.Tensor | None, key_length: int, dtype: t
         return None
     attention_mask = attention_mask[:, :, :, :key_length]
     if attention_mask.dtype == torch.bool:
-        return torch.zeros(attention_mask.shape, dtype=dtype).masked_fill_(~attention_mask, float("-inf"))
+        return torch.where(attention_mask, 0.0, float("-inf")).to(dtype)
     return attention_mask.to(dtype)
+
+
+def flash_attention(query, key, value, is_causal: bool, attention_mask=None, scale=None):
+    """``(output (batch, q_heads, q_len, head_dim), lse (batch, q_heads, q_len))`` from torch's CPU kernel."""
+    group = query.shape[1] // key.shape[1]
+    if group > 1 and not KERNEL_HAS_GQA:  # from torch 2.9 the kernel takes (batch, kv_heads, ...) keys itself
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, is_causal, attn_mask=additive_mask(attention_mask, key.shape[2], query.dtype),
+        scale=scale,
+    )
+
+
+def prefix_and_causal_attention(query, key, value, n_prefix: int, scale=None):
+    """Attention where every query sees the first ``n_prefix`` keys and the rest (as many as the queries)
+    causally: two unmasked kernel calls merged by their log-sum-exps."""
+    prefix_output, prefix_lse = flash_attention(query, key[:, :, :n_prefix], value[:, :, :n_prefix], False, None, scale)
+    rest_output, rest_lse = flash_attention(query, key[:, :, n_prefix:], value[:, :, n_prefix:], True, None, scale)
+    lse = torch.logaddexp(prefix_lse, rest_lse)  # (batch, q_heads, q_len)
+    output = prefix_output * (prefix_lse - lse).exp()[..., None] + rest_output * (rest_lse - lse).exp()[..., None]
+    return output.to(query.dtype), lse  # the kernel's log-sum-exp is float32 whatever the inputs
 
 
 def wrap_sdpa(sdpa_forward):
@@ -52,19 +78,13 @@ def wrap_sdpa(sdpa_forward):
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
-        attended_keys, group = key, query.shape[1] // key.shape[1]
-        if group > 1 and not KERNEL_HAS_GQA:
-            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-        output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query,
-            key,  # (batch, kv_heads, k_len, head_dim): from torch 2.9 the kernel handles GQA itself
-            value,
-            0.0,
-            attention_mask is None and is_causal,
-            attn_mask=additive_mask(attention_mask, key.shape[2], query.dtype),
-            scale=kwargs.get("scaling"),
-        )
-        setattr(module, LSE_ATTRIBUTE, (lse.float(), attended_keys))
+        n_prefix = getattr(module, VISIBLE_PREFIX_ATTRIBUTE, None)
+        if n_prefix is not None and key.shape[2] - n_prefix == query.shape[2]:
+            output, lse = prefix_and_causal_attention(query, key, value, n_prefix, kwargs.get("scaling"))
+        else:
+            output, lse = flash_attention(query, key, value, attention_mask is None and is_causal, attention_mask,
+                                          kwargs.get("scaling"))
+        setattr(module, LSE_ATTRIBUTE, (lse.float(), key))
         return output.transpose(1, 2).contiguous(), None
 
     setattr(sdpa_with_lse, WRAPPED_ATTRIBUTE, sdpa_forward)
@@ -82,6 +102,14 @@ def set_capture(modules: list[nn.Module], enabled: bool) -> None:
     for module in modules:
         setattr(module, CAPTURE_ATTRIBUTE, enabled)
         module.__dict__.pop(LSE_ATTRIBUTE, None)
+        module.__dict__.pop(VISIBLE_PREFIX_ATTRIBUTE, None)
+
+
+def set_visible_prefix(modules: list[nn.Module], n_prefix: int | None) -> None:
+    """Declare that the next attention call of each module shows every query its first ``n_prefix`` keys and
+    the rest causally (None: the mask says what is visible)."""
+    for module in modules:
+        setattr(module, VISIBLE_PREFIX_ATTRIBUTE, n_prefix)
 
 
 def take_lse(module: nn.Module, batch: int, q_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:

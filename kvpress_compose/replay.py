@@ -12,6 +12,7 @@ import torch
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from kvpress_compose import attention_lse
 from kvpress_compose.cache_gather import layer_states
 from kvpress_compose.prefill_inputs import PrefillInputs
 
@@ -68,9 +69,13 @@ def replay_chunk_size(cache_bytes: int, context_length: int) -> int:
 def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache, chunk_size: int) -> None:
     """Feed the captured context again, ``chunk_size`` tokens at a time, over the replay cache."""
     positions = replay_position_ids(inputs.position_ids)
+    attention_modules = [layer.self_attn for layer in language_model.layers]
+    unpadded = bool(inputs.valid.all())
     with torch.no_grad():
         for start in range(0, inputs.length, chunk_size):
             end = min(start + chunk_size, inputs.length)
+            # every re-fed query sees the whole context and the re-fed tokens before its chunk
+            attention_lse.set_visible_prefix(attention_modules, inputs.length + start if unpadded else None)
             attention_mask = inputs.attention_mask
             if attention_mask is not None:  # the original context, then the re-fed tokens up to this chunk
                 attention_mask = torch.cat([attention_mask, attention_mask[:, :end]], dim=-1)

@@ -38,6 +38,20 @@ def test_wrapped_sdpa_matches_sdpa_and_returns_the_log_sum_exp():
         assert attention_lse.take_lse(module, 2, 9) is None  # taken once
 
 
+def test_prefix_and_causal_attention_equals_masked_attention():
+    """The replay pass's attention as two unmasked calls: every query sees 7 prefix keys, then 5 keys causally."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    visible = torch.ones(5, 12, dtype=torch.bool)
+    visible[:, 7:] = torch.ones(5, 5, dtype=torch.bool).tril()
+    output, lse = attention_lse.prefix_and_causal_attention(query, key, value, 7, scale=0.3)
+    expected, _ = sdpa_attention_forward(Attention(), query, key, value, visible[None, None].expand(2, 1, 5, 12),
+                                         scaling=0.3)
+    torch.testing.assert_close(output.transpose(1, 2), expected, atol=1e-6, rtol=1e-5)
+    logits = 0.3 * query @ key.repeat_interleave(2, dim=1).transpose(-1, -2)
+    torch.testing.assert_close(lse, logits.masked_fill(~visible, float("-inf")).logsumexp(dim=-1))
+
+
 def test_wrapped_sdpa_passes_through_when_not_capturing_or_when_the_causal_mask_is_implicit_and_not_square():
     module = Attention()
     wrapped = attention_lse.wrap_sdpa(lambda *args, **kwargs: ("original", args[5], kwargs))
@@ -49,16 +63,20 @@ def test_wrapped_sdpa_passes_through_when_not_capturing_or_when_the_causal_mask_
 
 
 def scores_and_lse_calls(attn, ids, monkeypatch, attention_mask=None, **press_kwargs):
-    calls = []
+    calls, split_calls = [], []
     original = compose_press_module.statistics_from_lse
     monkeypatch.setattr(compose_press_module, "statistics_from_lse",
                         lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    original_split = attention_lse.prefix_and_causal_attention
+    monkeypatch.setattr(attention_lse, "prefix_and_causal_attention",
+                        lambda *args, **kwargs: split_calls.append(1) or original_split(*args, **kwargs))
     model = tiny_model(attn=attn)
     press = ComposePress(compression_ratio=0.5, add_mean_across_heads=False, **press_kwargs)
     prefill(model, ids, press, attention_mask=attention_mask)
     assert not any(hasattr(layer.self_attn, attention_lse.LSE_ATTRIBUTE) for layer in model.model.layers)
     assert not any(getattr(layer.self_attn, attention_lse.CAPTURE_ATTRIBUTE) for layer in model.model.layers)
-    return press.last_scores, len(calls)
+    assert not any(hasattr(layer.self_attn, attention_lse.VISIBLE_PREFIX_ATTRIBUTE) for layer in model.model.layers)
+    return press.last_scores, len(calls), len(split_calls)
 
 
 @pytest.mark.parametrize("query_source", ["prefill", "bidirectional", "replay"])
@@ -70,10 +88,12 @@ def test_log_sum_exp_scores_equal_softmax_scores(query_source, agg_task, padding
     if padding is not None:  # left or right padding on row 1
         mask[1, padding] = 0
     kwargs = {"query_source": query_source, "agg_task": agg_task}
-    expected, softmax_calls = scores_and_lse_calls("eager", ids, monkeypatch, mask, **kwargs)
-    actual, lse_calls = scores_and_lse_calls("sdpa", ids, monkeypatch, mask, **kwargs)
+    expected, softmax_calls, _ = scores_and_lse_calls("eager", ids, monkeypatch, mask, **kwargs)
+    actual, lse_calls, split_calls = scores_and_lse_calls("sdpa", ids, monkeypatch, mask, **kwargs)
     layers, replay_chunks = 3, 3  # 700 re-fed tokens in chunks of 256
     assert softmax_calls == 0 and lse_calls == layers * (replay_chunks if query_source == "replay" else 1)
+    # unpadded replay attends in two unmasked calls (prefix, causal rest); padded replay reads the mask
+    assert split_calls == (layers * replay_chunks if query_source == "replay" and padding is None else 0)
     assert torch.isneginf(actual[:, 1, :, ~mask[1].bool()]).all()
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
 
