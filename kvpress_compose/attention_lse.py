@@ -18,15 +18,29 @@ softmax itself.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 CAPTURE_ATTRIBUTE = "compose_capture_lse"
-LSE_ATTRIBUTE = "compose_lse"  # ((batch, q_heads, q_len) float32 natural-log lse, (batch, kv_heads, k_len, d) keys)
+LSE_ATTRIBUTE = "compose_lse"  # a Captured
 VISIBLE_PREFIX_ATTRIBUTE = "compose_visible_prefix"  # keys every query of the call sees; the rest are causal
 WRAPPED_ATTRIBUTE = "_compose_wraps"
 KERNEL_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 9)  # CPU flash GQA: 2.9
+
+
+class Captured(NamedTuple):
+    """One attention call's log-sum-exp, with the queries and keys it was taken over."""
+
+    lse: torch.Tensor  # (batch, q_heads, q_len) float32, natural log
+    queries: torch.Tensor  # (batch, q_heads, q_len, head_dim), rotated, not scaled
+    keys: torch.Tensor  # (batch, kv_heads, k_len, head_dim)
+
+    def query_blocks(self, scaling: float):
+        """The queries as :func:`kvpress_compose.attention_scores.query_blocks` gives them: float32, scaled."""
+        return lambda start, end: self.queries[:, :, start:end].float() * scaling
 
 
 def capture_supported(module: nn.Module, query, key, attention_mask, dropout: float, kwargs: dict) -> bool:
@@ -84,7 +98,7 @@ def wrap_sdpa(sdpa_forward):
         else:
             output, lse = flash_attention(query, key, value, attention_mask is None and is_causal, attention_mask,
                                           kwargs.get("scaling"))
-        setattr(module, LSE_ATTRIBUTE, (lse.float(), key))
+        setattr(module, LSE_ATTRIBUTE, Captured(lse.float(), query, key))
         return output.transpose(1, 2).contiguous(), None
 
     setattr(sdpa_with_lse, WRAPPED_ATTRIBUTE, sdpa_forward)
@@ -112,10 +126,30 @@ def set_visible_prefix(modules: list[nn.Module], n_prefix: int | None) -> None:
         setattr(module, VISIBLE_PREFIX_ATTRIBUTE, n_prefix)
 
 
-def take_lse(module: nn.Module, batch: int, q_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(lse, keys)`` of the module's last attention call, if it covered ``batch x q_len`` queries; removed
-    from the module."""
+def take_lse(module: nn.Module, batch: int, q_len: int) -> Captured | None:
+    """What the module's last attention call captured, if it covered ``batch x q_len`` queries; removed from
+    the module."""
     captured = module.__dict__.pop(LSE_ATTRIBUTE, None)
-    if captured is None or captured[0].shape[0] != batch or captured[0].shape[2] != q_len:
+    if captured is None or captured.lse.shape[0] != batch or captured.lse.shape[2] != q_len:
         return None
     return captured
+
+
+def bidirectional_lse(captured: Captured, key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``(batch, q_heads, n)`` log-sum-exp of each query of a causal self-attention call over every valid key.
+
+    One causal kernel call over the reversed sequence gives each query's log-sum-exp over its own key and the
+    later ones; with the causal one, which also counts its own key, the total is
+    ``exp(causal) + exp(reversed) - exp(own logit)``. The subtraction loses no precision: the total is at
+    least half of the larger term."""
+    queries, keys = captured.queries, captured.keys
+    reversed_keys = keys.flip(2)
+    key_mask = None if bool(key_valid.all()) else key_valid.flip(1)[:, None, None, :].to(keys.device)
+    _, reversed_lse = flash_attention(queries.flip(2), reversed_keys, reversed_keys, True, key_mask, scaling)
+    reversed_lse = reversed_lse.flip(2).float()
+    group = queries.shape[1] // keys.shape[1]
+    own_logit = (queries.float() * keys.float().repeat_interleave(group, dim=1)).sum(dim=-1) * scaling
+    causal_lse = captured.lse
+    top = torch.maximum(causal_lse, reversed_lse)
+    total = (causal_lse - top).exp() + (reversed_lse - top).exp() - (own_logit - top).exp()
+    return top + total.log()

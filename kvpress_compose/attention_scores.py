@@ -177,31 +177,6 @@ def statistics_from_lse(
     return stat.exp() if agg_task == "max" else stat
 
 
-def later_keys_lse(queries: QueryBlocks, q_len: int, q_heads: int, keys: torch.Tensor, key_valid: torch.Tensor):
-    """``(batch, q_heads, q_len)`` log-sum-exp of each query's logits over the valid keys after it (-inf for
-    none): added to the causal attention's log-sum-exp, it gives the bidirectional one."""
-    batch, kv_heads, n_keys, head_dim = keys.shape
-    group = q_heads // kv_heads
-    keys = keys.float().flatten(0, 1)  # (batch * kv_heads, n_keys, head_dim)
-    key_bias = torch.zeros(batch, n_keys, device=keys.device).masked_fill_(~key_valid.to(keys.device), float("-inf"))
-    key_bias = key_bias.repeat_interleave(kv_heads, dim=0)[:, :, None]  # (batch * kv_heads, n_keys, 1)
-    lse = torch.full((batch * kv_heads, group, q_len), float("-inf"), device=keys.device)
-    rows = max(1, TILE_COLUMNS // group)
-    for start in range(0, q_len, rows):
-        end = min(start + rows, q_len)
-        block = query_columns(queries, start, end, batch * kv_heads, head_dim)
-        block_lse = lse[:, :, start:end]
-        for key_start in range(start + 1, n_keys, TILE_KEYS):
-            key_end = min(key_start + TILE_KEYS, n_keys)
-            logits = torch.baddbmm(key_bias[:, key_start:key_end], keys[:, key_start:key_end], block)
-            logits = logits.view(-1, key_end - key_start, group, end - start)
-            if key_start < end:  # the diagonal: a query sees only the keys after it
-                key_index = torch.arange(key_start, key_end, device=keys.device)[:, None, None]
-                logits.masked_fill_(key_index <= torch.arange(start, end, device=keys.device), float("-inf"))
-            torch.logaddexp(block_lse, logits.logsumexp(dim=1), out=block_lse)
-    return lse.view(batch, q_heads, q_len)
-
-
 def merge_statistics(a: torch.Tensor | None, b: torch.Tensor, agg_task: str) -> torch.Tensor:
     """Statistics of two query sets combined (max or sum)."""
     if a is None:

@@ -25,7 +25,6 @@ from kvpress_compose.attention_scores import (
     AGGREGATIONS,
     attention_statistics,
     finish_scores,
-    later_keys_lse,
     merge_statistics,
     query_blocks,
     statistics_from_lse,
@@ -200,15 +199,17 @@ class ComposePress(BasePress):
         elif self.query_source != "replay":
             if self.query_source == "prefill":  # the causal mask needs the keys' original positions
                 self._check_unpruned(keys, hidden_states)
-            queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
             causal_offset = 0 if self.query_source == "prefill" else None
-            captured = self._prefill_lse(module, queries, keys, hidden_states)
+            captured = self._captured_prefill(module, keys, hidden_states)
             if captured is not None:
-                lse, attended_keys = captured
-                statistics = statistics_from_lse(queries, lse, attended_keys, self._inputs.valid,
-                                                 n_scored=self._inputs.length, causal_offset=causal_offset,
-                                                 agg_task=self.agg_task)
+                lse = captured.lse  # causal; "bidirectional" normalises over every key
+                if self.query_source == "bidirectional":
+                    lse = attention_lse.bidirectional_lse(captured, self._inputs.valid, module.scaling)
+                statistics = statistics_from_lse(captured.query_blocks(module.scaling), lse, captured.keys,
+                                                 self._inputs.valid, n_scored=self._inputs.length,
+                                                 causal_offset=causal_offset, agg_task=self.agg_task)
             else:
+                queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
                 statistics = self._attention_statistics(
                     module, queries, keys, self._inputs.valid, self._inputs.valid, causal_offset
                 )
@@ -233,18 +234,13 @@ class ComposePress(BasePress):
                 "prune tokens use query_source='bidirectional' or a scorer"
             )
 
-    def _prefill_lse(self, module, queries, keys, hidden_states) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(lse, attended keys)``: each query's log-sum-exp over the keys it scores, the prefill attention's
-        own (causal), plus that of the later keys for "bidirectional"; None where it was not captured or the
-        cache no longer holds every attended key (the softmax path runs instead)."""
+    def _captured_prefill(self, module, keys, hidden_states) -> attention_lse.Captured | None:
+        """What the prefill's attention captured; None where nothing was, or where the cache no longer holds
+        every attended key (an earlier press pruned the layer): the softmax path runs instead."""
         captured = attention_lse.take_lse(module, *hidden_states.shape[:2])
-        if captured is None or keys.shape[2] != captured[1].shape[2]:  # an earlier press pruned this layer
+        if captured is None or keys.shape[2] != captured.keys.shape[2]:
             return None
-        if self.query_source == "prefill":
-            return captured
-        lse, attended_keys = captured
-        later = later_keys_lse(queries, hidden_states.shape[1], lse.shape[1], attended_keys, self._inputs.valid)
-        return torch.logaddexp(lse, later), attended_keys
+        return captured
 
     def _attention_statistics(self, module, queries, keys, key_valid, query_valid, causal_offset):
         n_context = self._inputs.length
@@ -273,13 +269,13 @@ class ComposePress(BasePress):
         start, n_context = self._replay_cache.replayed, self._inputs.length
         valid = self._inputs.valid
         end = start + hidden_states.shape[1]
-        queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
         captured = attention_lse.take_lse(module, *hidden_states.shape[:2])
         if captured is not None:  # normalised over everything the re-fed queries saw; every context key is visible
-            lse, attended_keys = captured
-            chunk = statistics_from_lse(queries, lse, attended_keys, valid[:, start:end], n_scored=n_context,
-                                        causal_offset=None, agg_task=self.agg_task)
+            chunk = statistics_from_lse(captured.query_blocks(module.scaling), captured.lse, captured.keys,
+                                        valid[:, start:end], n_scored=n_context, causal_offset=None,
+                                        agg_task=self.agg_task)
         else:
+            queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
             chunk = self._attention_statistics(
                 module, queries, keys, torch.cat([valid, valid[:, :end]], dim=1), valid[:, start:end],
                 n_context + start

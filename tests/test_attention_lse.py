@@ -30,11 +30,11 @@ def test_wrapped_sdpa_matches_sdpa_and_returns_the_log_sum_exp():
         logits = 0.3 * query @ key.repeat_interleave(2, dim=1).transpose(-1, -2)
         hidden = ~visible if mask is not None else ~visible[:1]
         expected_lse = logits.masked_fill(hidden, float("-inf")).logsumexp(dim=-1)
-        lse, attended_keys = attention_lse.take_lse(module, 2, 9)
+        lse, attended_queries, attended_keys = attention_lse.take_lse(module, 2, 9)
         seeing = visible.any(dim=-1) if mask is not None else torch.ones(1, 1, 9, dtype=torch.bool)
         seeing = seeing.expand(2, 4, 9)
         torch.testing.assert_close(lse[seeing], expected_lse.expand(2, 4, 9)[seeing], atol=1e-5, rtol=1e-5)
-        assert attended_keys is key
+        assert attended_keys is key and attended_queries is query
         assert attention_lse.take_lse(module, 2, 9) is None  # taken once
 
 
@@ -50,6 +50,23 @@ def test_prefix_and_causal_attention_equals_masked_attention():
     torch.testing.assert_close(output.transpose(1, 2), expected, atol=1e-6, rtol=1e-5)
     logits = 0.3 * query @ key.repeat_interleave(2, dim=1).transpose(-1, -2)
     torch.testing.assert_close(lse, logits.masked_fill(~visible, float("-inf")).logsumexp(dim=-1))
+
+
+@pytest.mark.parametrize("own_key_dominates", [False, True])
+def test_bidirectional_lse_is_the_log_sum_exp_over_every_valid_key(own_key_dominates):
+    torch.manual_seed(0)
+    queries, keys = torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8)
+    if own_key_dominates:  # later keys add almost nothing next to a query's own key: the subtraction's worst case
+        keys = 6 * queries[:, ::2]
+    key_valid = torch.ones(2, 30, dtype=torch.bool)
+    key_valid[1, :4] = key_valid[1, -3:] = False  # left and right padding on row 1
+    logits = 0.3 * queries @ keys.repeat_interleave(2, dim=1).transpose(-1, -2)
+    causal = logits.masked_fill(torch.ones(30, 30, dtype=torch.bool).triu(1) | ~key_valid[:, None, None], float("-inf"))
+    captured = attention_lse.Captured(causal.logsumexp(dim=-1), queries, keys)
+    lse = attention_lse.bidirectional_lse(captured, key_valid, 0.3)
+    expected = logits.masked_fill(~key_valid[:, None, None], float("-inf")).logsumexp(dim=-1)
+    queries_valid = key_valid[:, None].expand(2, 4, 30)
+    torch.testing.assert_close(lse[queries_valid], expected[queries_valid], atol=1e-5, rtol=1e-5)
 
 
 def test_wrapped_sdpa_passes_through_when_not_capturing_or_when_the_causal_mask_is_implicit_and_not_square():
