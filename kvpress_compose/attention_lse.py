@@ -5,9 +5,11 @@ compute ``lse`` inside their attention call, and on CPU torch's flash kernel ret
 there leaves scoring one matrix product and a max per key, without the exponentials and second reduction of
 a softmax. :func:`install` wraps transformers' ``"sdpa"`` attention function (as kvpress wraps it for its
 head-wise masking): on a module whose ``CAPTURE_ATTRIBUTE`` is set, it runs the same attention through
-that kernel and leaves the log-sum-exp, with the keys it was taken over, on ``module.<LSE_ATTRIBUTE>``;
-every other call goes through as before. Scoring uses those keys, so the two always match, whatever a cache
-(QuantizedCache) or an earlier press (ThinK) does to the stored keys.
+that kernel and leaves the log-sum-exp, with the queries and keys it was taken over, on
+``module.<LSE_ATTRIBUTE>``; every other call goes through as before. Scoring uses those queries and keys, so
+nothing is recomputed and the three always match, whatever a cache (QuantizedCache) or an earlier press
+(ThinK) does to the stored keys. "bidirectional" needs the log-sum-exp over every key:
+:func:`bidirectional_lse` adds one causal kernel call over the reversed sequence.
 The replay pass attends to the whole context plus the re-fed tokens causally. Without padding, ComposePress
 says so with ``VISIBLE_PREFIX_ATTRIBUTE`` (the number of keys every query sees), and the call runs as two
 unmasked kernel calls, the visible prefix and the square causal rest, merged by their log-sum-exps: no mask is
@@ -37,10 +39,11 @@ class Captured(NamedTuple):
     lse: torch.Tensor  # (batch, q_heads, q_len) float32, natural log
     queries: torch.Tensor  # (batch, q_heads, q_len, head_dim), rotated, not scaled
     keys: torch.Tensor  # (batch, kv_heads, k_len, head_dim)
+    scale: float  # the logits' scale the kernel used
 
-    def query_blocks(self, scaling: float):
+    def query_blocks(self):
         """The queries as :func:`kvpress_compose.attention_scores.query_blocks` gives them: float32, scaled."""
-        return lambda start, end: self.queries[:, :, start:end].float() * scaling
+        return lambda start, end: self.queries[:, :, start:end].float() * self.scale
 
 
 def capture_supported(module: nn.Module, query, key, attention_mask, dropout: float, kwargs: dict) -> bool:
@@ -60,7 +63,8 @@ def additive_mask(attention_mask: torch.Tensor | None, key_length: int, dtype: t
         return None
     attention_mask = attention_mask[:, :, :, :key_length]
     if attention_mask.dtype == torch.bool:
-        return torch.where(attention_mask, 0.0, float("-inf")).to(dtype)
+        visible, hidden = torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype)
+        return torch.where(attention_mask, visible, hidden)
     return attention_mask.to(dtype)
 
 
@@ -92,13 +96,15 @@ def wrap_sdpa(sdpa_forward):
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
+        scale = kwargs.get("scaling")
+        scale = query.shape[-1] ** -0.5 if scale is None else scale  # the kernel's default, made explicit
         n_prefix = getattr(module, VISIBLE_PREFIX_ATTRIBUTE, None)
-        if n_prefix is not None and key.shape[2] - n_prefix == query.shape[2]:
-            output, lse = prefix_and_causal_attention(query, key, value, n_prefix, kwargs.get("scaling"))
+        if is_causal and n_prefix is not None and key.shape[2] - n_prefix == query.shape[2]:
+            output, lse = prefix_and_causal_attention(query, key, value, n_prefix, scale)
         else:
             output, lse = flash_attention(query, key, value, attention_mask is None and is_causal, attention_mask,
-                                          kwargs.get("scaling"))
-        setattr(module, LSE_ATTRIBUTE, Captured(lse.float(), query, key))
+                                          scale)
+        setattr(module, LSE_ATTRIBUTE, Captured(lse.float(), query, key, scale))
         return output.transpose(1, 2).contiguous(), None
 
     setattr(sdpa_with_lse, WRAPPED_ATTRIBUTE, sdpa_forward)
@@ -135,20 +141,22 @@ def take_lse(module: nn.Module, batch: int, q_len: int) -> Captured | None:
     return captured
 
 
-def bidirectional_lse(captured: Captured, key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+def bidirectional_lse(captured: Captured, key_valid: torch.Tensor) -> torch.Tensor:
     """``(batch, q_heads, n)`` log-sum-exp of each query of a causal self-attention call over every valid key.
 
     One causal kernel call over the reversed sequence gives each query's log-sum-exp over its own key and the
     later ones; with the causal one, which also counts its own key, the total is
     ``exp(causal) + exp(reversed) - exp(own logit)``. The subtraction loses no precision: the total is at
-    least half of the larger term."""
+    least the larger of the two sums. Rows of padding queries come out meaningless (the caller masks them)."""
     queries, keys = captured.queries, captured.keys
-    reversed_keys = keys.flip(2)
+    batch, kv_heads, n, head_dim = keys.shape
     key_mask = None if bool(key_valid.all()) else key_valid.flip(1)[:, None, None, :].to(keys.device)
-    _, reversed_lse = flash_attention(queries.flip(2), reversed_keys, reversed_keys, True, key_mask, scaling)
+    reversed_keys = keys.flip(2)
+    reversed_lse = flash_attention(queries.flip(2), reversed_keys, reversed_keys, True, key_mask, captured.scale)[1]
+    del reversed_keys
     reversed_lse = reversed_lse.flip(2).float()
-    group = queries.shape[1] // keys.shape[1]
-    own_logit = (queries.float() * keys.float().repeat_interleave(group, dim=1)).sum(dim=-1) * scaling
+    grouped_queries = queries.view(batch, kv_heads, -1, n, head_dim)  # (batch, kv_heads, group, n, head_dim)
+    own_logit = torch.einsum("bkgnd,bknd->bkgn", grouped_queries.float(), keys.float()).flatten(1, 2) * captured.scale
     causal_lse = captured.lse
     top = torch.maximum(causal_lse, reversed_lse)
     total = (causal_lse - top).exp() + (reversed_lse - top).exp() - (own_logit - top).exp()

@@ -4,9 +4,9 @@ The attention module's output does not expose its attention probabilities (sdpa 
 so the queries are recomputed from the hook's ``hidden_states`` (projection, q_norm where the model has one,
 the model's own RoPE) and scored against the layer's keys a block at a time: memory is O(block x n_keys) per
 layer instead of O(n_queries x n_keys). When the model's own attention call left each query's log-sum-exp
-(:mod:`kvpress_compose.attention_lse`), :func:`statistics_from_lse` needs no softmax: a log-probability is
-``q . k - lse``, one matrix product per cache-sized tile. Otherwise :func:`attention_statistics` takes the
-softmax of each block itself.
+with its queries and keys (:mod:`kvpress_compose.attention_lse`), nothing is recomputed and
+:func:`statistics_from_lse` needs no softmax: a log-probability is ``q . k - lse``, one matrix product per
+cache-sized tile. Otherwise :func:`attention_statistics` takes the softmax of each block itself.
 """
 
 from __future__ import annotations

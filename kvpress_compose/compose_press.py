@@ -199,21 +199,7 @@ class ComposePress(BasePress):
         elif self.query_source != "replay":
             if self.query_source == "prefill":  # the causal mask needs the keys' original positions
                 self._check_unpruned(keys, hidden_states)
-            causal_offset = 0 if self.query_source == "prefill" else None
-            captured = self._captured_prefill(module, keys, hidden_states)
-            if captured is not None:
-                lse = captured.lse  # causal; "bidirectional" normalises over every key
-                if self.query_source == "bidirectional":
-                    lse = attention_lse.bidirectional_lse(captured, self._inputs.valid, module.scaling)
-                statistics = statistics_from_lse(captured.query_blocks(module.scaling), lse, captured.keys,
-                                                 self._inputs.valid, n_scored=self._inputs.length,
-                                                 causal_offset=causal_offset, agg_task=self.agg_task)
-            else:
-                queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
-                statistics = self._attention_statistics(
-                    module, queries, keys, self._inputs.valid, self._inputs.valid, causal_offset
-                )
-            self._statistics[module.layer_idx] = statistics
+            self._statistics[module.layer_idx] = self._prefill_statistics(module, keys, hidden_states, kwargs)
         else:
             self._check_unpruned(keys, hidden_states)
         if module.layer_idx == len(self._attention_modules) - 1:
@@ -234,13 +220,20 @@ class ComposePress(BasePress):
                 "prune tokens use query_source='bidirectional' or a scorer"
             )
 
-    def _captured_prefill(self, module, keys, hidden_states) -> attention_lse.Captured | None:
-        """What the prefill's attention captured; None where nothing was, or where the cache no longer holds
-        every attended key (an earlier press pruned the layer): the softmax path runs instead."""
+    def _prefill_statistics(self, module, keys, hidden_states, kwargs) -> torch.Tensor:
+        """Statistics of the prefill's own queries: from what its attention captured, else by softmax. The
+        captured queries are released on return, before the next layer runs."""
+        causal_offset = 0 if self.query_source == "prefill" else None
         captured = attention_lse.take_lse(module, *hidden_states.shape[:2])
-        if captured is None or keys.shape[2] != captured.keys.shape[2]:
-            return None
-        return captured
+        if captured is None or keys.shape[2] != captured.keys.shape[2]:  # an earlier press pruned this layer
+            queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
+            valid = self._inputs.valid
+            return self._attention_statistics(module, queries, keys, valid, valid, causal_offset)
+        lse = captured.lse  # causal; "bidirectional" normalises over every key
+        if self.query_source == "bidirectional":
+            lse = attention_lse.bidirectional_lse(captured, self._inputs.valid)
+        return statistics_from_lse(captured.query_blocks(), lse, captured.keys, self._inputs.valid,
+                                   n_scored=self._inputs.length, causal_offset=causal_offset, agg_task=self.agg_task)
 
     def _attention_statistics(self, module, queries, keys, key_valid, query_valid, causal_offset):
         n_context = self._inputs.length
@@ -271,7 +264,7 @@ class ComposePress(BasePress):
         end = start + hidden_states.shape[1]
         captured = attention_lse.take_lse(module, *hidden_states.shape[:2])
         if captured is not None:  # normalised over everything the re-fed queries saw; every context key is visible
-            chunk = statistics_from_lse(captured.query_blocks(module.scaling), captured.lse, captured.keys,
+            chunk = statistics_from_lse(captured.query_blocks(), captured.lse, captured.keys,
                                         valid[:, start:end], n_scored=n_context, causal_offset=None,
                                         agg_task=self.agg_task)
         else:

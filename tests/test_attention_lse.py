@@ -30,43 +30,57 @@ def test_wrapped_sdpa_matches_sdpa_and_returns_the_log_sum_exp():
         logits = 0.3 * query @ key.repeat_interleave(2, dim=1).transpose(-1, -2)
         hidden = ~visible if mask is not None else ~visible[:1]
         expected_lse = logits.masked_fill(hidden, float("-inf")).logsumexp(dim=-1)
-        lse, attended_queries, attended_keys = attention_lse.take_lse(module, 2, 9)
+        lse, attended_queries, attended_keys, scale = attention_lse.take_lse(module, 2, 9)
         seeing = visible.any(dim=-1) if mask is not None else torch.ones(1, 1, 9, dtype=torch.bool)
         seeing = seeing.expand(2, 4, 9)
         torch.testing.assert_close(lse[seeing], expected_lse.expand(2, 4, 9)[seeing], atol=1e-5, rtol=1e-5)
-        assert attended_keys is key and attended_queries is query
+        assert attended_keys is key and attended_queries is query and scale == 0.3
         assert attention_lse.take_lse(module, 2, 9) is None  # taken once
 
 
-def test_prefix_and_causal_attention_equals_masked_attention():
-    """The replay pass's attention as two unmasked calls: every query sees 7 prefix keys, then 5 keys causally."""
+KERNEL_CASES = [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)]  # dtype, kernel has GQA
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize(("dtype", "kernel_has_gqa"), KERNEL_CASES)
+def test_prefix_and_causal_attention_equals_masked_attention(dtype, kernel_has_gqa, monkeypatch):
+    """The replay pass's attention as two unmasked calls: every query sees 7 prefix keys, then 5 keys causally
+    (torch < 2.9 has no GQA in the kernel: the keys are repeated)."""
+    monkeypatch.setattr(attention_lse, "KERNEL_HAS_GQA", kernel_has_gqa)
     torch.manual_seed(0)
-    query, key, value = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    query, key, value = (torch.randn(shape).to(dtype) for shape in [(2, 4, 5, 8), (2, 2, 12, 8), (2, 2, 12, 8)])
     visible = torch.ones(5, 12, dtype=torch.bool)
     visible[:, 7:] = torch.ones(5, 5, dtype=torch.bool).tril()
     output, lse = attention_lse.prefix_and_causal_attention(query, key, value, 7, scale=0.3)
     expected, _ = sdpa_attention_forward(Attention(), query, key, value, visible[None, None].expand(2, 1, 5, 12),
                                          scaling=0.3)
-    torch.testing.assert_close(output.transpose(1, 2), expected, atol=1e-6, rtol=1e-5)
-    logits = 0.3 * query @ key.repeat_interleave(2, dim=1).transpose(-1, -2)
-    torch.testing.assert_close(lse, logits.masked_fill(~visible, float("-inf")).logsumexp(dim=-1))
+    assert output.dtype == dtype
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(output.transpose(1, 2), expected, atol=tolerance, rtol=tolerance)
+    logits = 0.3 * query.float() @ key.float().repeat_interleave(2, dim=1).transpose(-1, -2)
+    expected_lse = logits.masked_fill(~visible, float("-inf")).logsumexp(dim=-1)
+    torch.testing.assert_close(lse, expected_lse, atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("own_key_dominates", [False, True])
-def test_bidirectional_lse_is_the_log_sum_exp_over_every_valid_key(own_key_dominates):
+@pytest.mark.parametrize(("dtype", "kernel_has_gqa"), KERNEL_CASES)
+def test_bidirectional_lse_is_the_log_sum_exp_over_every_valid_key(own_key_dominates, dtype, kernel_has_gqa,
+                                                                  monkeypatch):
+    monkeypatch.setattr(attention_lse, "KERNEL_HAS_GQA", kernel_has_gqa)
     torch.manual_seed(0)
-    queries, keys = torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8)
+    queries, keys = torch.randn(2, 4, 30, 8).to(dtype), torch.randn(2, 2, 30, 8).to(dtype)
     if own_key_dominates:  # later keys add almost nothing next to a query's own key: the subtraction's worst case
         keys = 6 * queries[:, ::2]
     key_valid = torch.ones(2, 30, dtype=torch.bool)
     key_valid[1, :4] = key_valid[1, -3:] = False  # left and right padding on row 1
-    logits = 0.3 * queries @ keys.repeat_interleave(2, dim=1).transpose(-1, -2)
+    logits = 0.3 * queries.float() @ keys.float().repeat_interleave(2, dim=1).transpose(-1, -2)
     causal = logits.masked_fill(torch.ones(30, 30, dtype=torch.bool).triu(1) | ~key_valid[:, None, None], float("-inf"))
-    captured = attention_lse.Captured(causal.logsumexp(dim=-1), queries, keys)
-    lse = attention_lse.bidirectional_lse(captured, key_valid, 0.3)
+    captured = attention_lse.Captured(causal.logsumexp(dim=-1), queries, keys, 0.3)
+    lse = attention_lse.bidirectional_lse(captured, key_valid)
     expected = logits.masked_fill(~key_valid[:, None, None], float("-inf")).logsumexp(dim=-1)
     queries_valid = key_valid[:, None].expand(2, 4, 30)
-    torch.testing.assert_close(lse[queries_valid], expected[queries_valid], atol=1e-5, rtol=1e-5)
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(lse[queries_valid], expected[queries_valid], atol=tolerance, rtol=tolerance)
 
 
 def test_wrapped_sdpa_passes_through_when_not_capturing_or_when_the_causal_mask_is_implicit_and_not_square():
