@@ -1,7 +1,8 @@
 """Speed and memory of ComposePress next to a plain prefill, SnapKV and kvpress's KVComposePress.
 
     python -m evaluation.bench_speed                       # tiny model, 4k-32k tokens
-    python -m evaluation.bench_speed --model medium --lengths 4096 32768 --json bench.json
+    python -m evaluation.bench_speed --model medium --lengths 4096 32768 --json bench.json --plot bench.png
+    python -m evaluation.bench_speed --from-json bench.json --plot bench.png   # plot figures measured earlier
 
 Models are built from configs (random weights: speed does not depend on them). For every context length the
 methods run interleaved (one round = every method once) after a warm-up round, and the table reports medians
@@ -28,6 +29,7 @@ import time
 
 import torch
 from kvpress import KVComposePress, SnapKVPress
+from matplotlib.figure import Figure
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evaluation.fidelity import prefill
@@ -224,6 +226,38 @@ def print_targets(rows) -> None:
         print(line)
 
 
+def plot(figures: dict, path: str) -> None:
+    """Time against plain prefill and peak extra memory against the KV cache, per method over context length;
+    each ComposePress mode's target dashed in its colour."""
+    figure = Figure(figsize=(11, 4.5))
+    time_axes, memory_axes = figure.subplots(1, 2)
+    methods_in_order = list(dict.fromkeys(row["method"] for row in figures["rows"]))
+    for index, method in enumerate(methods_in_order):
+        rows = [row for row in figures["rows"] if row["method"] == method]
+        tokens = [row["tokens"] for row in rows]
+        color = f"C{index}"
+        time_axes.plot(tokens, [row["time_vs_prefill"] for row in rows], "o-", color=color, label=method)
+        memory_axes.plot(tokens, [row["extra_peak_vs_kv_cache"] for row in rows], "o-", color=color, label=method)
+        if method in TIME_TARGETS:
+            time_axes.axhline(TIME_TARGETS[method], color=color, linestyle="--", linewidth=0.8)
+    memory_axes.axhline(EXTRA_MEMORY_TARGET, color="black", linestyle="--", linewidth=0.8, label="target")
+    time_axes.set(yscale="log", ylabel="time / plain prefill", title="prefill + compression time (dashed: targets)")
+    memory_axes.set_yscale("symlog", linthresh=1)  # KVComposePress's O(n^2) peak is orders of magnitude above
+    memory_axes.set(ylabel="(peak - plain prefill's peak) / full KV cache", title="peak extra memory")
+    for axes in (time_axes, memory_axes):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(sorted({row["tokens"] for row in figures["rows"]}), minor=False)
+        axes.set_xticks([], minor=True)
+        axes.get_xaxis().set_major_formatter(lambda value, _: f"{value / 1024:g}k")
+        axes.set_xlabel("context tokens")
+        axes.grid(alpha=0.3)
+    memory_axes.legend(fontsize="small", loc="upper right")
+    figure.suptitle(f"model {figures['model']}, {figures['device']}, {figures['dtype']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
@@ -237,6 +271,8 @@ def main(argv=None):
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--json", help="write every figure to this file")
+    parser.add_argument("--plot", help="draw time and memory ratios against context length into this PNG")
+    parser.add_argument("--from-json", help="measure nothing: plot (--plot) the figures of an earlier --json run")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one run in a fresh process
     args = parser.parse_args(argv)
     if any(length < 16 for length in args.lengths):
@@ -248,6 +284,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.memory_probe:
         return run_memory_probe(args, dtype)
+    if args.from_json:
+        if not args.plot:
+            parser.error("--from-json needs --plot PATH")
+        with open(args.from_json) as f:
+            return plot(json.load(f), args.plot)
     model = build_model(args.model, args.device, dtype)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"model {args.model} ({dtype}), {device_name}, compression ratio {args.ratio}")
@@ -268,11 +309,14 @@ def main(argv=None):
     speeds = decode_speeds(model, min(args.lengths), args)
     print(f"\ndecode tokens/s after a {min(args.lengths)}-token context: "
           + ", ".join(f"r={ratio}: {speed:.1f}" for ratio, speed in speeds.items()))
+    figures = {"model": args.model, "device": device_name, "dtype": str(dtype), "rows": rows,
+               "cache": cache_checks, "decode_tokens_per_s": speeds}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "device": device_name, "dtype": str(dtype), "rows": rows,
-                       "cache": cache_checks, "decode_tokens_per_s": speeds}, f, indent=2)
+            json.dump(figures, f, indent=2)
         print(f"wrote {args.json}")
+    if args.plot:
+        plot(figures, args.plot)
 
 
 if __name__ == "__main__":

@@ -290,3 +290,15 @@ def test_area_under_curve_starts_from_no_press(tmp_path):
     assert list(wide.columns) == ["0.00", "0.50", "0.75", "auc"]
     assert trapezoid_area([0.5], [60.0]) != trapezoid_area([0.5], [60.0])  # NaN: one point has no area
     assert plot(table, tmp_path / "p.png", "t").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_benchmark_plots_earlier_figures_and_needs_a_plot_path(tmp_path):
+    from evaluation import bench_speed
+
+    rows = [{"method": method, "tokens": tokens, "time_vs_prefill": ratio * tokens / 4096, "extra_peak_vs_kv_cache": 0.1}
+            for method, ratio in [("plain prefill", 1.0), ("compose[prefill]", 1.3)] for tokens in (4096, 8192)]
+    (tmp_path / "bench.json").write_text(json.dumps({"model": "tiny", "device": "CPU", "dtype": "float32", "rows": rows}))
+    bench_speed.main(["--from-json", str(tmp_path / "bench.json"), "--plot", str(tmp_path / "bench.png")])
+    assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(SystemExit):
+        bench_speed.main(["--from-json", str(tmp_path / "bench.json")])

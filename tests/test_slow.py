@@ -69,7 +69,8 @@ def test_speed_benchmark_runs_and_checks_the_cache_bytes(tmp_path, capsys):
     from evaluation import bench_speed
 
     bench_speed.main(["--lengths", "128", "--repeats", "1", "--decode-steps", "2", "--threads", "1",
-                      "--json", str(tmp_path / "bench.json")])
+                      "--json", str(tmp_path / "bench.json"), "--plot", str(tmp_path / "bench.png")])
+    assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
     figures = json.loads((tmp_path / "bench.json").read_text())
     methods = {row["method"] for row in figures["rows"]}
     assert methods == {"plain prefill", "compose[prefill]", "compose[bidirectional]", "compose[replay]", "snapkv",
