@@ -176,6 +176,15 @@ def portable_tokenizer_class(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def portable_rope_theta(config_path: Path) -> None:
+    """Also write ``rope_theta`` at the top level: 5.x keeps it only in ``rope_parameters``, which 4.57 ignores,
+    silently falling back to 10000 (the model then fails past about a thousand tokens)."""
+    config = json.loads(config_path.read_text())
+    if "rope_parameters" in config:
+        config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_final(model, out: Path, log_path: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
@@ -183,6 +192,7 @@ def save_final(model, out: Path, log_path: Path | None = None) -> None:
     model.generation_config.bos_token_id = 1
     model.generation_config.pad_token_id = 0
     model.save_pretrained(out, safe_serialization=True)
+    portable_rope_theta(out / "config.json")
     build_tokenizer().save_pretrained(out)
     portable_tokenizer_class(out / "tokenizer_config.json")
     if log_path is not None and log_path.exists():

@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,4 +81,27 @@ def test_saved_model_folder_loads_with_auto_classes_on_either_transformers_major
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # 4.57 cannot load 5.x's TokenizersBackend
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     assert tokenizer("k001 v002").input_ids == [TOKEN_IDS["k001"], TOKEN_IDS["v002"]]
-    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.vocab_size == len(WORDS)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.vocab_size == len(WORDS)
+    # the trained RoPE base on either major (4.57 reads only a top-level rope_theta, else uses 10000)
+    head_dim = loaded.config.head_dim
+    expected = 1.0 / 100000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    torch.testing.assert_close(loaded.model.rotary_emb.inv_freq, expected)
+
+
+def test_rope_base_written_where_transformers_4_reads_it(tmp_path):
+    """5.x saves the RoPE base only in ``rope_parameters``; 4.57 reads ``rope_theta`` and would fall back to
+    10000. The shipped model, saved by 5.x, keeps its base on the running version."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from evaluation.train_model import portable_rope_theta
+
+    (tmp_path / "config.json").write_text(json.dumps({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}))
+    portable_rope_theta(tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text())["rope_theta"] == 5e5
+
+    shipped = Path(__file__).parents[1] / "evaluation" / "models" / "retrieval-llama"
+    config = AutoConfig.from_pretrained(shipped)
+    model = AutoModelForCausalLM.from_config(config)
+    expected = 1.0 / 100000.0 ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim)
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, expected)
