@@ -129,7 +129,7 @@ class ComposePress(BasePress):
                 "load the model with attn_implementation='sdpa' (or flash_attention_2)"
             )
         install_layer_mask_hooks(self._language_model, self._attention_modules)
-        self._sliding_window = getattr(model.config, "sliding_window", None)
+        self._local_span = local_attention_span(model.config.get_text_config())
         self._remove_capture_hook()
         self._capture_hook = self._language_model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
         if self.scorer is not None:
@@ -157,10 +157,11 @@ class ComposePress(BasePress):
         if not self._replaying:
             inputs = capture_prefill_inputs(module, args, kwargs)
             if inputs is not None:
-                if self._sliding_window is not None and inputs.length > self._sliding_window:
+                if self._local_span is not None and inputs.length >= self._local_span:  # caches keep span - 1
                     raise ValueError(
-                        f"context of {inputs.length} tokens is longer than the model's sliding window "
-                        f"({self._sliding_window}): ComposePress supports full-attention layers only"
+                        f"context of {inputs.length} tokens does not fit the model's sliding window or attention "
+                        f"chunk ({self._local_span} tokens, of which a cache keeps {self._local_span - 1}): "
+                        "ComposePress supports full-attention layers only"
                     )
                 self._inputs, self._scores, self._statistics = inputs, {}, {}
                 uses_lse = self.scorer is None and self.query_source != "replay" and self.compression_ratio > 0
@@ -298,8 +299,9 @@ class ComposePress(BasePress):
             self._replaying = True
             self._replay_cache = ReplayCache(cache, self._inputs.length)
             chunk_size = replay_chunk_size(self._full_cache_bytes(layer_states(cache, 0)[0]), self._inputs.length)
-            # a sliding window may hide context keys from re-fed queries, which scoring assumes they all see
-            attention_lse.set_capture(self._attention_modules, self._sliding_window is None)
+            # a sliding window or attention chunk may hide context keys from re-fed queries, which scoring
+            # assumes they all see
+            attention_lse.set_capture(self._attention_modules, self._local_span is None)
             try:
                 run_replay(self._language_model, self._inputs, self._replay_cache, chunk_size)
             finally:
@@ -368,3 +370,11 @@ def language_model_of(model: PreTrainedModel) -> nn.Module:
     if getattr(language_model, "rotary_emb", None) is None:
         raise ValueError(f"{type(model).__name__} is not supported: ComposePress needs a rotary (RoPE) model")
     return language_model
+
+
+def local_attention_span(config) -> int | None:
+    """The most keys back a query can see where attention is local: the sliding window (Mistral, Qwen2) or
+    the attention chunk (Llama 4), whichever is set and smaller; None for full attention."""
+    spans = [getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size")]
+    spans = [span for span in spans if span]
+    return min(spans) if spans else None

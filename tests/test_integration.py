@@ -229,8 +229,8 @@ def test_sliding_window_caches_are_compressed_and_longer_contexts_refused():
     assert cache_layer_lengths(cache) == press.last_budgets.tolist()
     logits, _ = question_and_decode(model, cache, random_ids(1, 5, seed=2), 40, 2)
     assert logits[0].shape == (1, 5, model.config.vocab_size)
-    with pytest.raises(ValueError, match="sliding window"):
-        prefill(model, random_ids(1, 80), press, cache=DynamicCache(config=model.config))
+    with pytest.raises(ValueError, match="sliding window"):  # the window's own length: its cache keeps one less
+        prefill(model, random_ids(1, 64), press, cache=DynamicCache(config=model.config))
 
 
 def test_composed_press_leaves_no_capture_hook_behind():
@@ -238,3 +238,29 @@ def test_composed_press_leaves_no_capture_hook_behind():
     press = ComposedPress([KnormPress(0.25), ComposePress(0.5, query_source="bidirectional")])
     prefill(model, random_ids(1, 40), press)
     assert len(model.model._forward_pre_hooks) == 1  # the permanent decoder mask hook only
+
+
+def test_contexts_longer_than_an_attention_chunk_are_refused():
+    """Chunked attention (Llama 4's attention_chunk_size) is local like a sliding window: past one chunk,
+    scores over keys the queries never saw would be silently wrong. Its cache layers keep chunk - 1 tokens."""
+    model = tiny_model(layers=2)
+    model.config.attention_chunk_size = 64
+    press = ComposePress(compression_ratio=0.5, query_source="prefill")
+    cache = DynamicCache(config=model.config)
+    prefill(model, random_ids(1, 63), press, cache=cache)
+    assert cache_layer_lengths(cache) == press.last_budgets.tolist()
+    with pytest.raises(ValueError, match=r"attention chunk \(64 tokens, of which a cache keeps 63\)"):
+        prefill(model, random_ids(1, 64), press, cache=DynamicCache(config=model.config))
+
+
+@pytest.mark.parametrize(
+    ("settings", "span"),
+    [({}, None), ({"sliding_window": 128}, 128), ({"attention_chunk_size": 96}, 96),
+     ({"sliding_window": 128, "attention_chunk_size": 96}, 96)],
+)
+def test_local_attention_span_is_the_smallest_window_set(settings, span):
+    from transformers import PretrainedConfig
+
+    from kvpress_compose.compose_press import local_attention_span
+
+    assert local_attention_span(PretrainedConfig(**settings)) == span
