@@ -41,6 +41,12 @@ def query_blocks(module: nn.Module, hidden_states: torch.Tensor, position_embedd
             f"{type(module).__name__} received no rotary position_embeddings: ComposePress supports RoPE models "
             "(Llama, Mistral, Qwen2, Qwen3, Phi3)"
         )
+    if not (isinstance(position_embeddings, tuple) and len(position_embeddings) == 2):
+        raise ValueError(
+            f"{type(module).__name__} passes its rotary embedding in another form than (cos, sin), so ComposePress "
+            "cannot recompute its queries: use query_source='prefill' or 'bidirectional' with "
+            "attn_implementation='sdpa' on CPU (scores from the queries attention saw), or a scorer"
+        )
     cos, sin = position_embeddings
     projected = {"start": 0, "end": 0, "queries": None}  # the current chunk of PROJECTION_ROWS queries
 

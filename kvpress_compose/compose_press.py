@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -75,8 +76,10 @@ class ComposePress(BasePress):
     min_tokens_per_layer : int, default=1
         Composite tokens every layer keeps (per head, when ``structured=False``).
     score_block_size : int, optional
-        Queries scored at once; by default a block of float32 attention probabilities is about 10% of the
-        full KV cache (at least 16 queries), so scoring adds memory O(block x context), never O(context^2).
+        Queries scored at once where scores come from a softmax (eager, flash-attn, CUDA, windowed replay); by
+        default a block of float32 probabilities is about 10% of the full KV cache (at least 16 queries), so
+        scoring adds memory O(block x context), never O(context^2). The log-sum-exp path (sdpa on CPU) scores
+        in fixed tiles of 256 query columns x 512 keys and does not use it.
     """
 
     compression_ratio: float = 0.0
@@ -94,7 +97,7 @@ class ComposePress(BasePress):
     last_scores: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        if isinstance(self.compression_ratio, bool) or not isinstance(self.compression_ratio, (int, float)):
+        if isinstance(self.compression_ratio, bool) or not isinstance(self.compression_ratio, numbers.Real):
             raise TypeError(f"compression_ratio must be a float, got {type(self.compression_ratio).__name__}")
         if not 0 <= self.compression_ratio < 1:
             raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio}")
@@ -105,8 +108,13 @@ class ComposePress(BasePress):
                 raise ValueError(f"{name} must be one of {AGGREGATIONS}, got {getattr(self, name)!r}")
         if self.scorer is not None and not isinstance(self.scorer, ScorerPress):
             raise TypeError(f"scorer must be a kvpress ScorerPress, got {type(self.scorer).__name__}")
-        if not isinstance(self.min_tokens_per_layer, int) or self.min_tokens_per_layer < 1:
+        if not is_positive_int(self.min_tokens_per_layer):
             raise ValueError(f"min_tokens_per_layer must be an int >= 1, got {self.min_tokens_per_layer!r}")
+        if self.score_block_size is not None and not is_positive_int(self.score_block_size):
+            raise ValueError(f"score_block_size must be an int >= 1 or None, got {self.score_block_size!r}")
+        for name in ("structured", "add_v_norm", "add_mean_across_heads"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._capture_hook = None  # decoder pre-hook capturing prefill inputs, while the press is in use
         self._in_own_context = False  # inside our own `with press(model)` (not only kvpress's ComposedPress)
         self._reset()
@@ -171,7 +179,8 @@ class ComposePress(BasePress):
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
         try:
-            return self._score_layer(module, kwargs, output)
+            with torch.no_grad():  # scoring and compression are never differentiated, even if the forward is
+                return self._score_layer(module, kwargs, output)
         except BaseException:  # leave no capture behind (kvpress's ComposedPress does not call our __call__)
             attention_lse.set_capture(self._attention_modules, False)
             if not self._in_own_context:
@@ -343,7 +352,14 @@ class ComposePress(BasePress):
 
     def _compress_structured(self, cache, sorted_scores, token_order):
         n_layers, _, _, n = sorted_scores.shape
-        n_kept = max(compute_n_kept(n_layers * n, self.compression_ratio), n_layers * self.min_tokens_per_layer)
+        n_kept = compute_n_kept(n_layers * n, self.compression_ratio)
+        if n_layers * self.min_tokens_per_layer > n_kept:
+            logger.warning(
+                f"min_tokens_per_layer={self.min_tokens_per_layer} over {n_layers} layers keeps "
+                f"{n_layers * self.min_tokens_per_layer} composite tokens, more than the {n_kept} that "
+                f"compression_ratio={self.compression_ratio} allows"
+            )
+            n_kept = n_layers * self.min_tokens_per_layer
         budgets = layer_budgets(composite_scores(sorted_scores, self.agg_head), n_kept, self.min_tokens_per_layer)
         if int(budgets.sum()) < n_kept:
             logger.warning(
@@ -365,8 +381,16 @@ def language_model_of(model: PreTrainedModel) -> nn.Module:
     inner = getattr(model, "model", None)
     language_model = getattr(inner, "language_model", inner)
     layers = getattr(language_model, "layers", None)
+    if inner is None and getattr(model, "layers", None) is not None:
+        raise ValueError(
+            f"pass the whole model (e.g. LlamaForCausalLM), not its decoder stack {type(model).__name__}: "
+            "use `with press(model):` around `model.model(...)`"
+        )
     if layers is None or len(layers) == 0 or not all(hasattr(layer, "self_attn") for layer in layers):
-        raise ValueError(f"{type(model).__name__} is not supported: ComposePress needs decoder layers with self_attn")
+        raise ValueError(
+            f"{type(model).__name__} is not supported: ComposePress needs a RoPE decoder whose layers have "
+            "self_attn (Llama, Mistral, Qwen2, Qwen3, Phi3)"
+        )
     if getattr(language_model, "rotary_emb", None) is None:
         raise ValueError(f"{type(model).__name__} is not supported: ComposePress needs a rotary (RoPE) model")
     return language_model
@@ -378,3 +402,7 @@ def local_attention_span(config) -> int | None:
     spans = [getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size")]
     spans = [span for span in spans if span]
     return min(spans) if spans else None
+
+
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -1,5 +1,6 @@
 """ComposePress behaviour: budgets, shapes, memory, kept sets, allocation, and clear errors for bad input."""
 
+import numpy as np
 import pytest
 import torch
 from kvpress import KnormPress
@@ -88,11 +89,31 @@ def test_scorer_scores_are_used_as_token_scores():
         ({"agg_head": "min"}, ValueError, "agg_head"),
         ({"scorer": ComposePress()}, TypeError, "scorer"),
         ({"min_tokens_per_layer": 0}, ValueError, "min_tokens_per_layer"),
+        ({"min_tokens_per_layer": True}, ValueError, "min_tokens_per_layer"),
+        ({"score_block_size": 0}, ValueError, "score_block_size"),
+        ({"score_block_size": -4}, ValueError, "score_block_size"),
+        ({"score_block_size": 2.5}, ValueError, "score_block_size"),
+        ({"score_block_size": "16"}, ValueError, "score_block_size"),
+        ({"structured": "False"}, TypeError, "structured"),
+        ({"add_v_norm": 1}, TypeError, "add_v_norm"),
+        ({"add_mean_across_heads": None}, TypeError, "add_mean_across_heads"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, error, words):
     with pytest.raises(error, match=words):
         ComposePress(**kwargs)
+
+
+def test_numpy_ratios_are_accepted():
+    assert ComposePress(compression_ratio=np.float32(0.5)).compression_ratio == 0.5
+
+
+def test_a_minimum_above_the_ratio_keeps_the_minimum_and_says_so(caplog):
+    press = ComposePress(compression_ratio=0.5, query_source="prefill", min_tokens_per_layer=30)
+    with caplog.at_level("WARNING", logger="kvpress_compose.compose_press"):
+        cache = prefill(tiny_model(layers=3), random_ids(1, 40), press)
+    assert cache_layer_lengths(cache) == [30, 30, 30]
+    assert "min_tokens_per_layer=30 over 3 layers keeps 90 composite tokens, more than the 60" in caplog.text
 
 
 def test_context_shorter_than_the_minimum_is_refused():
@@ -112,6 +133,8 @@ def test_models_without_attention_layers_or_rotary_are_refused():
         model = torch.nn.Module()
 
     with pytest.raises(ValueError, match="self_attn"), ComposePress(compression_ratio=0.5)(NoLayers()):
+        pass
+    with pytest.raises(ValueError, match="whole model"), ComposePress(compression_ratio=0.5)(tiny_model().model):
         pass
     model = tiny_model()
     model.model.rotary_emb = None
@@ -134,3 +157,17 @@ def test_a_second_prefill_into_a_new_cache_starts_clean():
         logits = model(random_ids(1, 20, seed=5), past_key_values=cache).logits
         reference = model(random_ids(1, 20, seed=5)).logits
     assert torch.equal(logits, reference)
+
+
+@pytest.mark.parametrize("query_source", ["prefill", "bidirectional", "replay"])
+def test_a_prefill_with_gradients_enabled_compresses_as_under_no_grad(query_source):
+    """Scoring runs without autograd whatever the caller's mode: same budgets and scores as under no_grad."""
+    model, ids = tiny_model(), random_ids(1, 40)
+    results = []
+    for grad in (False, True):
+        press, cache = ComposePress(compression_ratio=0.5, query_source=query_source), DynamicCache()
+        with torch.set_grad_enabled(grad), press(model):
+            model.model(input_ids=ids, past_key_values=cache)
+        results.append((cache_layer_lengths(cache), press.last_scores))
+    assert results[1][0] == results[0][0] and sum(results[1][0]) == compute_n_kept(3 * 40, 0.5)
+    torch.testing.assert_close(results[1][1], results[0][1])

@@ -81,3 +81,13 @@ def test_replay_in_chunks_gives_the_same_scores(monkeypatch):
     monkeypatch.setattr("kvpress_compose.replay.MAX_REPLAY_CHUNK", 7)
     actual = press_scores(model, ids, 4, query_source="replay")
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_a_rotary_embedding_other_than_cos_sin_is_refused_by_name():
+    """Llama 4 passes one complex tensor: its queries cannot be recomputed, and the error says what works."""
+    from kvpress_compose.attention_scores import query_blocks
+
+    model = tiny_model()
+    hidden = torch.zeros(1, 4, model.config.hidden_size)
+    with pytest.raises(ValueError, match="query_source='prefill' or 'bidirectional'"):
+        query_blocks(model.model.layers[0].self_attn, hidden, torch.zeros(1, 4, 8, dtype=torch.complex64))
