@@ -13,7 +13,9 @@ nothing is recomputed and the three always match, whatever a cache (QuantizedCac
 The replay pass attends to the whole context plus the re-fed tokens causally. Without padding, ComposePress
 says so with ``VISIBLE_PREFIX_ATTRIBUTE`` (the number of keys every query sees), and the call runs as two
 unmasked kernel calls, the visible prefix and the square causal rest, merged by their log-sum-exps: no mask is
-read or converted, and the kernel's causal skipping applies to the rest.
+read or converted, and the kernel's causal skipping applies to the rest. Where every layer is sure to take that
+split (:func:`split_possible`), the replay re-feeds the context in one pass with a placeholder mask, and
+``MASK_IGNORED_ATTRIBUTE`` makes any call that would read the placeholder raise instead.
 Where the kernel is unavailable (CUDA, eager, flash-attn) nothing is captured and scoring computes the
 softmax itself.
 """
@@ -29,6 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 CAPTURE_ATTRIBUTE = "compose_capture_lse"
 LSE_ATTRIBUTE = "compose_lse"  # a Captured
 VISIBLE_PREFIX_ATTRIBUTE = "compose_visible_prefix"  # keys every query of the call sees; the rest are causal
+MASK_IGNORED_ATTRIBUTE = "compose_mask_ignored"  # the call's mask is a placeholder: only the split is correct
 WRAPPED_ATTRIBUTE = "_compose_wraps"
 KERNEL_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 9)  # CPU flash GQA: 2.9
 
@@ -54,6 +57,19 @@ def capture_supported(module: nn.Module, query, key, attention_mask, dropout: fl
         and dropout == 0.0
         and getattr(module, "masked_key_indices", None) is None  # kvpress's head-wise masking is not active
         and not kwargs.get("output_attentions", False)
+    )
+
+
+def split_possible(module: nn.Module) -> bool:
+    """Whether the module's next attention call can run as the unmasked split, whatever its mask: the wrapper
+    is the module's attention function, it captures, on CPU, without dropout or kvpress's head-wise masking."""
+    return (
+        getattr(module, CAPTURE_ATTRIBUTE, False)
+        and getattr(getattr(module, "config", None), "_attn_implementation", None) == "sdpa"
+        and all(parameter.device.type == "cpu" for parameter in module.parameters())
+        and not (module.training and getattr(module, "attention_dropout", 0.0) > 0)
+        and getattr(module, "masked_key_indices", None) is None
+        and getattr(module, "is_causal", True)
     )
 
 
@@ -91,7 +107,11 @@ def prefix_and_causal_attention(query, key, value, n_prefix: int, scale=None):
 
 def wrap_sdpa(sdpa_forward):
     def sdpa_with_lse(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
+        mask_ignored = getattr(module, MASK_IGNORED_ATTRIBUTE, False)
         if not capture_supported(module, query, key, attention_mask, dropout, kwargs):
+            if mask_ignored:
+                raise RuntimeError(f"{type(module).__name__}: the replay's placeholder mask reached attention "
+                                   "that reads it (please report this)")
             return sdpa_forward(module, query, key, value, attention_mask, dropout, **kwargs)
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
@@ -101,6 +121,9 @@ def wrap_sdpa(sdpa_forward):
         n_prefix = getattr(module, VISIBLE_PREFIX_ATTRIBUTE, None)
         if is_causal and n_prefix is not None and key.shape[2] - n_prefix == query.shape[2]:
             output, lse = prefix_and_causal_attention(query, key, value, n_prefix, scale)
+        elif mask_ignored:
+            raise RuntimeError(f"{type(module).__name__}: the replay's placeholder mask reached attention "
+                               "that reads it (please report this)")
         else:
             output, lse = flash_attention(query, key, value, attention_mask is None and is_causal, attention_mask,
                                           scale)
@@ -121,15 +144,17 @@ def set_capture(modules: list[nn.Module], enabled: bool) -> None:
     """Start or stop capturing the log-sum-exp on these attention modules, forgetting any left over."""
     for module in modules:
         setattr(module, CAPTURE_ATTRIBUTE, enabled)
-        module.__dict__.pop(LSE_ATTRIBUTE, None)
-        module.__dict__.pop(VISIBLE_PREFIX_ATTRIBUTE, None)
+        for attribute in (LSE_ATTRIBUTE, VISIBLE_PREFIX_ATTRIBUTE, MASK_IGNORED_ATTRIBUTE):
+            module.__dict__.pop(attribute, None)
 
 
-def set_visible_prefix(modules: list[nn.Module], n_prefix: int | None) -> None:
+def set_visible_prefix(modules: list[nn.Module], n_prefix: int | None, mask_ignored: bool = False) -> None:
     """Declare that the next attention call of each module shows every query its first ``n_prefix`` keys and
-    the rest causally (None: the mask says what is visible)."""
+    the rest causally (None: the mask says what is visible). ``mask_ignored``: the call's mask is a placeholder,
+    so any attention other than that split raises instead of reading it."""
     for module in modules:
         setattr(module, VISIBLE_PREFIX_ATTRIBUTE, n_prefix)
+        setattr(module, MASK_IGNORED_ATTRIBUTE, mask_ignored)
 
 
 def take_lse(module: nn.Module, batch: int, q_len: int) -> Captured | None:

@@ -3,7 +3,11 @@
 :class:`ReplayCache` stands in for the real cache during the second pass: each layer attends to the
 original context entries plus the re-fed tokens seen so far, which only the replay cache holds, so the real
 cache never keeps them. The context is re-fed in chunks, so attention masks are O(chunk x context), not
-O(context^2); the re-fed keys and values (as large as the cache) are the replay's main extra memory.
+O(context^2), and the re-fed keys and values of earlier chunks (as large as the cache, by the last chunk) are
+kept for the later ones. Where attention is sure to run as the unmasked split of
+:mod:`kvpress_compose.attention_lse` (sdpa on CPU, no padding), the context is re-fed in one pass instead: no
+mask is built (a zero-size placeholder stands in for transformers' own), and each layer's re-fed keys and values
+are dropped as soon as that layer has attended, so the replay adds about one layer's worth of them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class ReplayCache(DynamicCache):
         self.source = source
         self.context_length = context_length
         self.replayed = 0
+        self.keep_refed = True  # False for a single pass: no later chunk attends to the re-fed tokens
         self.attended_keys: dict[int, torch.Tensor] = {}
         self._refed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -41,7 +46,8 @@ class ReplayCache(DynamicCache):
             past_keys, past_values = self._refed[layer_idx]
             key_states = torch.cat([past_keys, key_states], dim=2)
             value_states = torch.cat([past_values, value_states], dim=2)
-        self._refed[layer_idx] = (key_states, value_states)
+        if self.keep_refed:
+            self._refed[layer_idx] = (key_states, value_states)
         keys, values = layer_states(self.source, layer_idx)
         keys = torch.cat([keys[:, :, : self.context_length], key_states], dim=2)
         values = torch.cat([values[:, :, : self.context_length], value_states], dim=2)
@@ -66,18 +72,33 @@ def replay_chunk_size(cache_bytes: int, context_length: int) -> int:
     return max(MIN_REPLAY_CHUNK, min(MAX_REPLAY_CHUNK, cache_bytes // (4 * mask_bytes_per_token)))
 
 
+def single_pass_possible(language_model, inputs: PrefillInputs) -> bool:
+    """Whether the whole context can be re-fed at once: every layer's attention is sure to take the unmasked
+    split (captured sdpa on CPU) and no row is padded."""
+    attention_modules = [layer.self_attn for layer in language_model.layers]
+    return bool(inputs.valid.all()) and all(attention_lse.split_possible(module) for module in attention_modules)
+
+
 def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache, chunk_size: int) -> None:
-    """Feed the captured context again, ``chunk_size`` tokens at a time, over the replay cache."""
+    """Feed the captured context again over the replay cache: in one pass without a mask where
+    :func:`single_pass_possible`, else ``chunk_size`` tokens at a time."""
     positions = replay_position_ids(inputs.position_ids)
     attention_modules = [layer.self_attn for layer in language_model.layers]
     unpadded = bool(inputs.valid.all())
+    single_pass = single_pass_possible(language_model, inputs)
+    replay_cache.keep_refed = not single_pass
+    chunk_size = inputs.length if single_pass else chunk_size
     with torch.no_grad():
         for start in range(0, inputs.length, chunk_size):
             end = min(start + chunk_size, inputs.length)
             # every re-fed query sees the whole context and the re-fed tokens before its chunk
-            attention_lse.set_visible_prefix(attention_modules, inputs.length + start if unpadded else None)
+            attention_lse.set_visible_prefix(attention_modules, inputs.length + start if unpadded else None,
+                                             mask_ignored=single_pass)
             attention_mask = inputs.attention_mask
-            if attention_mask is not None:  # the original context, then the re-fed tokens up to this chunk
+            if single_pass:  # (batch, 1, n, 2n) of one stored element: transformers uses a 4D mask as it is
+                attention_mask = torch.ones((), dtype=torch.bool, device=positions.device).expand(
+                    positions.shape[0], 1, end, inputs.length + end)
+            elif attention_mask is not None:  # the original context, then the re-fed tokens up to this chunk
                 attention_mask = torch.cat([attention_mask, attention_mask[:, :end]], dim=-1)
             language_model(
                 input_ids=None if inputs.input_ids is None else inputs.input_ids[:, start:end],

@@ -121,10 +121,11 @@ def test_log_sum_exp_scores_equal_softmax_scores(query_source, agg_task, padding
     kwargs = {"query_source": query_source, "agg_task": agg_task}
     expected, softmax_calls, _ = scores_and_lse_calls("eager", ids, monkeypatch, mask, **kwargs)
     actual, lse_calls, split_calls = scores_and_lse_calls("sdpa", ids, monkeypatch, mask, **kwargs)
-    layers, replay_chunks = 3, 3  # 700 re-fed tokens in chunks of 256
+    # unpadded replay re-feeds the context in one pass, attending in two unmasked calls (prefix, causal rest);
+    # padded replay re-feeds chunks of 256 tokens and reads their mask
+    layers, replay_chunks = 3, (1 if padding is None else 3)
     assert softmax_calls == 0 and lse_calls == layers * (replay_chunks if query_source == "replay" else 1)
-    # unpadded replay attends in two unmasked calls (prefix, causal rest); padded replay reads the mask
-    assert split_calls == (layers * replay_chunks if query_source == "replay" and padding is None else 0)
+    assert split_calls == (layers if query_source == "replay" and padding is None else 0)
     assert torch.isneginf(actual[:, 1, :, ~mask[1].bool()]).all()
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
 
@@ -173,3 +174,46 @@ def test_an_error_inside_composed_press_leaves_no_capture_behind():
     with torch.no_grad():
         model(random_ids(1, 20))
     assert not any(hasattr(layer.self_attn, attention_lse.LSE_ATTRIBUTE) for layer in model.model.layers)
+
+
+def test_attention_that_would_read_a_placeholder_mask_raises():
+    """In a single-pass replay the mask is a placeholder: a call that does not take the split must fail."""
+    wrapped = attention_lse.wrap_sdpa(lambda *args, **kwargs: "original")
+    query, key = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 6, 8)
+    placeholder = torch.ones((), dtype=torch.bool).expand(1, 1, 3, 6)
+    module = Attention()
+    attention_lse.set_visible_prefix([module], 2, mask_ignored=True)  # 6 - 2 != 3 queries: no split
+    setattr(module, attention_lse.CAPTURE_ATTRIBUTE, True)
+    with pytest.raises(RuntimeError, match="placeholder mask"):
+        wrapped(module, query, key, key, placeholder, 0.0)
+    setattr(module, attention_lse.CAPTURE_ATTRIBUTE, False)  # would go to the original sdpa
+    with pytest.raises(RuntimeError, match="placeholder mask"):
+        wrapped(module, query, key, key, placeholder, 0.0)
+    attention_lse.set_visible_prefix([module], 3, mask_ignored=True)
+    setattr(module, attention_lse.CAPTURE_ATTRIBUTE, True)
+    output, _ = wrapped(module, query, key, key, placeholder, 0.0)
+    assert output.shape == (1, 3, 4, 8)
+
+
+@pytest.mark.parametrize(("attn", "padded", "single_pass"),
+                         [("sdpa", False, True), ("sdpa", True, False), ("eager", False, False)])
+def test_replay_keeps_re_fed_tokens_only_when_it_runs_in_chunks(attn, padded, single_pass, monkeypatch):
+    """One unmasked pass where every layer takes the split (sdpa on CPU, no padding): no re-fed keys or values
+    are kept between layers, so replay adds about one layer's worth of them; chunks keep them for later chunks."""
+    from kvpress_compose import replay
+
+    kept = []  # re-fed tokens' layers held after each layer's update
+    original_update = replay.ReplayCache.update
+
+    def update(self, *args, **kwargs):
+        result = original_update(self, *args, **kwargs)
+        kept.append(len(self._refed))
+        return result
+
+    monkeypatch.setattr(replay.ReplayCache, "update", update)
+    model = tiny_model(attn=attn, layers=3)
+    mask = torch.ones(1, 600, dtype=torch.long)
+    mask[0, :3] = 0 if padded else 1
+    prefill(model, random_ids(1, 600), ComposePress(0.5, query_source="replay"), attention_mask=mask)
+    assert len(kept) == 3 * (1 if single_pass else 3)  # 3 layers, one pass or chunks of 256 re-fed tokens
+    assert max(kept) == (0 if single_pass else 3)
