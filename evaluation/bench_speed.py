@@ -40,6 +40,10 @@ MODELS = {
                  num_key_value_heads=2, head_dim=32),
     "medium": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                    num_key_value_heads=2, head_dim=64),
+    # a token's KV cache over all layers is 1.5x one layer's MLP activations, as in Llama-3.1-8B (65536 vs
+    # 3 x 14336 values): the shape where replay's stored re-fed keys and values would show in the peak
+    "kv-heavy": dict(hidden_size=256, intermediate_size=896, num_hidden_layers=16, num_attention_heads=8,
+                     num_key_value_heads=4, head_dim=32),
 }
 QUERY_SOURCES = ("prefill", "bidirectional", "replay")
 TIME_TARGETS = {"compose[prefill]": 1.3, "compose[bidirectional]": 1.3, "compose[replay]": 2.5}  # x plain prefill
