@@ -33,7 +33,7 @@ from kvpress_compose.attention_scores import (
 from kvpress_compose.cache_gather import compress_layer, layer_states, mask_evicted_entries
 from kvpress_compose.layer_masks import install_layer_mask_hooks
 from kvpress_compose.prefill_inputs import PrefillInputs, capture_prefill_inputs
-from kvpress_compose.replay import ReplayCache, replay_chunk_size, run_replay
+from kvpress_compose.replay import ReplayCache, run_replay
 
 logger = logging.getLogger(__name__)
 attention_lse.install()
@@ -307,12 +307,11 @@ class ComposePress(BasePress):
             self._check_cache_lengths(cache, [self._inputs.length] * len(self._attention_modules))
             self._replaying = True
             self._replay_cache = ReplayCache(cache, self._inputs.length)
-            chunk_size = replay_chunk_size(self._full_cache_bytes(layer_states(cache, 0)[0]), self._inputs.length)
             # a sliding window or attention chunk may hide context keys from re-fed queries, which scoring
             # assumes they all see
             attention_lse.set_capture(self._attention_modules, self._local_span is None)
             try:
-                run_replay(self._language_model, self._inputs, self._replay_cache, chunk_size)
+                run_replay(self._language_model, self._inputs, self._replay_cache)
             finally:
                 self._replaying = False
                 self._replay_cache = None

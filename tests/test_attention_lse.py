@@ -121,11 +121,10 @@ def test_log_sum_exp_scores_equal_softmax_scores(query_source, agg_task, padding
     kwargs = {"query_source": query_source, "agg_task": agg_task}
     expected, softmax_calls, _ = scores_and_lse_calls("eager", ids, monkeypatch, mask, **kwargs)
     actual, lse_calls, split_calls = scores_and_lse_calls("sdpa", ids, monkeypatch, mask, **kwargs)
-    # unpadded replay re-feeds the context in one pass, attending in two unmasked calls (prefix, causal rest);
-    # padded replay re-feeds chunks of 256 tokens and reads their mask
-    layers, replay_chunks = 3, (1 if padding is None else 3)
+    layers, replay_chunks = 3, 3  # 700 re-fed tokens in chunks of 256
     assert softmax_calls == 0 and lse_calls == layers * (replay_chunks if query_source == "replay" else 1)
-    assert split_calls == (layers if query_source == "replay" and padding is None else 0)
+    # unpadded replay attends in two unmasked calls (prefix, causal rest); padded replay reads the mask
+    assert split_calls == (layers * replay_chunks if query_source == "replay" and padding is None else 0)
     assert torch.isneginf(actual[:, 1, :, ~mask[1].bool()]).all()
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
 
@@ -195,11 +194,16 @@ def test_attention_that_would_read_a_placeholder_mask_raises():
     assert output.shape == (1, 3, 4, 8)
 
 
-@pytest.mark.parametrize(("attn", "padded", "single_pass"),
-                         [("sdpa", False, True), ("sdpa", True, False), ("eager", False, False)])
-def test_replay_keeps_re_fed_tokens_only_when_it_runs_in_chunks(attn, padded, single_pass, monkeypatch):
-    """One unmasked pass where every layer takes the split (sdpa on CPU, no padding): no re-fed keys or values
-    are kept between layers, so replay adds about one layer's worth of them; chunks keep them for later chunks."""
+KV_HEAVY = {"layers": 6, "heads": 4, "kv_heads": 4}  # 768 KV values per token against 3 x 96 + 4 x 64 = 544
+
+
+@pytest.mark.parametrize(("attn", "padded", "shape", "single_pass"), [
+    ("sdpa", False, KV_HEAVY, True), ("sdpa", False, {}, False), ("sdpa", True, KV_HEAVY, False),
+    ("eager", False, KV_HEAVY, False),
+])
+def test_replay_keeps_re_fed_tokens_only_when_it_runs_in_chunks(attn, padded, shape, single_pass, monkeypatch):
+    """One unmasked pass where every layer takes the split (sdpa on CPU, no padding) and the KV cache outweighs
+    a layer's activations: no re-fed keys or values are kept between layers; chunks keep them for later chunks."""
     from kvpress_compose import replay
 
     kept = []  # re-fed tokens' layers held after each layer's update
@@ -211,9 +215,23 @@ def test_replay_keeps_re_fed_tokens_only_when_it_runs_in_chunks(attn, padded, si
         return result
 
     monkeypatch.setattr(replay.ReplayCache, "update", update)
-    model = tiny_model(attn=attn, layers=3)
+    model = tiny_model(attn=attn, **({"layers": 3} | shape))
+    layers = model.config.num_hidden_layers
     mask = torch.ones(1, 600, dtype=torch.long)
     mask[0, :3] = 0 if padded else 1
     prefill(model, random_ids(1, 600), ComposePress(0.5, query_source="replay"), attention_mask=mask)
-    assert len(kept) == 3 * (1 if single_pass else 3)  # 3 layers, one pass or chunks of 256 re-fed tokens
-    assert max(kept) == (0 if single_pass else 3)
+    assert len(kept) == layers * (1 if single_pass else 3)  # one pass, or chunks of 256 re-fed tokens
+    assert max(kept) == (0 if single_pass else layers)
+
+
+@pytest.mark.parametrize("agg_task", ["max", "mean"])
+def test_single_pass_replay_scores_equal_softmax_scores(agg_task, monkeypatch):
+    ids = random_ids(2, 600)
+    scores = {}
+    for attn in ("eager", "sdpa"):
+        model = tiny_model(attn=attn, **KV_HEAVY)
+        press = ComposePress(compression_ratio=0.5, query_source="replay", agg_task=agg_task,
+                             add_mean_across_heads=False)
+        prefill(model, ids, press)
+        scores[attn] = press.last_scores
+    torch.testing.assert_close(scores["sdpa"], scores["eager"], atol=1e-6, rtol=1e-4)
