@@ -107,23 +107,21 @@ def prefix_and_causal_attention(query, key, value, n_prefix: int, scale=None):
 
 def wrap_sdpa(sdpa_forward):
     def sdpa_with_lse(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
-        mask_ignored = getattr(module, MASK_IGNORED_ATTRIBUTE, False)
-        if not capture_supported(module, query, key, attention_mask, dropout, kwargs):
-            if mask_ignored:
-                raise RuntimeError(f"{type(module).__name__}: the replay's placeholder mask reached attention "
-                                   "that reads it (please report this)")
-            return sdpa_forward(module, query, key, value, attention_mask, dropout, **kwargs)
+        supported = capture_supported(module, query, key, attention_mask, dropout, kwargs)
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
-        scale = kwargs.get("scaling")
-        scale = query.shape[-1] ** -0.5 if scale is None else scale  # the kernel's default, made explicit
         n_prefix = getattr(module, VISIBLE_PREFIX_ATTRIBUTE, None)
-        if is_causal and n_prefix is not None and key.shape[2] - n_prefix == query.shape[2]:
-            output, lse = prefix_and_causal_attention(query, key, value, n_prefix, scale)
-        elif mask_ignored:
+        split = supported and is_causal and n_prefix is not None and key.shape[2] - n_prefix == query.shape[2]
+        if getattr(module, MASK_IGNORED_ATTRIBUTE, False) and not split:
             raise RuntimeError(f"{type(module).__name__}: the replay's placeholder mask reached attention "
                                "that reads it (please report this)")
+        if not supported:
+            return sdpa_forward(module, query, key, value, attention_mask, dropout, **kwargs)
+        scale = kwargs.get("scaling")
+        scale = query.shape[-1] ** -0.5 if scale is None else scale  # the kernel's default, made explicit
+        if split:
+            output, lse = prefix_and_causal_attention(query, key, value, n_prefix, scale)
         else:
             output, lse = flash_attention(query, key, value, attention_mask is None and is_causal, attention_mask,
                                           scale)

@@ -26,6 +26,11 @@ def layer_states(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tens
     return extract_keys_and_values(cache, layer_idx)
 
 
+def full_cache_bytes(layer_keys: torch.Tensor, n_layers: int) -> int:
+    """Bytes of the keys and values of ``n_layers`` layers shaped like ``layer_keys``."""
+    return n_layers * 2 * layer_keys.nbytes
+
+
 def write_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Replace a layer's cache content by ``keys``/``values`` and record its context length."""
     layer = cache.layers[layer_idx]

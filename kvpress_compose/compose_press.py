@@ -30,7 +30,7 @@ from kvpress_compose.attention_scores import (
     query_blocks,
     statistics_from_lse,
 )
-from kvpress_compose.cache_gather import compress_layer, layer_states, mask_evicted_entries
+from kvpress_compose.cache_gather import compress_layer, full_cache_bytes, layer_states, mask_evicted_entries
 from kvpress_compose.layer_masks import install_layer_mask_hooks
 from kvpress_compose.prefill_inputs import PrefillInputs, capture_prefill_inputs
 from kvpress_compose.replay import ReplayCache, run_replay
@@ -249,6 +249,7 @@ class ComposePress(BasePress):
         n_context = self._inputs.length
         if key_valid.shape[1] != keys.shape[2]:  # an earlier press pruned this layer: positions are unknown
             key_valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool)
+        n_layers = len(self._attention_modules)
         return attention_statistics(
             queries,
             query_valid.shape[1],
@@ -259,12 +260,9 @@ class ComposePress(BasePress):
             n_scored=min(n_context, keys.shape[2]),
             causal_offset=causal_offset,
             agg_task=self.agg_task,
-            block_bytes=int(SCORE_BLOCK_FRACTION * self._full_cache_bytes(keys[:, :, :n_context])),
+            block_bytes=int(SCORE_BLOCK_FRACTION * full_cache_bytes(keys[:, :, :n_context], n_layers)),
             block_size=self.score_block_size,
         )
-
-    def _full_cache_bytes(self, layer_keys: torch.Tensor) -> int:
-        return len(self._attention_modules) * 2 * layer_keys.nbytes  # keys and values of every layer
 
     def _score_replay(self, module, hidden_states, kwargs):
         """Statistics of one chunk of re-fed queries, merged into the layer's."""

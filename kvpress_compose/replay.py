@@ -18,7 +18,7 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from kvpress_compose import attention_lse
-from kvpress_compose.cache_gather import layer_states
+from kvpress_compose.cache_gather import full_cache_bytes, layer_states
 from kvpress_compose.prefill_inputs import PrefillInputs
 
 MIN_REPLAY_CHUNK, MAX_REPLAY_CHUNK = 256, 2048  # fewer chunks: each re-copies the context keys
@@ -73,13 +73,6 @@ def replay_chunk_size(cache_bytes: int, context_length: int) -> int:
     return max(MIN_REPLAY_CHUNK, min(MAX_REPLAY_CHUNK, cache_bytes // (4 * mask_bytes_per_token)))
 
 
-def single_pass_possible(language_model, inputs: PrefillInputs) -> bool:
-    """Whether the whole context can be re-fed at once: every layer's attention is sure to take the unmasked
-    split (captured sdpa on CPU) and no row is padded."""
-    attention_modules = [layer.self_attn for layer in language_model.layers]
-    return bool(inputs.valid.all()) and all(attention_lse.split_possible(module) for module in attention_modules)
-
-
 def single_pass_saves_memory(config, kv_values_per_token: int) -> bool:
     """One pass holds one layer's activations over the whole re-fed context (about ``3 x intermediate + 4 x
     hidden`` values per token: the MLP and the hidden states); chunks hold every layer's re-fed keys and values
@@ -92,18 +85,21 @@ def single_pass_saves_memory(config, kv_values_per_token: int) -> bool:
 
 
 def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache) -> None:
-    """Feed the captured context again over the replay cache: in one pass without a mask where that is possible
-    and saves memory, else in chunks."""
+    """Feed the captured context again over the replay cache: in one pass without a mask where every layer is
+    sure to take the unmasked split (captured sdpa on CPU, no padding) and that saves memory, else in chunks."""
     positions = replay_position_ids(inputs.position_ids)
     attention_modules = [layer.self_attn for layer in language_model.layers]
     unpadded = bool(inputs.valid.all())
     keys = layer_states(replay_cache.source, 0)[0]  # (batch, kv_heads, n, head_dim)
     kv_values_per_token = 2 * len(attention_modules) * keys.shape[1] * keys.shape[3]
-    single_pass = single_pass_possible(language_model, inputs) and single_pass_saves_memory(
-        language_model.config, kv_values_per_token)
+    single_pass = (
+        unpadded
+        and all(attention_lse.split_possible(module) for module in attention_modules)
+        and single_pass_saves_memory(language_model.config, kv_values_per_token)
+    )
     replay_cache.keep_refed = not single_pass
-    chunk_size = inputs.length if single_pass else replay_chunk_size(2 * len(attention_modules) * keys.nbytes,
-                                                                     inputs.length)
+    cache_bytes = full_cache_bytes(keys, len(attention_modules))
+    chunk_size = inputs.length if single_pass else replay_chunk_size(cache_bytes, inputs.length)
     with torch.no_grad():
         for start in range(0, inputs.length, chunk_size):
             end = min(start + chunk_size, inputs.length)
