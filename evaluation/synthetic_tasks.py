@@ -14,6 +14,15 @@ trained from scratch can learn on a CPU:
 - ``variable_tracking``: a chain ``| k001 v042`` ... ``| k007 k001`` ... ``| k033 k007``; question ``? k033``;
   the answer walks the chain back, ``k007 k001 v042``.
 
+Two *dense* tasks make the cache budget bind: needles for up to every key (one per 8 words, at most 256) spread
+over the whole context, every value used once, four questions per context. Since any key may be asked, a
+query-agnostic press must keep every needle's answer tokens:
+
+- ``dense_kv``: needles ``| k017 v203``; answer ``v203`` (at 4096 words: 256 needles, 19% of the context;
+  the answers alone are 6%).
+- ``dense_tagged``: needles ``| k017 v203 tree`` (a value and a filler-word tag); answer ``v203 tree`` (at
+  4096 words: 25% of the context; the answers alone are 12.5%).
+
 Rows follow kvpress's dataset columns: ``context``, ``question``, ``answer_prefix``, ``answer``,
 ``max_new_tokens``, ``task``.
 """
@@ -41,7 +50,10 @@ FILLER_WORDS = (
 ).split()
 KEYS = [f"k{i:03d}" for i in range(N_KEYS)]
 VALUES = [f"v{i:03d}" for i in range(N_VALUES)]
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking")
+BASE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking")
+DENSE_TASKS = ("dense_kv", "dense_tagged")
+TASKS = BASE_TASKS + DENSE_TASKS
+DENSE_WORDS_PER_NEEDLE, DENSE_QUESTIONS = 8, 4
 
 
 def vocabulary() -> list[str]:
@@ -75,8 +87,19 @@ class Sample:
     answers: list[str]
 
 
-def _needles(task: str, rng: random.Random) -> tuple[list[list[str]], list[tuple[str, str]]]:
+def _dense_needles(task: str, n_words: int, rng: random.Random) -> tuple[list[list[str]], list[tuple[str, str]]]:
+    """One needle per ``DENSE_WORDS_PER_NEEDLE`` words (at most one per key), distinct values, four asked."""
+    n_needles = min(N_KEYS, N_VALUES, n_words // DENSE_WORDS_PER_NEEDLE)
+    keys, values = rng.sample(KEYS, n_needles), rng.sample(VALUES, n_needles)
+    answers = [[v] if task == "dense_kv" else [v, rng.choice(FILLER_WORDS)] for v in values]
+    asked = rng.sample(range(n_needles), min(DENSE_QUESTIONS, n_needles))
+    return [[k, *a] for k, a in zip(keys, answers)], [(keys[i], " ".join(answers[i])) for i in asked]
+
+
+def _needles(task: str, n_words: int, rng: random.Random) -> tuple[list[list[str]], list[tuple[str, str]]]:
     """Needles (token lists without the mark) and (question key, answer) pairs for one task."""
+    if task in DENSE_TASKS:
+        return _dense_needles(task, n_words, rng)
     keys = rng.sample(KEYS, 24)
     values = rng.sample(VALUES, 24)
     if task == "niah_single":
@@ -102,7 +125,7 @@ def _needles(task: str, rng: random.Random) -> tuple[list[list[str]], list[tuple
 
 def make_sample(task: str, n_words: int, rng: random.Random) -> Sample:
     """A context of ``n_words`` words (filler plus needles, each needle one token per word)."""
-    needles, qa = _needles(task, rng)
+    needles, qa = _needles(task, n_words, rng)
     needle_words = sum(len(n) + 1 for n in needles)
     if n_words < needle_words + 8:
         raise ValueError(f"n_words={n_words} is too short for task {task!r} (needs >= {needle_words + 8})")

@@ -21,13 +21,23 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from evaluation.synthetic_tasks import FILLER_WORDS, KEYS, TASKS, VALUES, build_tokenizer, make_sample, vocabulary
+from evaluation.synthetic_tasks import (
+    BASE_TASKS,
+    FILLER_WORDS,
+    KEYS,
+    TASKS,
+    VALUES,
+    build_tokenizer,
+    make_sample,
+    vocabulary,
+)
 
 RECALL_WORDS = FILLER_WORDS + KEYS + VALUES
 
@@ -103,13 +113,15 @@ def encode_recall(length: int, rng: random.Random, token_ids: dict[str, int]) ->
     return [token_ids["<s>"]] + [token_ids[w] for w in words], targets
 
 
-def make_batch(length: int, batch_size: int, rng: random.Random, token_ids: dict[str, int], task=None):
-    """A right-padded batch whose contexts have ``length`` words: one ``task``, or (training) a random task
-    per row with a ``RECALL_FRACTION`` of recall rows."""
+def make_batch(
+    length: int, batch_size: int, rng: random.Random, token_ids: dict[str, int], task=None, tasks=BASE_TASKS
+):
+    """A right-padded batch whose contexts have ``length`` words: one ``task``, or (training) a random task of
+    ``tasks`` per row with a ``RECALL_FRACTION`` of recall rows."""
     encoded = [
         encode_recall(length, rng, token_ids)
         if task is None and rng.random() < RECALL_FRACTION
-        else encode_sample(make_sample(task or rng.choice(TASKS), length, rng), token_ids)
+        else encode_sample(make_sample(task or rng.choice(tasks), length, rng), token_ids)
         for _ in range(batch_size)
     ]
     width = max(len(ids) for ids, _ in encoded)
@@ -122,11 +134,13 @@ def make_batch(length: int, batch_size: int, rng: random.Random, token_ids: dict
 
 
 @torch.no_grad()
-def answer_accuracy(model, length: int, n_per_task: int, seed: int, token_ids: dict[str, int]) -> dict[str, float]:
-    """Per task, the fraction of questions whose whole answer is the greedy (teacher-forced) prediction."""
+def answer_accuracy(
+    model, length: int, n_per_task: int, seed: int, token_ids: dict[str, int], tasks=BASE_TASKS
+) -> dict[str, float]:
+    """Per task, the fraction of contexts whose every answer is the greedy (teacher-forced) prediction."""
     model.eval()
     accuracy = {}
-    for task in TASKS:
+    for task in tasks:
         rng = random.Random(f"eval-{task}-{length}-{seed}")
         input_ids, targets = make_batch(length, n_per_task, rng, token_ids, task)
         predictions = model(input_ids=input_ids).logits.argmax(-1)
@@ -147,13 +161,13 @@ def learning_rate(step: int, max_steps: int, peak: float, length: int, warmup: i
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def write_model_card(out: Path, log_path: Path) -> None:
+def write_model_card(out: Path, log_path: Path, reproduce: str) -> None:
     """A README for the model folder stating how far training got, from the training log's last evaluation."""
     evaluations = [json.loads(line) for line in log_path.read_text().splitlines() if '"accuracy"' in line]
     last = evaluations[-1] if evaluations else {"step": 0, "length": CURRICULUM[0], "accuracy": {}}
     rows = "\n".join(f"| {task} | {100 * acc:.0f}% |" for task, acc in last["accuracy"].items())
     out.joinpath("README.md").write_text(
-        f"""# retrieval-llama
+        f"""# {out.name}
 
 A {CURRICULUM[-1]}-token-curriculum retrieval model trained from scratch by `python -m evaluation.train_model`
 (deterministic, seeded; see that module). Snapshot at step {last["step"]}, training on {last["length"]}-word
@@ -165,7 +179,7 @@ samples per task of that length):
 {rows}
 
 The curriculum moves to the next context length once every task reaches 95%. Reproduce this snapshot with
-`python -m evaluation.train_model --stop-after {last["step"]}` (one thread, as the defaults set).
+`python -m evaluation.train_model {reproduce}--stop-after {last["step"]}` (one thread, as the defaults set).
 """
     )
 
@@ -187,7 +201,8 @@ def portable_rope_theta(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_final(model, out: Path, log_path: Path | None = None) -> None:
+def save_final(model, out: Path, log_path: Path | None = None, reproduce: str = "") -> None:
+    """Write the model folder; ``reproduce`` is the trainer's arguments (before ``--stop-after``) for its card."""
     out.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
     model.generation_config.eos_token_id = 2
@@ -198,7 +213,7 @@ def save_final(model, out: Path, log_path: Path | None = None) -> None:
     build_tokenizer().save_pretrained(out)
     portable_tokenizer_class(out / "tokenizer_config.json")
     if log_path is not None and log_path.exists():
-        write_model_card(out, log_path)
+        write_model_card(out, log_path, reproduce)
 
 
 def train(args) -> None:
@@ -223,7 +238,7 @@ def train(args) -> None:
         while state["step"] < last_step:
             step, length = state["step"], CURRICULUM[state["stage"]]
             rng = random.Random(f"train-{args.seed}-{step}")
-            input_ids, targets = make_batch(length, max(2, TOKENS_PER_STEP // length), rng, token_ids)
+            input_ids, targets = make_batch(length, max(2, TOKENS_PER_STEP // length), rng, token_ids, tasks=args.tasks)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args.max_steps, args.lr, length)
             logits = model(input_ids=input_ids).logits
@@ -237,7 +252,9 @@ def train(args) -> None:
                 record = {"step": state["step"], "length": length, "loss": round(loss.item(), 4),
                           "elapsed_s": round(time.time() - start, 1)}
                 if state["step"] % args.eval_every == 0:
-                    record["accuracy"] = answer_accuracy(model, length, EVAL_SAMPLES_PER_TASK, state["step"], token_ids)
+                    record["accuracy"] = answer_accuracy(
+                        model, length, EVAL_SAMPLES_PER_TASK, state["step"], token_ids, args.tasks
+                    )
                     if min(record["accuracy"].values()) >= args.advance_at and state["stage"] + 1 < len(CURRICULUM):
                         state["stage"] += 1
                         record["advanced_to"] = CURRICULUM[state["stage"]]
@@ -248,16 +265,32 @@ def train(args) -> None:
                 saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
                 torch.save(saved, checkpoint_dir / "last.tmp")
                 (checkpoint_dir / "last.tmp").replace(checkpoint)
-                save_final(model, Path(args.out), checkpoint_dir / "log.jsonl")
-    save_final(model, Path(args.out), checkpoint_dir / "log.jsonl")
+                save_final(model, Path(args.out), checkpoint_dir / "log.jsonl", args.reproduce)
+    save_final(model, Path(args.out), checkpoint_dir / "log.jsonl", args.reproduce)
     print(f"saved model to {args.out}", flush=True)
+
+
+def reproduction_arguments(argv: list[str]) -> str:
+    """The command-line arguments that shape the model (all but where files go, threads and the stop step),
+    as the model card's reproduction command shows them, followed by a space where not empty."""
+    dropped = {"--stop-after", "--checkpoint-dir", "--threads"}
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.split("=")[0] in dropped:
+            skip = "=" not in arg
+        else:
+            kept.append(arg)
+    return "".join(f"{arg} " for arg in kept)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["llama", "qwen3"], default="llama")
     parser.add_argument("--out", default="evaluation/models/retrieval-llama")
-    parser.add_argument("--checkpoint-dir", default=None, help="default: evaluation/checkpoints/<arch>")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="default: evaluation/checkpoints/<arch> (<model folder>-<arch> for another --out)")
     parser.add_argument("--max-steps", type=int, default=12000)
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop at this step (the schedule still spans --max-steps): reproduces a snapshot")
@@ -266,14 +299,21 @@ def main(argv=None) -> None:
                         help="no biases on q/k/v/o projections (they make position-based heads easy to learn)")
     parser.add_argument("--heads", type=int, default=2, help="query heads (head_dim = 128 / heads)")
     parser.add_argument("--kv-heads", type=int, default=1, help="key/value heads (GQA when fewer than heads)")
+    parser.add_argument("--tasks", nargs="+", default=list(BASE_TASKS), choices=TASKS,
+                        help="tasks to train on (default: the five the shipped retrieval-llama learned)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (results are exact for one count)")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--advance-at", type=float, default=0.95)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    args.checkpoint_dir = args.checkpoint_dir or f"evaluation/checkpoints/{args.arch}"
+    default_out = args.out == parser.get_default("out")
+    args.checkpoint_dir = args.checkpoint_dir or (
+        f"evaluation/checkpoints/{args.arch}" if default_out else f"evaluation/checkpoints/{Path(args.out).name}-{args.arch}"
+    )
+    args.reproduce = reproduction_arguments(argv)
     train(args)
 
 

@@ -20,7 +20,7 @@ from evaluation.fidelity import fidelity
 from evaluation.metrics import average, string_match_all, task_scores
 from evaluation.run import RunConfig, evaluate, load_pipeline
 from evaluation.sweep import accuracy_by_ratio, plot, trapezoid_area
-from evaluation.synthetic_tasks import TASKS, build_tokenizer, vocabulary
+from evaluation.synthetic_tasks import BASE_TASKS as TASKS, build_tokenizer, vocabulary
 
 KVPRESS_COLUMNS = ["context", "question", "answer_prefix", "answer", "max_new_tokens", "task"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

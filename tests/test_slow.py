@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.synthetic_tasks import TASKS, dataset_rows
+from evaluation.synthetic_tasks import BASE_TASKS as TASKS, dataset_rows
 from kvpress_compose import ComposePress, compute_n_kept
 from tests.models import random_ids, tiny_model
 from tests.reference import compressed_vs_reference
