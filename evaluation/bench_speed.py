@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evaluation.fidelity import prefill
-from kvpress_compose import ComposePress
+from kvpress_compose import QUERY_SOURCES, ComposePress
 
 MODELS = {
     "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -45,7 +45,7 @@ MODELS = {
     "kv-heavy": dict(hidden_size=256, intermediate_size=896, num_hidden_layers=16, num_attention_heads=8,
                      num_key_value_heads=4, head_dim=32),
 }
-QUERY_SOURCES = ("prefill", "bidirectional", "replay")
+
 TIME_TARGETS = {"compose[prefill]": 1.3, "compose[bidirectional]": 1.3, "compose[replay]": 2.5}  # x plain prefill
 MMAP_THRESHOLD_BYTES = 64 * 1024  # glibc: blocks this large get their own mapping, returned to the system when freed
 EXTRA_MEMORY_TARGET = 0.25  # peak extra memory over the plain prefill's, as a fraction of the full KV cache

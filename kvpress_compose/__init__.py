@@ -1,6 +1,7 @@
 """KVCompose for kvpress: structured KV cache compression with composite tokens and global layer allocation."""
 
 from kvpress_compose.allocation import compute_n_kept
-from kvpress_compose.compose_press import QUERY_SOURCES, ComposePress
+from kvpress_compose.compose_press import ComposePress
+from kvpress_compose.query_sources import QUERY_SOURCES, QuerySource
 
-__all__ = ["QUERY_SOURCES", "ComposePress", "compute_n_kept"]
+__all__ = ["QUERY_SOURCES", "ComposePress", "QuerySource", "compute_n_kept"]

@@ -51,6 +51,14 @@ def layer_budgets(composite: torch.Tensor, n_kept: int, min_per_layer: int) -> t
     return top_entries(composite[None], n_kept, min_per_layer)[0]
 
 
+def uniform_budgets(composite: torch.Tensor, n_kept: int, min_per_layer: int) -> torch.Tensor:
+    """The ablation of :func:`layer_budgets`: every layer keeps ``n_kept // layers`` composite tokens (at least
+    ``min_per_layer``), fewer only where a layer has fewer (padding is never kept), ``(layers,)``."""
+    available = (composite > float("-inf")).sum(dim=1)
+    per_layer = max(min_per_layer, n_kept // composite.shape[0])
+    return available.clamp(max=per_layer).clamp(min=min_per_layer)
+
+
 def head_budgets(sorted_scores: torch.Tensor, compression_ratio: float, min_per_head: int) -> torch.Tensor:
     """Unstructured variant: tokens kept per (row, layer, head), ``(batch, layers, kv_heads)``, from one
     global top-k per row over every head's sorted scores."""

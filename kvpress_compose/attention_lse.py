@@ -4,35 +4,33 @@ A token's attention probability is ``exp(q . k * scale - lse(q))``. The prefill 
 compute ``lse`` inside their attention call, and on CPU torch's flash kernel returns it. Taking it from
 there leaves scoring one matrix product and a max per key, without the exponentials and second reduction of
 a softmax. :func:`install` wraps transformers' ``"sdpa"`` attention function (as kvpress wraps it for its
-head-wise masking): on a module whose ``CAPTURE_ATTRIBUTE`` is set, it runs the same attention through
-that kernel and leaves the log-sum-exp, with the queries and keys it was taken over, on
-``module.<LSE_ATTRIBUTE>``; every other call goes through as before. Scoring uses those queries and keys, so
-nothing is recomputed and the three always match, whatever a cache (QuantizedCache) or an earlier press
-(ThinK) does to the stored keys. "bidirectional" needs the log-sum-exp over every key:
+head-wise masking) when a press is first used on a model. An :class:`LseCapture` is a context over some
+attention modules: while it is open, the wrapper runs those modules' attention through that kernel and leaves
+the log-sum-exp, with the queries and keys it was taken over, in the capture (:meth:`LseCapture.take`); every
+other call goes through as before, and closing the capture forgets everything it held. Scoring uses those
+queries and keys, so nothing is recomputed and the three always match, whatever a cache (QuantizedCache) or an
+earlier press (ThinK) does to the stored keys. "bidirectional" needs the log-sum-exp over every key:
 :func:`bidirectional_lse` adds one causal kernel call over the reversed sequence.
-The replay pass attends to the whole context plus the re-fed tokens causally. Without padding, ComposePress
-says so with ``VISIBLE_PREFIX_ATTRIBUTE`` (the number of keys every query sees), and the call runs as two
-unmasked kernel calls, the visible prefix and the square causal rest, merged by their log-sum-exps: no mask is
-read or converted, and the kernel's causal skipping applies to the rest. Where every layer is sure to take that
-split (:func:`split_possible`), the replay re-feeds the context in one pass with a placeholder mask, and
-``MASK_IGNORED_ATTRIBUTE`` makes any call that would read the placeholder raise instead.
+The replay pass attends to the whole context plus the re-fed tokens causally. Without padding, the replay
+says so with :meth:`LseCapture.declare_visible_prefix` (the number of keys every query sees), and the call
+runs as two unmasked kernel calls, the visible prefix and the square causal rest, merged by their
+log-sum-exps: no mask is read or converted, and the kernel's causal skipping applies to the rest. Where every
+layer is sure to take that split (:meth:`LseCapture.split_possible`), the replay re-feeds the context in one
+pass with a placeholder mask, and any call that would read the placeholder raises instead.
 Where the kernel is unavailable (CUDA, eager, flash-attn) nothing is captured and scoring computes the
 softmax itself.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-CAPTURE_ATTRIBUTE = "compose_capture_lse"
-LSE_ATTRIBUTE = "compose_lse"  # a Captured
-VISIBLE_PREFIX_ATTRIBUTE = "compose_visible_prefix"  # keys every query of the call sees; the rest are causal
-MASK_IGNORED_ATTRIBUTE = "compose_mask_ignored"  # the call's mask is a placeholder: only the split is correct
-WRAPPED_ATTRIBUTE = "_compose_wraps"
+WRAPPED_ATTRIBUTE = "_compose_wraps"  # on our wrapper: the sdpa function it wraps
 KERNEL_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 9)  # CPU flash GQA: 2.9
 
 
@@ -49,27 +47,69 @@ class Captured(NamedTuple):
         return lambda start, end: self.queries[:, :, start:end].float() * self.scale
 
 
+class LseCapture:
+    """While open (``with LseCapture(modules):``), the wrapped sdpa leaves the log-sum-exp of these attention
+    modules' calls here, for :meth:`take`; on exit it forgets everything it held and the modules attend as
+    before. ``visible_prefix`` and ``mask_ignored`` describe the next calls (see :meth:`declare_visible_prefix`).
+    """
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = list(modules)
+        self.captured: dict[nn.Module, Captured] = {}
+        self.visible_prefix: int | None = None
+        self.mask_ignored = False
+
+    def __enter__(self) -> LseCapture:
+        for module in self.modules:
+            ACTIVE_CAPTURES[module] = self
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for module in self.modules:
+            if ACTIVE_CAPTURES.get(module) is self:
+                del ACTIVE_CAPTURES[module]
+        self.captured.clear()
+
+    def declare_visible_prefix(self, n_prefix: int | None, mask_ignored: bool = False) -> None:
+        """The next attention call of each module shows every query its first ``n_prefix`` keys and the rest
+        causally (None: the mask says what is visible). ``mask_ignored``: the call's mask is a placeholder, so
+        any attention other than that split raises instead of reading it."""
+        self.visible_prefix, self.mask_ignored = n_prefix, mask_ignored
+
+    def take(self, module: nn.Module, batch: int, q_len: int) -> Captured | None:
+        """What the module's last attention call captured, if it covered ``batch x q_len`` queries; forgotten
+        here once taken."""
+        captured = self.captured.pop(module, None)
+        if captured is None or captured.lse.shape[0] != batch or captured.lse.shape[2] != q_len:
+            return None
+        return captured
+
+    def split_possible(self, module: nn.Module) -> bool:
+        """Whether the module's next attention call can run as the unmasked split, whatever its mask: the
+        wrapper is the module's attention function, this capture is open on it, on CPU, without dropout or
+        kvpress's head-wise masking."""
+        return (
+            ACTIVE_CAPTURES.get(module) is self
+            and getattr(getattr(module, "config", None), "_attn_implementation", None) == "sdpa"
+            and hasattr(ALL_ATTENTION_FUNCTIONS["sdpa"], WRAPPED_ATTRIBUTE)
+            and all(parameter.device.type == "cpu" for parameter in module.parameters())
+            and not (module.training and getattr(module, "attention_dropout", 0.0) > 0)
+            and getattr(module, "masked_key_indices", None) is None
+            and getattr(module, "is_causal", True)
+        )
+
+
+# attention module -> the capture open on it; weak, so a capture never keeps a model alive
+ACTIVE_CAPTURES: weakref.WeakKeyDictionary[nn.Module, LseCapture] = weakref.WeakKeyDictionary()
+
+
 def capture_supported(module: nn.Module, query, key, attention_mask, dropout: float, kwargs: dict) -> bool:
     return (
-        getattr(module, CAPTURE_ATTRIBUTE, False)
-        and query.device.type == "cpu"
+        query.device.type == "cpu"
         and (attention_mask is not None or query.shape[2] == key.shape[2])  # no mask: causal, square only
         and dropout == 0.0
         and getattr(module, "masked_key_indices", None) is None  # kvpress's head-wise masking is not active
         and not kwargs.get("output_attentions", False)
-    )
-
-
-def split_possible(module: nn.Module) -> bool:
-    """Whether the module's next attention call can run as the unmasked split, whatever its mask: the wrapper
-    is the module's attention function, it captures, on CPU, without dropout or kvpress's head-wise masking."""
-    return (
-        getattr(module, CAPTURE_ATTRIBUTE, False)
-        and getattr(getattr(module, "config", None), "_attn_implementation", None) == "sdpa"
-        and all(parameter.device.type == "cpu" for parameter in module.parameters())
-        and not (module.training and getattr(module, "attention_dropout", 0.0) > 0)
-        and getattr(module, "masked_key_indices", None) is None
-        and getattr(module, "is_causal", True)
     )
 
 
@@ -107,13 +147,16 @@ def prefix_and_causal_attention(query, key, value, n_prefix: int, scale=None):
 
 def wrap_sdpa(sdpa_forward):
     def sdpa_with_lse(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
+        capture = ACTIVE_CAPTURES.get(module)
+        if capture is None:
+            return sdpa_forward(module, query, key, value, attention_mask, dropout, **kwargs)
         supported = capture_supported(module, query, key, attention_mask, dropout, kwargs)
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
-        n_prefix = getattr(module, VISIBLE_PREFIX_ATTRIBUTE, None)
+        n_prefix = capture.visible_prefix
         split = supported and is_causal and n_prefix is not None and key.shape[2] - n_prefix == query.shape[2]
-        if getattr(module, MASK_IGNORED_ATTRIBUTE, False) and not split:
+        if capture.mask_ignored and not split:
             raise RuntimeError(f"{type(module).__name__}: the replay's placeholder mask reached attention "
                                "that reads it (please report this)")
         if not supported:
@@ -125,7 +168,7 @@ def wrap_sdpa(sdpa_forward):
         else:
             output, lse = flash_attention(query, key, value, attention_mask is None and is_causal, attention_mask,
                                           scale)
-        setattr(module, LSE_ATTRIBUTE, Captured(lse.float(), query, key, scale))
+        capture.captured[module] = Captured(lse.float(), query, key, scale)
         return output.transpose(1, 2).contiguous(), None
 
     setattr(sdpa_with_lse, WRAPPED_ATTRIBUTE, sdpa_forward)
@@ -133,35 +176,10 @@ def wrap_sdpa(sdpa_forward):
 
 
 def install() -> None:
-    """Wrap the registered ``"sdpa"`` attention function once per process."""
+    """Wrap the registered ``"sdpa"`` attention function once per process (called when a press is first used on
+    a model); the wrapper passes every call through unless an :class:`LseCapture` is open on the module."""
     if not hasattr(ALL_ATTENTION_FUNCTIONS["sdpa"], WRAPPED_ATTRIBUTE):
         ALL_ATTENTION_FUNCTIONS["sdpa"] = wrap_sdpa(ALL_ATTENTION_FUNCTIONS["sdpa"])
-
-
-def set_capture(modules: list[nn.Module], enabled: bool) -> None:
-    """Start or stop capturing the log-sum-exp on these attention modules, forgetting any left over."""
-    for module in modules:
-        setattr(module, CAPTURE_ATTRIBUTE, enabled)
-        for attribute in (LSE_ATTRIBUTE, VISIBLE_PREFIX_ATTRIBUTE, MASK_IGNORED_ATTRIBUTE):
-            module.__dict__.pop(attribute, None)
-
-
-def set_visible_prefix(modules: list[nn.Module], n_prefix: int | None, mask_ignored: bool = False) -> None:
-    """Declare that the next attention call of each module shows every query its first ``n_prefix`` keys and
-    the rest causally (None: the mask says what is visible). ``mask_ignored``: the call's mask is a placeholder,
-    so any attention other than that split raises instead of reading it."""
-    for module in modules:
-        setattr(module, VISIBLE_PREFIX_ATTRIBUTE, n_prefix)
-        setattr(module, MASK_IGNORED_ATTRIBUTE, mask_ignored)
-
-
-def take_lse(module: nn.Module, batch: int, q_len: int) -> Captured | None:
-    """What the module's last attention call captured, if it covered ``batch x q_len`` queries; removed from
-    the module."""
-    captured = module.__dict__.pop(LSE_ATTRIBUTE, None)
-    if captured is None or captured.lse.shape[0] != batch or captured.lse.shape[2] != q_len:
-        return None
-    return captured
 
 
 def bidirectional_lse(captured: Captured, key_valid: torch.Tensor) -> torch.Tensor:

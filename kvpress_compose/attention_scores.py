@@ -18,11 +18,16 @@ import torch
 from kvpress.utils import get_prerope_query_states
 from torch import nn
 
+from kvpress_compose.visibility import causally_visible
+
 QueryBlocks = Callable[[int, int], torch.Tensor]
 MIN_BLOCK = 16  # queries per block at least, so that small caches do not mean thousands of tiny steps
 PROJECTION_ROWS = 256  # queries are projected this many at a time (small matmuls are slow), scored per block
 TILE_COLUMNS, TILE_KEYS = 256, 512  # (query x head) columns and keys of one tile of the log-sum-exp path
 AGGREGATIONS = ("max", "mean")
+# model types whose queries kvpress's get_prerope_query_states recomputes exactly (projection, per-head q_norm,
+# RoPE); others (OLMo2's full-width q_norm, ...) would be scored with other queries than attention used
+EXACT_QUERY_RECOMPUTATION = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def recompute_queries(module: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
@@ -36,6 +41,14 @@ def recompute_queries(module: nn.Module, hidden_states: torch.Tensor, position_e
 
 def query_blocks(module: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> QueryBlocks:
     """Queries of positions ``[start, end)`` on demand, so that only one block of them exists at a time."""
+    model_type = getattr(module.config, "model_type", None)
+    if model_type not in EXACT_QUERY_RECOMPUTATION:
+        raise ValueError(
+            f"ComposePress cannot recompute the queries of a {model_type!r} model exactly (it does for "
+            f"{', '.join(EXACT_QUERY_RECOMPUTATION)}), and this scoring path needs them: load the model with "
+            "attn_implementation='sdpa' on CPU with query_source='prefill' or 'bidirectional' (scores from the "
+            "queries attention used), or give a scorer"
+        )
     if position_embeddings is None:
         raise ValueError(
             f"{type(module).__name__} received no rotary position_embeddings: ComposePress supports RoPE models "
@@ -170,10 +183,9 @@ def statistics_from_lse(
             # (batch * kv_heads, tile keys, group, rows) log-probabilities
             log_probs = torch.baddbmm(bias, keys[:, key_start:key_end], block)
             log_probs = log_probs.view(-1, key_end - key_start, group, end - start)
-            if key_end > seen_by_all:
-                key_index = torch.arange(key_start, key_end, device=keys.device)[:, None, None]
-                log_probs.masked_fill_(key_index > torch.arange(start, end, device=keys.device) + causal_offset,
-                                       float("-inf"))
+            if key_end > seen_by_all:  # (keys, 1, rows): the diagonal tile's hidden (key, query) pairs
+                visible = causally_visible(range(start, end), range(key_start, key_end), causal_offset, keys.device)
+                log_probs.masked_fill_(~visible.T[:, None, :], float("-inf"))
             tile = stat[:, key_start:key_end]
             if agg_task == "max":
                 torch.maximum(tile, log_probs.amax(dim=-1), out=tile)
@@ -201,10 +213,7 @@ def finish_scores(stat: torch.Tensor, n_queries: torch.Tensor, agg_task: str, ag
 def visibility_bias(start, end, n_visible, causal_offset, key_valid, group, kv_heads, device) -> torch.Tensor:
     """Additive mask (0 or -inf) of queries ``[start, end)`` repeated over the ``group`` query heads of a KV
     head: ``(group * rows, n_visible)``, or ``(batch * kv_heads, group * rows, n_visible)`` with key padding."""
-    hidden = torch.zeros(end - start, n_visible, dtype=torch.bool, device=device)
-    if causal_offset is not None:
-        query_index = torch.arange(start, end, device=device)[:, None]
-        hidden |= torch.arange(n_visible, device=device)[None, :] > query_index + causal_offset
+    hidden = ~causally_visible(range(start, end), range(n_visible), causal_offset, device)
     if key_valid is not None:
         hidden = hidden | ~key_valid[:, None, :n_visible].to(device)  # (batch, rows, n_visible)
     bias = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, float("-inf"))

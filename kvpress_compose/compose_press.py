@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import torch
 from kvpress import BasePress, ScorerPress
-from kvpress.presses.base_press import is_prefilling
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -21,24 +20,17 @@ from kvpress_compose.allocation import (
     kept_positions,
     layer_budgets,
     rank_tokens,
+    uniform_budgets,
 )
-from kvpress_compose.attention_scores import (
-    AGGREGATIONS,
-    attention_statistics,
-    finish_scores,
-    merge_statistics,
-    query_blocks,
-    statistics_from_lse,
-)
-from kvpress_compose.cache_gather import compress_layer, full_cache_bytes, layer_states, mask_evicted_entries
-from kvpress_compose.layer_masks import install_layer_mask_hooks
-from kvpress_compose.prefill_inputs import PrefillInputs, capture_prefill_inputs
-from kvpress_compose.replay import ReplayCache, run_replay
+from kvpress_compose.attention_scores import AGGREGATIONS, aggregate
+from kvpress_compose.cache_gather import compress_layer, layer_states, mask_evicted_entries
+from kvpress_compose.layer_masks import compressed_context_length, install_layer_mask_hooks
+from kvpress_compose.prefill_inputs import decoder_arguments, prefill_inputs
+from kvpress_compose.prefill_run import PREFILL, PrefillRun
+from kvpress_compose.query_sources import QUERY_SOURCES, check_cache_unchanged, query_source_for
 
 logger = logging.getLogger(__name__)
-attention_lse.install()
-QUERY_SOURCES = ("prefill", "bidirectional", "replay")
-SCORE_BLOCK_FRACTION = 0.1  # scoring works in blocks of about this fraction of the full KV cache size
+LAYER_ALLOCATIONS = ("global", "uniform")
 
 
 @dataclass
@@ -53,16 +45,23 @@ class ComposePress(BasePress):
     Parameters
     ----------
     compression_ratio : float, default=0.0
-        Fraction of the model's context KV entries to remove, in [0, 1).
+        Fraction of the model's context KV entries to remove, in [0, 1); checked whenever it is set.
     query_source : str, default="replay"
-        Which queries score the context. "prefill": the prefill's own queries, causal (no extra pass).
-        "bidirectional": the prefill's queries attending to every context key (no extra pass). "replay": the
-        paper's, the context re-fed after itself in a second forward pass, whose attention covers three times
-        the prefill's (query, key) pairs; the cache never keeps the re-fed tokens. Ignored when ``scorer`` is
-        given. On CPU with sdpa, scoring reuses the log-sum-exp of the model's own attention.
+        Which queries score the context (one class each in :mod:`kvpress_compose.query_sources`). "prefill":
+        the prefill's own queries, causal (no extra pass). "bidirectional": the prefill's queries attending to
+        every context key (no extra pass). "replay": the paper's, the context re-fed after itself in a second
+        forward pass, whose attention covers three times the prefill's (query, key) pairs; the cache never
+        keeps the re-fed tokens. Ignored when ``scorer`` is given. On CPU with sdpa, scoring reuses the
+        log-sum-exp of the model's own attention.
     structured : bool, default=True
         False gives the unstructured upper bound: per-(layer, head) budgets applied with kvpress's head-wise
         masking. That saves no memory (evicted entries are masked, not removed) and needs sdpa or flash.
+    layer_allocation : str, default="global"
+        "global" (the paper's): one top-k over every layer's composite scores decides how many each layer
+        keeps. "uniform": every layer keeps the same number of composite tokens (the ablation).
+    composite_tokens : bool, default=True
+        True (the paper's): each head keeps its own top positions. False (the ablation): one set of positions
+        per layer, ranked by the head-aggregated (``agg_head``) score and shared by every head.
     scorer : ScorerPress, optional
         Any kvpress ScorerPress (SnapKV, ExpectedAttention, Knorm, TOVA, ...) used as the token scores in place
         of attention scores; its own compression_ratio is ignored.
@@ -80,11 +79,16 @@ class ComposePress(BasePress):
         default a block of float32 probabilities is about 10% of the full KV cache (at least 16 queries), so
         scoring adds memory O(block x context), never O(context^2). The log-sum-exp path (sdpa on CPU) scores
         in fixed tiles of 256 query columns x 512 keys and does not use it.
+
+    After each prefill, ``last_budgets`` holds what each layer kept (``(layers,)`` composite tokens, or
+    ``(batch, layers, kv_heads)`` tokens when ``structured=False``) and ``last_scores`` the scores ranked.
     """
 
     compression_ratio: float = 0.0
     query_source: str = "replay"
     structured: bool = True
+    layer_allocation: str = "global"
+    composite_tokens: bool = True
     scorer: ScorerPress | None = None
     agg_task: str = "max"
     agg_group: str = "mean"
@@ -96,254 +100,158 @@ class ComposePress(BasePress):
     last_budgets: torch.Tensor | None = field(default=None, init=False, repr=False)
     last_scores: torch.Tensor | None = field(default=None, init=False, repr=False)
 
+    def __setattr__(self, name, value):
+        """Every documented setting is checked (and normalised: numpy numbers become Python ones) whenever it is
+        set, at construction or later (kvpress's evaluate.py assigns ``compression_ratio``)."""
+        validate = SETTINGS.get(name)
+        super().__setattr__(name, value if validate is None else validate(name, value))
+
     def __post_init__(self):
-        if isinstance(self.compression_ratio, bool) or not isinstance(self.compression_ratio, numbers.Real):
-            raise TypeError(f"compression_ratio must be a float, got {type(self.compression_ratio).__name__}")
-        if not 0 <= self.compression_ratio < 1:
-            raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio}")
-        if self.query_source not in QUERY_SOURCES:
-            raise ValueError(f"query_source must be one of {QUERY_SOURCES}, got {self.query_source!r}")
-        for name in ("agg_task", "agg_group", "agg_head"):
-            if getattr(self, name) not in AGGREGATIONS:
-                raise ValueError(f"{name} must be one of {AGGREGATIONS}, got {getattr(self, name)!r}")
-        if self.scorer is not None and not isinstance(self.scorer, ScorerPress):
-            raise TypeError(f"scorer must be a kvpress ScorerPress, got {type(self.scorer).__name__}")
-        if not is_positive_int(self.min_tokens_per_layer):
-            raise ValueError(f"min_tokens_per_layer must be an int >= 1, got {self.min_tokens_per_layer!r}")
-        if self.score_block_size is not None and not is_positive_int(self.score_block_size):
-            raise ValueError(f"score_block_size must be an int >= 1 or None, got {self.score_block_size!r}")
-        for name in ("structured", "add_v_norm", "add_mean_across_heads"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        self._capture_hook = None  # decoder pre-hook capturing prefill inputs, while the press is in use
-        self._in_own_context = False  # inside our own `with press(model)` (not only kvpress's ComposedPress)
-        self._reset()
+        if not self.structured and (self.layer_allocation != "global" or not self.composite_tokens):
+            raise ValueError(
+                "structured=False ranks every head's tokens on their own against one global budget: "
+                "layer_allocation and composite_tokens apply to the structured press only"
+            )
+        self._attachment: DecoderAttachment | None = None  # our decoder hooks, while the press is in use
+        self._run: PrefillRun | None = None  # the prefill under way, if any
 
-    def _reset(self):
-        self._inputs: PrefillInputs | None = None  # the prefill's inputs, captured by the decoder pre-hook
-        self._statistics: dict[int, torch.Tensor] = {}  # layer -> (batch, kv_heads, group, n) attention stats
-        self._scores: dict[int, torch.Tensor] = {}  # layer -> (batch, kv_heads, n) scores from a scorer
-        self._replaying = False
-        attention_lse.set_capture(getattr(self, "_attention_modules", []), False)
-
-    # -- setting up ---------------------------------------------------------------------------------------
+    # -- being used on a model ----------------------------------------------------------------------------
 
     def post_init_from_model(self, model: PreTrainedModel):
-        self._language_model = language_model_of(model)
-        self._attention_modules = [layer.self_attn for layer in self._language_model.layers]
+        language_model = language_model_of(model)
+        attention_modules = [layer.self_attn for layer in language_model.layers]
         if not self.structured and model.config._attn_implementation == "eager":
             raise ValueError(
                 "structured=False relies on kvpress's head-wise masking, which does not patch eager attention: "
                 "load the model with attn_implementation='sdpa' (or flash_attention_2)"
             )
-        install_layer_mask_hooks(self._language_model, self._attention_modules)
-        self._local_span = local_attention_span(model.config.get_text_config())
-        self._remove_capture_hook()
-        self._capture_hook = self._language_model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
+        attention_lse.install()
+        install_layer_mask_hooks(language_model, attention_modules)
+        self._detach()
+        self._attachment = DecoderAttachment(self, language_model, attention_modules)
         if self.scorer is not None:
             self.scorer.post_init_from_model(model)
-        self._reset()
 
     @contextmanager
     def __call__(self, model: PreTrainedModel):
-        with super().__call__(model):
-            self._in_own_context = True
-            try:
+        try:
+            with super().__call__(model):
+                self._attachment.lasts_for_context = True
                 yield
-            finally:
-                self._in_own_context = False
-                self._remove_capture_hook()
-                self._reset()
+        finally:
+            self._detach()
 
-    def _remove_capture_hook(self):
-        if self._capture_hook is not None:
-            self._capture_hook.remove()
-            self._capture_hook = None
+    def _detach(self):
+        self._end_run()
+        if self._attachment is not None:
+            self._attachment.remove()
+            self._attachment = None
 
-    def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict):
-        """Decoder pre-hook: remember a fresh prefill's inputs (padding, positions, ids for replay)."""
-        if not self._replaying:
-            inputs = capture_prefill_inputs(module, args, kwargs)
-            if inputs is not None:
-                if self._local_span is not None and inputs.length >= self._local_span:  # caches keep span - 1
-                    raise ValueError(
-                        f"context of {inputs.length} tokens does not fit the model's sliding window or attention "
-                        f"chunk ({self._local_span} tokens, of which a cache keeps {self._local_span - 1}): "
-                        "ComposePress supports full-attention layers only"
-                    )
-                self._inputs, self._scores, self._statistics = inputs, {}, {}
-                uses_lse = self.scorer is None and self.query_source != "replay" and self.compression_ratio > 0
-                attention_lse.set_capture(self._attention_modules, uses_lse)
+    def _end_run(self):
+        if self._run is not None:
+            self._run.close()
+            self._run = None
+
+    # -- one prefill: started by the decoder's pre-hook, ended by its forward hook ------------------------
+
+    def _start_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict) -> None:
+        attachment = self._attachment
+        if not attachment.press_is_hooked():  # the press was used in a ComposedPress that has exited
+            self._detach()
+            return
+        if self._run is not None:  # the replay pass re-entering the decoder
+            return
+        arguments = decoder_arguments(decoder, args, kwargs)
+        cache = arguments.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            refuse_more_context(cache, arguments)
+            return
+        if self.compression_ratio == 0:
+            return
+        inputs = prefill_inputs(arguments)
+        local_span = attachment.local_span
+        if local_span is not None and inputs.length >= local_span:  # caches keep span - 1
+            raise ValueError(
+                f"context of {inputs.length} tokens does not fit the model's sliding window or attention chunk "
+                f"({local_span} tokens, of which a cache keeps {local_span - 1}): ComposePress supports "
+                "full-attention layers only"
+            )
+        self._run = PrefillRun(
+            inputs=inputs,
+            source=query_source_for(self.query_source, self.scorer),
+            language_model=attachment.language_model,
+            attention_modules=attachment.attention_modules,
+            agg_task=self.agg_task,
+            agg_group=self.agg_group,
+            score_block_size=self.score_block_size,
+            local_span=local_span,
+        )
+
+    def _end_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """Decoder forward hook, run however the forward ends (``always_call``): the prefill's state goes."""
+        if self._run is not None and self._run.phase != PREFILL:  # the replay pass's nested call
+            return
+        self._end_run()
+        if not self._attachment.lasts_for_context:
+            self._detach()
 
     # -- scoring (forward hook) ---------------------------------------------------------------------------
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
-        try:
-            with torch.no_grad():  # scoring and compression are never differentiated, even if the forward is
-                return self._score_layer(module, kwargs, output)
-        except BaseException:  # leave no capture behind (kvpress's ComposedPress does not call our __call__)
-            attention_lse.set_capture(self._attention_modules, False)
-            if not self._in_own_context:
-                self._remove_capture_hook()
-            raise
-
-    def _score_layer(self, module: nn.Module, kwargs: dict, output: list):
-        hidden_states = kwargs["hidden_states"]
-        if self._replaying:
-            self._score_replay(module, hidden_states, kwargs)
+        run = self._run
+        if run is None or run.phase != PREFILL:
             return output
         cache = kwargs.get("past_key_values")
         if cache is None:
             raise ValueError("ComposePress needs a cache: call the model with past_key_values=DynamicCache()")
-        if not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):
-            return output
-        if self.compression_ratio == 0:
-            self._finish_prefill(module)
-            return output
-        if self._inputs is None:
-            raise RuntimeError("ComposePress saw a prefill it did not capture: use it as `with press(model):`")
-        keys, values = layer_states(cache, module.layer_idx)
-        if self.scorer is not None:
-            scores = self.scorer.score(module, hidden_states, keys, values, output[1], kwargs)
-            self._scores[module.layer_idx] = scores.float()
-        elif self.query_source != "replay":
-            if self.query_source == "prefill":  # the causal mask needs the keys' original positions
-                self._check_unpruned(keys, hidden_states)
-            self._statistics[module.layer_idx] = self._prefill_statistics(module, keys, hidden_states, kwargs)
-        else:
-            self._check_unpruned(keys, hidden_states)
-        if module.layer_idx == len(self._attention_modules) - 1:
-            self._compress(cache)
-        self._finish_prefill(module)
+        with torch.no_grad():  # scoring and compression are never differentiated, even if the forward is
+            keys, values = layer_states(cache, module.layer_idx)
+            run.source.score_layer(run, module, keys, values, output[1], kwargs)
+            if module.layer_idx == run.n_layers - 1:
+                run.close()  # the prefill's captured attention is no longer needed
+                run.source.finish(run, cache)
+                self._compress(run, cache)
         return output
-
-    def _finish_prefill(self, module: nn.Module):
-        """After the last layer: inside kvpress's ComposedPress (not our own context manager), stop capturing."""
-        if module.layer_idx == len(self._attention_modules) - 1 and not self._in_own_context:
-            self._remove_capture_hook()
-
-    def _check_unpruned(self, keys: torch.Tensor, hidden_states: torch.Tensor):
-        if keys.shape[2] != hidden_states.shape[1]:
-            raise ValueError(
-                f"query_source={self.query_source!r} needs the layer's full context ({hidden_states.shape[1]} "
-                f"tokens) but found {keys.shape[2]}: put ComposePress last in ComposedPress, and after presses that "
-                "prune tokens use query_source='bidirectional' or a scorer"
-            )
-
-    def _prefill_statistics(self, module, keys, hidden_states, kwargs) -> torch.Tensor:
-        """Statistics of the prefill's own queries: from what its attention captured, else by softmax. The
-        captured queries are released on return, before the next layer runs."""
-        causal_offset = 0 if self.query_source == "prefill" else None
-        captured = attention_lse.take_lse(module, *hidden_states.shape[:2])
-        if captured is None or keys.shape[2] != captured.keys.shape[2]:  # an earlier press pruned this layer
-            queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
-            valid = self._inputs.valid
-            return self._attention_statistics(module, queries, keys, valid, valid, causal_offset)
-        lse = captured.lse  # causal; "bidirectional" normalises over every key
-        if self.query_source == "bidirectional":
-            lse = attention_lse.bidirectional_lse(captured, self._inputs.valid)
-        return statistics_from_lse(captured.query_blocks(), lse, captured.keys, self._inputs.valid,
-                                   n_scored=self._inputs.length, causal_offset=causal_offset, agg_task=self.agg_task)
-
-    def _attention_statistics(self, module, queries, keys, key_valid, query_valid, causal_offset):
-        n_context = self._inputs.length
-        if key_valid.shape[1] != keys.shape[2]:  # an earlier press pruned this layer: positions are unknown
-            key_valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool)
-        n_layers = len(self._attention_modules)
-        return attention_statistics(
-            queries,
-            query_valid.shape[1],
-            module.config.num_attention_heads,
-            keys,
-            key_valid.to(keys.device),
-            query_valid.to(keys.device),
-            n_scored=min(n_context, keys.shape[2]),
-            causal_offset=causal_offset,
-            agg_task=self.agg_task,
-            block_bytes=int(SCORE_BLOCK_FRACTION * full_cache_bytes(keys[:, :, :n_context], n_layers)),
-            block_size=self.score_block_size,
-        )
-
-    def _score_replay(self, module, hidden_states, kwargs):
-        """Statistics of one chunk of re-fed queries, merged into the layer's."""
-        keys = self._replay_cache.attended_keys.pop(module.layer_idx)  # original context, then re-fed tokens
-        start, n_context = self._replay_cache.replayed, self._inputs.length
-        valid = self._inputs.valid
-        end = start + hidden_states.shape[1]
-        captured = attention_lse.take_lse(module, *hidden_states.shape[:2])
-        if captured is not None:  # normalised over everything the re-fed queries saw; every context key is visible
-            chunk = statistics_from_lse(captured.query_blocks(), captured.lse, captured.keys,
-                                        valid[:, start:end], n_scored=n_context, causal_offset=None,
-                                        agg_task=self.agg_task)
-        else:
-            queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
-            chunk = self._attention_statistics(
-                module, queries, keys, torch.cat([valid, valid[:, :end]], dim=1), valid[:, start:end],
-                n_context + start
-            )
-        layer = module.layer_idx
-        self._statistics[layer] = merge_statistics(self._statistics.get(layer), chunk, self.agg_task)
-
-    def _layer_scores(self, cache, layer_idx: int) -> torch.Tensor:
-        """``(batch, kv_heads, n)`` scores of a layer: finished attention statistics or the scorer's, with the
-        value-norm enhancement and padding at -inf (never kept)."""
-        scores = self._scores.get(layer_idx)
-        if scores is None:
-            n_queries = self._inputs.valid.sum(dim=-1)
-            scores = finish_scores(self._statistics[layer_idx], n_queries, self.agg_task, self.agg_group)
-        if self.add_v_norm:
-            _, values = layer_states(cache, layer_idx)
-            scores = scores * values[:, :, : scores.shape[2]].float().norm(dim=-1)
-        if scores.shape[2] == self._inputs.length:
-            scores = scores.masked_fill(~self._inputs.valid[:, None].to(scores.device), float("-inf"))
-        return scores
 
     # -- allocation and compression -----------------------------------------------------------------------
 
-    def _compress(self, cache):
-        if self.scorer is None and self.query_source == "replay":
-            self._check_cache_lengths(cache, [self._inputs.length] * len(self._attention_modules))
-            self._replaying = True
-            self._replay_cache = ReplayCache(cache, self._inputs.length)
-            # a sliding window or attention chunk may hide context keys from re-fed queries, which scoring
-            # assumes they all see
-            attention_lse.set_capture(self._attention_modules, self._local_span is None)
-            try:
-                run_replay(self._language_model, self._inputs, self._replay_cache)
-            finally:
-                self._replaying = False
-                self._replay_cache = None
-        scores = self._stacked_scores(cache)
+    def _compress(self, run: PrefillRun, cache):
+        scores = self._stacked_scores(run, cache)
         if self.add_mean_across_heads:
             scores = scores + scores.mean(dim=2, keepdim=True)
+        if not self.composite_tokens:  # one ranking per layer, shared by every head
+            scores = aggregate(scores, self.agg_head, dim=2)[:, :, None].expand_as(scores).contiguous()
         sorted_scores, token_order = rank_tokens(scores)
         self.last_scores = scores
         if self.structured:
             self._compress_structured(cache, sorted_scores, token_order)
         else:
-            self._mask_unstructured(sorted_scores, token_order)
-        self._inputs, self._scores, self._statistics = None, {}, {}
-        attention_lse.set_capture(self._attention_modules, False)
+            self._mask_unstructured(run, sorted_scores, token_order)
 
-    def _check_cache_lengths(self, cache, scored_lengths: list[int]) -> None:
-        """Every layer still holds the entries that were scored: no press after ComposePress pruned them."""
-        if any(cache.get_seq_length(i) != length for i, length in enumerate(scored_lengths)):
-            raise ValueError(
-                "a press after ComposePress changed the cache before ComposePress compressed it: "
-                "put ComposePress last in ComposedPress"
-            )
+    def _layer_scores(self, run: PrefillRun, cache, layer_idx: int) -> torch.Tensor:
+        """``(batch, kv_heads, n)`` scores of a layer, with the value-norm enhancement and padding at -inf."""
+        scores = run.source.layer_scores(run, layer_idx)
+        if self.add_v_norm:
+            _, values = layer_states(cache, layer_idx)
+            scores = scores * values[:, :, : scores.shape[2]].float().norm(dim=-1)
+        if scores.shape[2] == run.inputs.length:
+            scores = scores.masked_fill(~run.inputs.valid[:, None].to(scores.device), float("-inf"))
+        return scores
 
-    def _stacked_scores(self, cache) -> torch.Tensor:
+    def _stacked_scores(self, run: PrefillRun, cache) -> torch.Tensor:
         """``(layers, batch, kv_heads, n)`` scores on one device; positions a layer lacks are -inf."""
-        layer_scores = [self._layer_scores(cache, layer_idx) for layer_idx in range(len(self._attention_modules))]
+        row_lengths = run.inputs.valid.sum(dim=1)
+        short_row = int(row_lengths.argmin())
+        if int(row_lengths[short_row]) < self.min_tokens_per_layer:
+            raise ValueError(
+                f"row {short_row} of the batch has {int(row_lengths[short_row])} context tokens (the rest is "
+                f"padding), fewer than min_tokens_per_layer={self.min_tokens_per_layer}"
+            )
+        layer_scores = [self._layer_scores(run, cache, layer_idx) for layer_idx in range(run.n_layers)]
         device = layer_scores[0].device
         n = max(scores.shape[2] for scores in layer_scores)
-        shortest = int(self._inputs.valid.sum(dim=1).min())
-        if shortest < self.min_tokens_per_layer:
-            raise ValueError(
-                f"context has {shortest} tokens, fewer than min_tokens_per_layer={self.min_tokens_per_layer}"
-            )
-        self._check_cache_lengths(cache, [scores.shape[2] for scores in layer_scores])
+        check_cache_unchanged([cache.get_seq_length(i) for i in range(run.n_layers)],
+                              [scores.shape[2] for scores in layer_scores])
         padded = [torch.nn.functional.pad(s.to(device), (0, n - s.shape[2]), value=float("-inf")) for s in layer_scores]
         return torch.stack(padded)
 
@@ -357,8 +265,12 @@ class ComposePress(BasePress):
                 f"compression_ratio={self.compression_ratio} allows"
             )
             n_kept = n_layers * self.min_tokens_per_layer
-        budgets = layer_budgets(composite_scores(sorted_scores, self.agg_head), n_kept, self.min_tokens_per_layer)
-        if int(budgets.sum()) < n_kept:
+        composite = composite_scores(sorted_scores, self.agg_head)
+        if self.layer_allocation == "global":
+            budgets = layer_budgets(composite, n_kept, self.min_tokens_per_layer)
+        else:
+            budgets = uniform_budgets(composite, n_kept, self.min_tokens_per_layer)
+        if self.layer_allocation == "global" and int(budgets.sum()) < n_kept:
             logger.warning(
                 f"kept {int(budgets.sum())} composite tokens instead of {n_kept}: batch rows share one length per "
                 "layer and padding is never kept, so the shortest row bounds each layer"
@@ -367,10 +279,64 @@ class ComposePress(BasePress):
         for layer_idx, budget in enumerate(self.last_budgets.tolist()):
             compress_layer(cache, layer_idx, kept_positions(token_order[layer_idx], budget))
 
-    def _mask_unstructured(self, sorted_scores, token_order):
+    def _mask_unstructured(self, run: PrefillRun, sorted_scores, token_order):
         budgets = head_budgets(sorted_scores, self.compression_ratio, self.min_tokens_per_layer)  # (b, L, H)
         self.last_budgets = budgets.cpu()
-        mask_evicted_entries(self._attention_modules, token_order, budgets)
+        mask_evicted_entries(run.attention_modules, token_order, budgets)
+
+
+class DecoderAttachment:
+    """ComposePress's two hooks on a decoder stack: a pre-hook that starts a :class:`PrefillRun` for a fresh
+    prefill and a forward hook, run however the forward ends, that drops it.
+
+    In the press's own ``with press(model):`` they last until the block exits. Used by another press (kvpress's
+    ``ComposedPress``, which never tells its presses that it exited), they last for one forward, as kvpress's
+    presses compress one prefill per ``with`` block; and if that block saw no forward, the pre-hook removes
+    both at the next forward, which it leaves untouched."""
+
+    def __init__(self, press: ComposePress, language_model: nn.Module, attention_modules: list[nn.Module]):
+        self.press, self.language_model, self.attention_modules = press, language_model, attention_modules
+        self.lasts_for_context = False  # True inside the press's own context manager
+        self.local_span = local_attention_span(language_model.config.get_text_config())
+        self.handles = [
+            language_model.register_forward_pre_hook(press._start_prefill, with_kwargs=True),
+            language_model.register_forward_hook(press._end_prefill, with_kwargs=True, always_call=True),
+        ]
+
+    def press_is_hooked(self) -> bool:
+        """Whether a kvpress forward hook that reaches the press (itself, or a press wrapping it) is still
+        registered on the first attention module."""
+        hooks = self.attention_modules[0]._forward_hooks.values()
+        return any(wraps_press(getattr(hook, "__self__", None), self.press) for hook in hooks)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def wraps_press(outer, press: BasePress) -> bool:
+    """Whether ``outer`` is ``press`` or a kvpress press wrapping it (``presses``, ``press``, ``base_press``)."""
+    if outer is press:
+        return True
+    if not isinstance(outer, BasePress):
+        return False
+    inner = [*(getattr(outer, "presses", None) or []), getattr(outer, "press", None), getattr(outer, "base_press", None)]
+    return any(wraps_press(child, press) for child in inner if child is not None)
+
+
+def refuse_more_context(cache, arguments: dict) -> None:
+    """A forward of several tokens into a cache this press compressed, while the press is in use, would be a
+    second chunk of the context (a chunked prefill): ComposePress scored and compressed only the first."""
+    reference = arguments.get("input_ids")
+    reference = reference if reference is not None else arguments.get("inputs_embeds")
+    layers = getattr(cache, "layers", None)
+    if reference is not None and reference.shape[1] > 1 and compressed_context_length(layers, 0) is not None:
+        raise ValueError(
+            f"a forward of {reference.shape[1]} tokens into a cache ComposePress has compressed, while the press is "
+            "in use: ComposePress compresses the context of one prefill forward, so a context fed in chunks would "
+            "be compressed only up to its first chunk. Feed the whole context in one forward; run later tokens "
+            "(a question) after the `with press(model)` block, or one at a time"
+        )
 
 
 def language_model_of(model: PreTrainedModel) -> nn.Module:
@@ -401,5 +367,61 @@ def local_attention_span(config) -> int | None:
     return min(spans) if spans else None
 
 
-def is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+# -- settings: each checked and normalised whenever it is set --------------------------------------------------
+
+
+def ratio_setting(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not 0 <= value < 1:  # NaN fails too
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+def positive_int_setting(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def optional_positive_int_setting(name, value):
+    return None if value is None else positive_int_setting(name, value)
+
+
+def bool_setting(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def choice_setting(choices):
+    def check(name, value):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
+def scorer_setting(name, value):
+    if value is not None and not isinstance(value, ScorerPress):
+        raise TypeError(f"{name} must be a kvpress ScorerPress, got {type(value).__name__}")
+    return value
+
+
+SETTINGS = {
+    "compression_ratio": ratio_setting,
+    "query_source": choice_setting(QUERY_SOURCES),
+    "structured": bool_setting,
+    "layer_allocation": choice_setting(LAYER_ALLOCATIONS),
+    "composite_tokens": bool_setting,
+    "scorer": scorer_setting,
+    "agg_task": choice_setting(AGGREGATIONS),
+    "agg_group": choice_setting(AGGREGATIONS),
+    "agg_head": choice_setting(AGGREGATIONS),
+    "add_v_norm": bool_setting,
+    "add_mean_across_heads": bool_setting,
+    "min_tokens_per_layer": positive_int_setting,
+    "score_block_size": optional_positive_int_setting,
+}

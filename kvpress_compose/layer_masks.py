@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from kvpress_compose.cache_gather import CONTEXT_LENGTH_ATTRIBUTE
+from kvpress_compose.visibility import causally_visible
 
 HOOK_ATTRIBUTE = "_compose_layer_mask_hook"
 logger = logging.getLogger(__name__)
@@ -33,12 +34,28 @@ def install_layer_mask_hooks(language_model: nn.Module, attention_modules: list[
             setattr(module, HOOK_ATTRIBUTE, module.register_forward_pre_hook(hook, with_kwargs=True))
 
 
+def compressed_context_length(layers, layer_idx: int) -> int | None:
+    """The context entries ComposePress left in cache layer ``layer_idx``, or None where it did not compress
+    this cache. A cache cropped (or reset) below any layer's compressed context no longer holds what was
+    compressed: every layer's marker is cleared, and the cache is treated as one we never compressed (crop and
+    reset act on every layer, so checking the asked one finds it)."""
+    if not layers or layer_idx >= len(layers):
+        return None
+    context_length = getattr(layers[layer_idx], CONTEXT_LENGTH_ATTRIBUTE, None)
+    if context_length is not None and layers[layer_idx].get_seq_length() < context_length:
+        for layer in layers:
+            if hasattr(layer, CONTEXT_LENGTH_ATTRIBUTE):
+                delattr(layer, CONTEXT_LENGTH_ATTRIBUTE)
+        return None
+    return context_length
+
+
 def decoder_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     """On a compressed cache, make a 2D padding mask ``(layer-0 context) + later tokens`` long, its later part
     taken from the right end of the given mask (which may span the original context)."""
     cache = kwargs.get("past_key_values")
     layers = getattr(cache, "layers", None)
-    layer0_context = getattr(layers[0], CONTEXT_LENGTH_ATTRIBUTE, None) if layers else None
+    layer0_context = compressed_context_length(layers, 0)
     if layer0_context is None:
         return None
     if kwargs.get("position_ids") is None and kwargs.get("cache_position") is None:
@@ -61,17 +78,10 @@ def decoder_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 def layer_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     cache = kwargs.get("past_key_values")
     layers = getattr(cache, "layers", None)
-    if not layers or module.layer_idx >= len(layers):
-        return None
-    context_length = getattr(layers[module.layer_idx], CONTEXT_LENGTH_ATTRIBUTE, None)
+    context_length = compressed_context_length(layers, module.layer_idx)
     if context_length is None:
         return None
     cached = layers[module.layer_idx].get_seq_length()
-    if cached < context_length:  # cropped below the compressed context, or a new prefill into this cache
-        for layer in layers:
-            if hasattr(layer, CONTEXT_LENGTH_ATTRIBUTE):
-                delattr(layer, CONTEXT_LENGTH_ATTRIBUTE)
-        return None
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     q_len = hidden_states.shape[1]
     mask = kwargs.get("attention_mask")
@@ -95,10 +105,8 @@ def layer_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 def visible_keys(mask, context_length, layer0_context, cached, q_len, hidden_states) -> torch.Tensor:
     """``(batch, 1, q_len, cached + q_len)`` booleans: which of this layer's keys each new query sees."""
     after_context = cached - context_length  # tokens already cached after the context
-    device = hidden_states.device
-    query = torch.arange(q_len, device=device)[:, None] + after_context
-    later_keys = torch.arange(after_context + q_len, device=device)[None, :]
-    visible_later = later_keys <= query  # (q_len, after_context + q_len)
+    queries = range(after_context, after_context + q_len)
+    visible_later = causally_visible(queries, range(after_context + q_len), 0, hidden_states.device)
     batch = hidden_states.shape[0]
     visible_later = visible_later[None, None].expand(batch, 1, -1, -1)
     if mask is not None and mask.dim() == 4 and mask.shape[-1] == layer0_context + after_context + q_len:

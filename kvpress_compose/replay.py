@@ -13,11 +13,14 @@ soon as that layer has attended, so the replay adds one layer's forward over the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from kvpress_compose import attention_lse
+from kvpress_compose.attention_lse import LseCapture
 from kvpress_compose.cache_gather import full_cache_bytes, layer_states
 from kvpress_compose.prefill_inputs import PrefillInputs
 
@@ -84,9 +87,25 @@ def single_pass_saves_memory(config, kv_values_per_token: int) -> bool:
     return kv_values_per_token > 3 * intermediate + 4 * hidden
 
 
-def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache) -> None:
+@contextmanager
+def preserved_state(module: nn.Module):
+    """Restore ``module``'s buffers and plain attributes on exit. A dynamic RoPE embedding (``rope_type=
+    "dynamic"``) rescales its frequencies in place for positions past ``max_position_embeddings``, which the
+    re-fed positions may reach: without this, every later forward would run at the replay's frequencies."""
+    buffers = {name: buffer.clone() for name, buffer in module.named_buffers(recurse=False)}
+    plain = {name: value for name, value in vars(module).items() if isinstance(value, (bool, int, float, str))}
+    try:
+        yield
+    finally:
+        for name, buffer in buffers.items():
+            setattr(module, name, buffer)
+        vars(module).update(plain)
+
+
+def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache, capture: LseCapture | None) -> None:
     """Feed the captured context again over the replay cache: in one pass without a mask where every layer is
-    sure to take the unmasked split (captured sdpa on CPU, no padding) and that saves memory, else in chunks."""
+    sure to take the unmasked split of ``capture`` (sdpa on CPU, no padding) and that saves memory, else in
+    chunks. The model's rotary embedding is left as it was before."""
     positions = replay_position_ids(inputs.position_ids)
     attention_modules = [layer.self_attn for layer in language_model.layers]
     unpadded = bool(inputs.valid.all())
@@ -94,18 +113,18 @@ def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache)
     kv_values_per_token = 2 * len(attention_modules) * keys.shape[1] * keys.shape[3]
     single_pass = (
         unpadded
-        and all(attention_lse.split_possible(module) for module in attention_modules)
+        and capture is not None
+        and all(capture.split_possible(module) for module in attention_modules)
         and single_pass_saves_memory(language_model.config, kv_values_per_token)
     )
     replay_cache.keep_refed = not single_pass
     cache_bytes = full_cache_bytes(keys, len(attention_modules))
     chunk_size = inputs.length if single_pass else replay_chunk_size(cache_bytes, inputs.length)
-    with torch.no_grad():
+    with torch.no_grad(), preserved_state(language_model.rotary_emb):
         for start in range(0, inputs.length, chunk_size):
             end = min(start + chunk_size, inputs.length)
-            # every re-fed query sees the whole context and the re-fed tokens before its chunk
-            attention_lse.set_visible_prefix(attention_modules, inputs.length + start if unpadded else None,
-                                             mask_ignored=single_pass)
+            if capture is not None:  # every re-fed query sees the whole context and the re-fed tokens before its chunk
+                capture.declare_visible_prefix(inputs.length + start if unpadded else None, mask_ignored=single_pass)
             attention_mask = inputs.attention_mask
             if single_pass:  # (batch, 1, n, 2n) of one stored element: transformers uses a 4D mask as it is
                 attention_mask = torch.ones((), dtype=torch.bool, device=positions.device).expand(

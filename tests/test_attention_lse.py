@@ -5,8 +5,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvpress_compose import ComposePress, attention_lse
-from kvpress_compose import compose_press as compose_press_module
+from kvpress_compose import ComposePress, attention_lse, query_sources
 from tests.models import prefill, quantized_cache, random_ids, tiny_model
 
 
@@ -24,18 +23,20 @@ def test_wrapped_sdpa_matches_sdpa_and_returns_the_log_sum_exp():
     wrapped = attention_lse.wrap_sdpa(sdpa_attention_forward)
     for mask in (None, visible):
         expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
-        setattr(module, attention_lse.CAPTURE_ATTRIBUTE, True)
+        capture = attention_lse.LseCapture([module]).__enter__()
         output, _ = wrapped(module, query, key, value, mask, scaling=0.3)
         torch.testing.assert_close(output, expected, atol=1e-6, rtol=1e-5)
         logits = 0.3 * query @ key.repeat_interleave(2, dim=1).transpose(-1, -2)
         hidden = ~visible if mask is not None else ~visible[:1]
         expected_lse = logits.masked_fill(hidden, float("-inf")).logsumexp(dim=-1)
-        lse, attended_queries, attended_keys, scale = attention_lse.take_lse(module, 2, 9)
+        lse, attended_queries, attended_keys, scale = capture.take(module, 2, 9)
         seeing = visible.any(dim=-1) if mask is not None else torch.ones(1, 1, 9, dtype=torch.bool)
         seeing = seeing.expand(2, 4, 9)
         torch.testing.assert_close(lse[seeing], expected_lse.expand(2, 4, 9)[seeing], atol=1e-5, rtol=1e-5)
         assert attended_keys is key and attended_queries is query and scale == 0.3
-        assert attention_lse.take_lse(module, 2, 9) is None  # taken once
+        assert capture.take(module, 2, 9) is None  # taken once
+        capture.__exit__(None, None, None)
+        assert module not in attention_lse.ACTIVE_CAPTURES
 
 
 KERNEL_CASES = [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)]  # dtype, kernel has GQA
@@ -88,15 +89,15 @@ def test_wrapped_sdpa_passes_through_when_not_capturing_or_when_the_causal_mask_
     wrapped = attention_lse.wrap_sdpa(lambda *args, **kwargs: ("original", args[5], kwargs))
     query, key = torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 5, 8)
     assert wrapped(module, query, key, key, None, 0.0, scaling=2.0) == ("original", 0.0, {"scaling": 2.0})
-    setattr(module, attention_lse.CAPTURE_ATTRIBUTE, True)
-    assert wrapped(module, query, key, key, None, 0.0)[0] == "original"  # top-left causal would be wrong
-    assert not hasattr(module, attention_lse.LSE_ATTRIBUTE)
+    with attention_lse.LseCapture([module]) as capture:
+        assert wrapped(module, query, key, key, None, 0.0)[0] == "original"  # top-left causal would be wrong
+        assert module not in capture.captured
 
 
 def scores_and_lse_calls(attn, ids, monkeypatch, attention_mask=None, **press_kwargs):
     calls, split_calls = [], []
-    original = compose_press_module.statistics_from_lse
-    monkeypatch.setattr(compose_press_module, "statistics_from_lse",
+    original = query_sources.statistics_from_lse
+    monkeypatch.setattr(query_sources, "statistics_from_lse",
                         lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     original_split = attention_lse.prefix_and_causal_attention
     monkeypatch.setattr(attention_lse, "prefix_and_causal_attention",
@@ -104,9 +105,8 @@ def scores_and_lse_calls(attn, ids, monkeypatch, attention_mask=None, **press_kw
     model = tiny_model(attn=attn)
     press = ComposePress(compression_ratio=0.5, add_mean_across_heads=False, **press_kwargs)
     prefill(model, ids, press, attention_mask=attention_mask)
-    assert not any(hasattr(layer.self_attn, attention_lse.LSE_ATTRIBUTE) for layer in model.model.layers)
-    assert not any(getattr(layer.self_attn, attention_lse.CAPTURE_ATTRIBUTE) for layer in model.model.layers)
-    assert not any(hasattr(layer.self_attn, attention_lse.VISIBLE_PREFIX_ATTRIBUTE) for layer in model.model.layers)
+    assert not any(layer.self_attn in attention_lse.ACTIVE_CAPTURES for layer in model.model.layers)
+    assert press._run is None
     return press.last_scores, len(calls), len(split_calls)
 
 
@@ -168,11 +168,11 @@ def test_an_error_inside_composed_press_leaves_no_capture_behind():
     press = ComposePress(compression_ratio=0.5, query_source="prefill", min_tokens_per_layer=100)
     with pytest.raises(ValueError, match="min_tokens_per_layer"):
         prefill(model, random_ids(1, 50), ComposedPress([press]))
-    assert not any(getattr(layer.self_attn, attention_lse.CAPTURE_ATTRIBUTE) for layer in model.model.layers)
-    assert press._capture_hook is None
+    assert not any(layer.self_attn in attention_lse.ACTIVE_CAPTURES for layer in model.model.layers)
+    assert press._attachment is None and press._run is None
     with torch.no_grad():
         model(random_ids(1, 20))
-    assert not any(hasattr(layer.self_attn, attention_lse.LSE_ATTRIBUTE) for layer in model.model.layers)
+    assert not any(layer.self_attn in attention_lse.ACTIVE_CAPTURES for layer in model.model.layers)
 
 
 def test_attention_that_would_read_a_placeholder_mask_raises():
@@ -181,16 +181,16 @@ def test_attention_that_would_read_a_placeholder_mask_raises():
     query, key = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 6, 8)
     placeholder = torch.ones((), dtype=torch.bool).expand(1, 1, 3, 6)
     module = Attention()
-    attention_lse.set_visible_prefix([module], 2, mask_ignored=True)  # 6 - 2 != 3 queries: no split
-    setattr(module, attention_lse.CAPTURE_ATTRIBUTE, True)
-    with pytest.raises(RuntimeError, match="placeholder mask"):
-        wrapped(module, query, key, key, placeholder, 0.0)
-    setattr(module, attention_lse.CAPTURE_ATTRIBUTE, False)  # would go to the original sdpa
-    with pytest.raises(RuntimeError, match="placeholder mask"):
-        wrapped(module, query, key, key, placeholder, 0.0)
-    attention_lse.set_visible_prefix([module], 3, mask_ignored=True)
-    setattr(module, attention_lse.CAPTURE_ATTRIBUTE, True)
-    output, _ = wrapped(module, query, key, key, placeholder, 0.0)
+    with attention_lse.LseCapture([module]) as capture:
+        capture.declare_visible_prefix(2, mask_ignored=True)  # 6 - 2 != 3 queries: no split
+        with pytest.raises(RuntimeError, match="placeholder mask"):
+            wrapped(module, query, key, key, placeholder, 0.0)
+        module.masked_key_indices = (torch.zeros(1, dtype=torch.long),) * 3  # no capture: the original sdpa
+        with pytest.raises(RuntimeError, match="placeholder mask"):
+            wrapped(module, query, key, key, placeholder, 0.0)
+        module.masked_key_indices = None
+        capture.declare_visible_prefix(3, mask_ignored=True)
+        output, _ = wrapped(module, query, key, key, placeholder, 0.0)
     assert output.shape == (1, 3, 4, 8)
 
 

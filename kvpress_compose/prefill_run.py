@@ -1,0 +1,64 @@
+"""One prefill as ComposePress sees it: its inputs, query source, statistics, scores and phase.
+
+ComposePress creates a :class:`PrefillRun` when a fresh prefill enters the decoder and drops it when that
+forward ends, normally or by an exception in any hook: everything a prefill needs lives here, so that
+resetting is one assignment and nothing of one prefill reaches the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from kvpress_compose.attention_lse import LseCapture
+from kvpress_compose.prefill_inputs import PrefillInputs
+
+if TYPE_CHECKING:
+    from kvpress_compose.query_sources import QuerySource
+
+PREFILL, REPLAY = "prefill", "replay"  # phases: the prefill's own layers, then the replay source's second pass
+
+
+@dataclass
+class PrefillRun:
+    """The state of one prefill, from the decoder's pre-hook to the end of its forward.
+
+    Parameters
+    ----------
+    inputs : the prefill's inputs (ids or embeddings, padding, positions).
+    source : the query source scoring this prefill.
+    language_model : the decoder stack; ``attention_modules`` its layers' attention modules.
+    agg_task, agg_group, score_block_size : the press's settings scoring uses (see ComposePress).
+    local_span : the model's sliding window or attention chunk, None for full attention.
+    """
+
+    inputs: PrefillInputs
+    source: QuerySource
+    language_model: nn.Module
+    attention_modules: list[nn.Module]
+    agg_task: str
+    agg_group: str
+    score_block_size: int | None
+    local_span: int | None
+    statistics: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, kv_heads, group, n)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, kv_heads, n), a scorer's
+    phase: str = PREFILL
+    capture: LseCapture | None = None  # open while the prefill's attention leaves its log-sum-exp
+
+    def __post_init__(self):
+        if self.source.captures_prefill_lse:
+            self.capture = LseCapture(self.attention_modules).__enter__()
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.attention_modules)
+
+    def close(self) -> None:
+        """Close the prefill's capture: once its last layer is scored, or when its forward ends (any way it
+        ends); safe to call more than once."""
+        if self.capture is not None:
+            self.capture.__exit__(None, None, None)
+            self.capture = None

@@ -1,0 +1,204 @@
+"""Where the queries that score the context come from: one class per query source, behind one interface.
+
+ComposePress calls a :class:`QuerySource` three ways during a prefill: :attr:`~QuerySource.captures_prefill_lse`
+(whether the prefill's attention should leave its log-sum-exp), :meth:`~QuerySource.score_layer` (in each
+layer's forward hook) and :meth:`~QuerySource.finish` (once the last layer has run, before allocation); then
+:meth:`~QuerySource.layer_scores` gives each layer's ``(batch, kv_heads, n)`` scores. Adding a source means
+writing one class and, for a string name, one entry of :data:`QUERY_SOURCES`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from kvpress import ScorerPress
+from torch import nn
+
+from kvpress_compose import attention_lse
+from kvpress_compose.attention_lse import LseCapture
+from kvpress_compose.attention_scores import (
+    attention_statistics,
+    finish_scores,
+    merge_statistics,
+    query_blocks,
+    statistics_from_lse,
+)
+from kvpress_compose.cache_gather import full_cache_bytes
+from kvpress_compose.prefill_run import PREFILL, REPLAY, PrefillRun
+from kvpress_compose.replay import ReplayCache, run_replay
+
+SCORE_BLOCK_FRACTION = 0.1  # softmax scoring works in blocks of about this fraction of the full KV cache size
+
+
+class QuerySource:
+    """The interface ComposePress scores through (the default methods suit attention-based sources)."""
+
+    captures_prefill_lse = False  # whether the prefill's own attention should leave its log-sum-exp
+
+    def score_layer(self, run: PrefillRun, module: nn.Module, keys, values, attentions, kwargs: dict) -> None:
+        """Called in each layer's forward hook during the prefill, with the layer's cached keys and values."""
+
+    def finish(self, run: PrefillRun, cache) -> None:
+        """Called once the prefill's last layer has been scored, before the budgets are allocated."""
+
+    def layer_scores(self, run: PrefillRun, layer_idx: int) -> torch.Tensor:
+        """``(batch, kv_heads, n)`` scores of one layer, from the statistics the source gathered."""
+        n_queries = run.inputs.valid.sum(dim=-1)
+        return finish_scores(run.statistics[layer_idx], n_queries, run.agg_task, run.agg_group)
+
+
+class CausalPrefill(QuerySource):
+    """``"prefill"``: the prefill's own queries, causal, so no extra pass; taken from the log-sum-exp the
+    prefill's attention left where it could, else scored by softmax."""
+
+    captures_prefill_lse = True
+    causal_offset: int | None = 0  # the causal rule needs the keys' original positions
+
+    def score_layer(self, run, module, keys, values, attentions, kwargs):
+        hidden_states = kwargs["hidden_states"]
+        if self.causal_offset is not None:
+            check_unpruned("prefill", keys, hidden_states)
+        captured = run.capture.take(module, *hidden_states.shape[:2]) if run.capture is not None else None
+        if captured is None or keys.shape[2] != captured.keys.shape[2]:  # an earlier press pruned this layer
+            queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
+            valid = run.inputs.valid
+            run.statistics[module.layer_idx] = softmax_statistics(run, module, queries, keys, valid, valid,
+                                                                  self.causal_offset)
+            return
+        run.statistics[module.layer_idx] = statistics_from_lse(
+            captured.query_blocks(), self.log_sum_exp(captured, run), captured.keys, run.inputs.valid,
+            n_scored=run.inputs.length, causal_offset=self.causal_offset, agg_task=run.agg_task,
+        )
+
+    def log_sum_exp(self, captured, run) -> torch.Tensor:
+        return captured.lse
+
+
+class BidirectionalPrefill(CausalPrefill):
+    """``"bidirectional"``: the prefill's queries attending to every context key (no extra pass); works after
+    presses that pruned the layer, whose kept keys' positions are unknown."""
+
+    causal_offset = None
+
+    def log_sum_exp(self, captured, run) -> torch.Tensor:
+        return attention_lse.bidirectional_lse(captured, run.inputs.valid)
+
+
+class Replay(QuerySource):
+    """``"replay"``: the paper's. The context is re-fed after itself in a second forward pass (the cache never
+    keeps the re-fed tokens) and the re-fed queries, which see the whole context, score it; its attention
+    covers three times the prefill's (query, key) pairs."""
+
+    def score_layer(self, run, module, keys, values, attentions, kwargs):
+        check_unpruned("replay", keys, kwargs["hidden_states"])
+
+    def finish(self, run, cache):
+        lengths = [cache.get_seq_length(layer_idx) for layer_idx in range(run.n_layers)]
+        check_cache_unchanged(lengths, [run.inputs.length] * run.n_layers)
+        replay_cache = ReplayCache(cache, run.inputs.length)
+        # a sliding window or attention chunk may hide context keys from re-fed queries, which scoring assumes
+        # they all see: there, scores come from a softmax over every context key
+        capture = LseCapture(run.attention_modules) if run.local_span is None else None
+        hooks = [module.register_forward_hook(self.refed_hook(run, replay_cache, capture), with_kwargs=True)
+                 for module in run.attention_modules]
+        run.phase = REPLAY
+        try:
+            with capture if capture is not None else nullcontext():
+                run_replay(run.language_model, run.inputs, replay_cache, capture)
+        finally:
+            run.phase = PREFILL
+            for hook in hooks:
+                hook.remove()
+
+    def refed_hook(self, run: PrefillRun, replay_cache: ReplayCache, capture: LseCapture | None):
+        def score_refed_chunk(module, args, kwargs, output):
+            """Statistics of one chunk of re-fed queries, merged into the layer's."""
+            with torch.no_grad():
+                self.score_chunk(run, replay_cache, capture, module, kwargs)
+
+        return score_refed_chunk
+
+    def score_chunk(self, run, replay_cache, capture, module, kwargs):
+        hidden_states = kwargs["hidden_states"]
+        keys = replay_cache.attended_keys.pop(module.layer_idx)  # original context, then re-fed tokens
+        start, n_context, valid = replay_cache.replayed, run.inputs.length, run.inputs.valid
+        end = start + hidden_states.shape[1]
+        captured = capture.take(module, *hidden_states.shape[:2]) if capture is not None else None
+        if captured is not None:  # normalised over everything the re-fed queries saw; every context key is visible
+            chunk = statistics_from_lse(captured.query_blocks(), captured.lse, captured.keys, valid[:, start:end],
+                                        n_scored=n_context, causal_offset=None, agg_task=run.agg_task)
+        else:
+            queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
+            chunk = softmax_statistics(run, module, queries, keys, torch.cat([valid, valid[:, :end]], dim=1),
+                                       valid[:, start:end], n_context + start)
+        layer = module.layer_idx
+        run.statistics[layer] = merge_statistics(run.statistics.get(layer), chunk, run.agg_task)
+
+
+class Scorer(QuerySource):
+    """Any kvpress ``ScorerPress`` (SnapKV, ExpectedAttention, Knorm, TOVA, ...) as the token scores."""
+
+    def __init__(self, scorer: ScorerPress):
+        self.scorer = scorer
+
+    def score_layer(self, run, module, keys, values, attentions, kwargs):
+        scores = self.scorer.score(module, kwargs["hidden_states"], keys, values, attentions, kwargs)
+        run.scores[module.layer_idx] = scores.float()
+
+    def layer_scores(self, run, layer_idx):
+        return run.scores[layer_idx]
+
+
+QUERY_SOURCES: dict[str, type[QuerySource]] = {
+    "prefill": CausalPrefill,
+    "bidirectional": BidirectionalPrefill,
+    "replay": Replay,
+}
+
+
+def query_source_for(query_source: str, scorer: ScorerPress | None) -> QuerySource:
+    """The source a press's ``query_source`` name (or ``scorer``, which takes precedence) stands for."""
+    return Scorer(scorer) if scorer is not None else QUERY_SOURCES[query_source]()
+
+
+def softmax_statistics(run: PrefillRun, module, queries, keys, key_valid, query_valid, causal_offset):
+    """:func:`attention_statistics` of ``queries`` against a layer's keys, in blocks sized from the cache."""
+    if key_valid.shape[1] != keys.shape[2]:  # an earlier press pruned this layer: positions are unknown
+        key_valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool)
+    n_context = run.inputs.length
+    return attention_statistics(
+        queries,
+        query_valid.shape[1],
+        module.config.num_attention_heads,
+        keys,
+        key_valid.to(keys.device),
+        query_valid.to(keys.device),
+        n_scored=min(n_context, keys.shape[2]),
+        causal_offset=causal_offset,
+        agg_task=run.agg_task,
+        block_bytes=int(SCORE_BLOCK_FRACTION * full_cache_bytes(keys[:, :, :n_context], run.n_layers)),
+        block_size=run.score_block_size,
+    )
+
+
+def check_unpruned(query_source: str, keys: torch.Tensor, hidden_states: torch.Tensor) -> None:
+    """The layer still holds every context token: no press before ComposePress pruned it."""
+    if keys.shape[2] != hidden_states.shape[1]:
+        raise ValueError(
+            f"query_source={query_source!r} needs the layer's full context ({hidden_states.shape[1]} tokens), but "
+            f"another press left {keys.shape[2]} in the cache before ComposePress scored it (presses act in the "
+            "order their hooks were registered: a ComposedPress's list order, the outer of nested `with press"
+            "(model)` blocks first): after a press that prunes tokens, use query_source='bidirectional' or a scorer"
+        )
+
+
+def check_cache_unchanged(lengths: list[int], scored_lengths: list[int]) -> None:
+    """Every layer still holds the entries that were scored: no press acting after ComposePress pruned them."""
+    if lengths != scored_lengths:
+        raise ValueError(
+            f"another press changed the cache after ComposePress scored it (layer lengths {lengths}, scored "
+            f"{scored_lengths}): ComposePress compresses every layer at the last one, so it must act last: put it "
+            "last in a ComposedPress, or innermost of nested `with press(model)` blocks"
+        )
+
