@@ -89,17 +89,20 @@ def single_pass_saves_memory(config, kv_values_per_token: int) -> bool:
 
 @contextmanager
 def preserved_state(module: nn.Module):
-    """Restore ``module``'s buffers and plain attributes on exit. A dynamic RoPE embedding (``rope_type=
-    "dynamic"``) rescales its frequencies in place for positions past ``max_position_embeddings``, which the
-    re-fed positions may reach: without this, every later forward would run at the replay's frequencies."""
+    """Restore ``module``'s buffers and attributes on exit, dropping attributes set meanwhile. A dynamic RoPE
+    embedding (``rope_type="dynamic"``) rescales its frequencies in place for positions past
+    ``max_position_embeddings``, which the re-fed positions may reach: without this, later forwards would run
+    at the replay's frequencies."""
     buffers = {name: buffer.clone() for name, buffer in module.named_buffers(recurse=False)}
-    plain = {name: value for name, value in vars(module).items() if isinstance(value, (bool, int, float, str))}
+    attributes = {name: value for name, value in vars(module).items() if not name.startswith("_")}
     try:
         yield
     finally:
         for name, buffer in buffers.items():
             setattr(module, name, buffer)
-        vars(module).update(plain)
+        for name in [name for name in vars(module) if not name.startswith("_") and name not in attributes]:
+            delattr(module, name)
+        vars(module).update(attributes)
 
 
 def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache, capture: LseCapture | None) -> None:

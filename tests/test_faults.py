@@ -1,0 +1,194 @@
+"""Faults found by a probe of bad inputs and failures (the redesign issue's 1-9): each test failed before the fix.
+
+After a press is used, however its use ended, the model must compute exactly what a never-pressed copy computes.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from kvpress import ComposedPress, KnormPress, SnapKVPress
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM
+
+from kvpress_compose import ComposePress, attention_lse, compute_n_kept
+from tests.models import VOCAB, cache_layer_lengths, prefill, random_ids, tiny_model
+
+
+@torch.no_grad()
+def logits_of(model, ids, **kwargs):
+    return model(input_ids=ids, past_key_values=DynamicCache(), **kwargs).logits
+
+
+def assert_left_as_never_pressed(model, never_pressed, ids):
+    """The next forward computes what a never-pressed copy does, and leaves none of our hooks but the decoder
+    mask hook (inert on caches we did not compress) and no capture."""
+    assert torch.equal(logits_of(model, ids), logits_of(never_pressed, ids))
+    assert len(model.model._forward_pre_hooks) == 1
+    assert len(model.model._forward_hooks) == 0
+    assert not any(layer.self_attn in attention_lse.ACTIVE_CAPTURES for layer in model.model.layers)
+
+
+# 1 -------------------------------------------------------------------------------------------------------------
+
+
+def test_an_empty_composed_press_block_leaves_the_model_as_never_pressed():
+    model = tiny_model()
+    never_pressed = copy.deepcopy(model)
+    with ComposedPress([ComposePress(0.5, query_source="bidirectional")])(model):
+        pass
+    assert_left_as_never_pressed(model, never_pressed, random_ids(1, 30))
+
+
+def test_an_empty_composed_press_block_leaves_a_sliding_window_model_usable():
+    model = tiny_model(family="mistral")
+    model.config.sliding_window = 16
+    with ComposedPress([ComposePress(0.5, query_source="bidirectional")])(model):
+        pass
+    logits_of(model, random_ids(1, 40))  # longer than the window: ComposePress would refuse it
+    assert len(model.model._forward_pre_hooks) == 1
+
+
+def test_a_failing_press_before_compose_press_leaves_the_model_as_never_pressed():
+    model = tiny_model()
+    never_pressed = copy.deepcopy(model)
+    press = ComposedPress([SnapKVPress(0.5, window_size=64), ComposePress(0.5, query_source="bidirectional")])
+    with pytest.raises(AssertionError):  # SnapKV's own check: the context is shorter than its window
+        prefill(model, random_ids(1, 30), press)
+    assert_left_as_never_pressed(model, never_pressed, random_ids(1, 30))
+
+
+# 2 -------------------------------------------------------------------------------------------------------------
+
+
+def dynamic_rope_model():
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                         rope_scaling={"rope_type": "dynamic", "factor": 2.0}, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_replay_past_max_positions_leaves_dynamic_rope_as_it_was():
+    """40 re-fed tokens after 40 reach position 80 > 64: dynamic RoPE rescales its frequencies in place for
+    them; later forwards, short or long, must run at their own frequencies, as on a never-pressed copy."""
+    model = dynamic_rope_model()
+    never_pressed = copy.deepcopy(model)
+    prefill(model, random_ids(1, 40), ComposePress(0.5, query_source="replay"))
+    assert vars(model.model.rotary_emb).keys() == vars(never_pressed.model.rotary_emb).keys()
+    for length in (30, 70):
+        ids = random_ids(1, length, seed=2)
+        assert torch.equal(logits_of(model, ids), logits_of(never_pressed, ids))
+
+
+# 3 -------------------------------------------------------------------------------------------------------------
+
+
+def test_a_cropped_compressed_cache_reused_for_a_padded_prompt_is_a_fresh_cache():
+    model = tiny_model()
+    cache = prefill(model, random_ids(2, 40), ComposePress(0.5, query_source="prefill"))
+    cache.crop(0)
+    ids, mask = random_ids(2, 12, seed=3), torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0  # left padding on row 1
+    with torch.no_grad():
+        reused = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+        fresh = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache()).logits
+    torch.testing.assert_close(reused[1, 4:], fresh[1, 4:])
+    torch.testing.assert_close(reused[0], fresh[0])
+
+
+# 4, 6 ----------------------------------------------------------------------------------------------------------
+
+
+def test_numpy_numbers_are_accepted_as_the_python_numbers_they_represent():
+    press = ComposePress(np.float16(0.5), min_tokens_per_layer=np.int64(2), score_block_size=np.int32(16),
+                         query_source="prefill")
+    assert type(press.compression_ratio) is float and type(press.min_tokens_per_layer) is int
+    assert type(press.score_block_size) is int
+    cache = prefill(tiny_model(), random_ids(1, 40), press)
+    assert sum(cache_layer_lengths(cache)) == compute_n_kept(3 * 40, 0.5)
+
+
+@pytest.mark.parametrize("ratio", [1.5, -0.1, float("nan"), 1.0])
+def test_a_ratio_assigned_after_construction_is_checked(ratio):
+    press = ComposePress(0.5)
+    with pytest.raises(ValueError, match="compression_ratio must be in"):
+        press.compression_ratio = ratio
+    assert press.compression_ratio == 0.5
+
+
+def test_every_setting_assigned_after_construction_is_checked():
+    press = ComposePress(0.5)
+    for name, value in [("query_source", "future"), ("agg_task", "sum"), ("min_tokens_per_layer", 0),
+                        ("layer_allocation", "random"), ("composite_tokens", 1), ("scorer", KnormPress)]:
+        with pytest.raises((TypeError, ValueError), match=name):
+            setattr(press, name, value)
+
+
+# 5 -------------------------------------------------------------------------------------------------------------
+
+
+def olmo2_model(attn):
+    config = Olmo2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         attn_implementation=attn)
+    torch.manual_seed(0)
+    return Olmo2ForCausalLM(config).eval()
+
+
+def test_a_model_whose_queries_cannot_be_recomputed_exactly_is_refused_where_scoring_would_recompute_them():
+    """OLMo2's q_norm spans every head: recomputed queries would differ from attention's (eager and sdpa gave
+    different budgets). Eager recomputes them: refused; sdpa on CPU scores the queries attention used."""
+    ids = random_ids(1, 40)
+    with pytest.raises(ValueError, match="cannot recompute the queries of a 'olmo2' model"):
+        prefill(olmo2_model("eager"), ids, ComposePress(0.5, query_source="prefill"))
+    press = ComposePress(0.5, query_source="prefill")
+    prefill(olmo2_model("sdpa"), ids, press)
+    assert int(press.last_budgets.sum()) == compute_n_kept(2 * 40, 0.5)
+
+
+# 7 -------------------------------------------------------------------------------------------------------------
+
+
+def test_replay_with_one_mask_row_for_a_batch_is_every_rows_mask():
+    model, ids = tiny_model(), random_ids(2, 40)
+    budgets = {}
+    for name, mask in [("broadcast", torch.ones(1, 40, dtype=torch.long)), ("full", torch.ones(2, 40, dtype=torch.long))]:
+        press = ComposePress(0.5, query_source="replay")
+        prefill(model, ids, press, attention_mask=mask)
+        budgets[name] = press.last_budgets
+    assert torch.equal(budgets["broadcast"], budgets["full"])
+
+
+def test_a_mask_that_does_not_fit_the_inputs_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"attention_mask .* got shape \(3, 40\)"):
+        prefill(tiny_model(), random_ids(2, 40), ComposePress(0.5), attention_mask=torch.ones(3, 40, dtype=torch.long))
+
+
+# 8 -------------------------------------------------------------------------------------------------------------
+
+
+def test_a_context_fed_in_two_forwards_is_refused_rather_than_half_compressed():
+    model, ids, cache = tiny_model(), random_ids(1, 40), DynamicCache()
+    with torch.no_grad(), ComposePress(0.5, query_source="prefill")(model):
+        model(input_ids=ids[:, :20], past_key_values=cache)
+        with pytest.raises(ValueError, match="in chunks would be compressed only up to its first chunk"):
+            model(input_ids=ids[:, 20:], past_key_values=cache)
+
+
+# 9 -------------------------------------------------------------------------------------------------------------
+
+
+def test_nested_presses_are_named_as_such_not_as_a_composed_press():
+    model, cache = tiny_model(), DynamicCache()
+    with torch.no_grad(), KnormPress(0.5)(model), ComposePress(0.5, query_source="prefill")(model):
+        with pytest.raises(ValueError, match="another press left 20 in the cache") as error:
+            model(input_ids=random_ids(1, 40), past_key_values=cache)
+    assert "nested `with press(model)`" in str(error.value)
+
+
+def test_an_all_padding_row_is_named():
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1] = 0
+    with pytest.raises(ValueError, match="row 1 of the batch has 0 context tokens"):
+        prefill(tiny_model(), random_ids(2, 40), ComposePress(0.5, query_source="prefill"), attention_mask=mask)
