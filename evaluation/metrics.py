@@ -1,17 +1,21 @@
-"""Answer accuracy, RULER-style: the share of the reference answer's words found in the prediction."""
+"""Answer accuracy, RULER-style: the share of the reference answer's items found in the prediction."""
 
 from __future__ import annotations
 
 import pandas as pd
 
 
-def string_match_all(prediction: str, answer: str) -> float:
-    """Fraction of ``answer``'s whitespace-separated words that are among ``prediction``'s words (case-blind)."""
-    expected = answer.lower().split()
-    if not expected:
-        raise ValueError(f"answer has no words: {answer!r}")
-    predicted = set(str(prediction).lower().split())
-    return sum(word in predicted for word in expected) / len(expected)
+def string_match_all(prediction: str, answer: list[str] | str) -> float:
+    """Fraction of ``answer``'s items found in ``prediction`` as whole words (case-blind): an item of several
+    words must appear as that sequence of words. ``answer`` is a list of strings (kvpress's RULER format) or a
+    string, whose whitespace-separated words are then its items. Unlike kvpress's substring match, ``v203`` is
+    not found in ``v2030``."""
+    items = answer.split() if isinstance(answer, str) else list(answer)
+    expected = [" ".join(str(item).lower().split()) for item in items]
+    if not expected or not all(expected):
+        raise ValueError(f"answer has an empty item or none: {answer!r}")
+    predicted = f" {' '.join(str(prediction).lower().split())} "
+    return sum(f" {item} " in predicted for item in expected) / len(expected)
 
 
 def row_scores(df: pd.DataFrame) -> pd.Series:

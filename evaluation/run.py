@@ -136,7 +136,8 @@ def fidelity_metrics(pipe: Pipeline, rows: pd.DataFrame, press: BasePress | None
             row["context"], [row["question"]], row["answer_prefix"], pipe.tokenizer.model_max_length
         )
         context_ids, question_ids = inputs["context_ids"].to(device), inputs["questions_ids"][0].to(device)
-        answer_ids = pipe.tokenizer.encode(row["answer"], add_special_tokens=False, return_tensors="pt").to(device)
+        answer = " ".join(row["answer"])  # the items in order are the answer's text
+        answer_ids = pipe.tokenizer.encode(answer, add_special_tokens=False, return_tensors="pt").to(device)
         results.append(fidelity(pipe.model, context_ids, question_ids, answer_ids, press, config.greedy_tokens))
     return summarize(results)
 

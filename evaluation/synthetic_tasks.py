@@ -23,8 +23,8 @@ query-agnostic press must keep every needle's answer tokens:
 - ``dense_tagged``: needles ``| k017 v203 tree`` (a value and a filler-word tag); answer ``v203 tree`` (at
   4096 words: 25% of the context; the answers alone are 12.5%).
 
-Rows follow kvpress's dataset columns: ``context``, ``question``, ``answer_prefix``, ``answer``,
-``max_new_tokens``, ``task``.
+Rows follow kvpress's dataset columns: ``context``, ``question``, ``answer_prefix``, ``answer`` (a list of
+strings, as kvpress's RULER data has it), ``max_new_tokens``, ``task``.
 """
 
 from __future__ import annotations
@@ -149,6 +149,12 @@ def make_sample(task: str, n_words: int, rng: random.Random) -> Sample:
     )
 
 
+def answer_items(task: str, answer: str) -> list[str]:
+    """The answer in kvpress's RULER format, a list of strings each scored as found or not: the answer's words,
+    except for ``dense_tagged``, whose value and tag count only together (a tag alone is a common word)."""
+    return [answer] if task == "dense_tagged" else answer.split()
+
+
 def dataset_rows(task: str, n_contexts: int, n_words: int, seed: int) -> list[dict]:
     """kvpress-style rows: one per question; rows of one context share the ``context`` string."""
     rng = random.Random(f"{task}-{n_words}-{seed}")
@@ -161,7 +167,7 @@ def dataset_rows(task: str, n_contexts: int, n_words: int, seed: int) -> list[di
                     "context": sample.context,
                     "question": question,
                     "answer_prefix": "",
-                    "answer": answer,
+                    "answer": answer_items(task, answer),
                     "max_new_tokens": len(answer.split()) + 1,
                     "task": task,
                 }

@@ -20,7 +20,8 @@ from evaluation.fidelity import fidelity
 from evaluation.metrics import average, string_match_all, task_scores
 from evaluation.run import RunConfig, evaluate, load_pipeline
 from evaluation.sweep import accuracy_by_ratio, plot, trapezoid_area
-from evaluation.synthetic_tasks import BASE_TASKS as TASKS, build_tokenizer, vocabulary
+from evaluation.synthetic_tasks import BASE_TASKS as TASKS
+from evaluation.synthetic_tasks import DENSE_TASKS, build_tokenizer, vocabulary
 
 KVPRESS_COLUMNS = ["context", "question", "answer_prefix", "answer", "max_new_tokens", "task"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -82,7 +83,8 @@ def test_rows_have_kvpress_columns_and_every_task(data_dir):
 def test_answers_follow_their_key_in_the_context(data_dir):
     for row in load_rows(data_dir).itertuples():
         key = row.question.split()[-1]
-        answer = row.answer.split()
+        assert isinstance(row.answer, list) and all(isinstance(item, str) for item in row.answer)
+        answer = " ".join(row.answer).split()
         # variable tracking: the asked key points to the next key of the chain, which the answer starts with
         follows = answer[:1] if row.task == "variable_tracking" else answer
         assert f"| {key} {' '.join(follows)}" in row.context, row
@@ -94,6 +96,28 @@ def test_generation_is_deterministic_by_seed(tmp_path):
     other = load_rows(write_dataset(tmp_path / "c", 2, 96, seed=4))
     pd.testing.assert_frame_equal(first, again)
     assert not first["context"].equals(other["context"])
+
+
+@pytest.mark.parametrize("task", DENSE_TASKS)
+def test_dense_tasks_spread_distinct_needles_over_the_context_and_ask_four(task, tmp_path):
+    n_words = 512
+    rows = load_rows(write_dataset(tmp_path / "dense", 3, n_words, seed=5, tasks=(task,)))
+    again = load_rows(write_dataset(tmp_path / "again", 3, n_words, seed=5, tasks=(task,)))
+    pd.testing.assert_frame_equal(rows, again)
+    for context, questions in rows.groupby("context", sort=False):
+        words = context.split()
+        needles = [words[i + 1 : i + (3 if task == "dense_kv" else 4)] for i, w in enumerate(words) if w == "|"]
+        assert len(needles) == n_words // 8  # one needle per 8 words
+        keys, values = [n[0] for n in needles], [n[1] for n in needles]
+        assert len(set(keys)) == len(keys) and len(set(values)) == len(values)
+        assert len(questions) == 4 and questions["question"].nunique() == 4
+        assert max(words.index(n[0]) for n in needles) > n_words // 2  # spread over the whole context
+        for row in questions.itertuples():
+            key = row.question.split()[-1]
+            assert keys.count(key) == 1
+            asked = needles[keys.index(key)]
+            assert row.answer == ([asked[1]] if task == "dense_kv" else [" ".join(asked[1:])])
+            assert row.max_new_tokens == len(asked)  # the answer's words and the end token
 
 
 def test_multiquery_rows_share_their_context(data_dir):
@@ -156,6 +180,10 @@ def test_register_with_kvpress_adds_ours_without_overwriting():
         ("v011 v203", "v203 v011 v145", 2 / 3),
         ("K007 k001", "k007 k001 v042", 2 / 3),
         ("", "v203", 0.0),
+        ("v011 v203", ["v203", "v011", "v145"], 2 / 3),  # kvpress's RULER format: a list of items
+        ("v203 tree", ["v203 tree"], 1.0),  # an item of two words counts only as that sequence
+        ("tree v203", ["v203 tree"], 0.0),
+        ("v203 trees", ["v203 tree"], 0.0),
     ],
 )
 def test_string_match_all(prediction, answer, expected):
@@ -183,7 +211,7 @@ def fidelity_inputs(model_dir, data_dir):
     pipe = load_pipeline(str(model_dir))
     row = load_rows(data_dir, "niah_single").iloc[0]
     inputs = pipe.preprocess(row["context"], [row["question"]], "", 10_000)
-    answer_ids = pipe.tokenizer.encode(row["answer"], add_special_tokens=False, return_tensors="pt")
+    answer_ids = pipe.tokenizer.encode(" ".join(row["answer"]), add_special_tokens=False, return_tensors="pt")
     return pipe.model, inputs["context_ids"], inputs["questions_ids"][0], answer_ids
 
 

@@ -36,7 +36,8 @@ def accuracy(pipe, task, n_words, press=None, n_contexts=10):
     correct = 0
     for row in rows:
         answer = pipe(row["context"], question=row["question"], press=press, max_new_tokens=row["max_new_tokens"])
-        correct += answer["answer"].split()[: len(row["answer"].split())] == row["answer"].split()
+        expected = " ".join(row["answer"]).split()
+        correct += answer["answer"].split()[: len(expected)] == expected
     return correct / len(rows)
 
 

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from evaluation.synthetic_tasks import TASKS, make_sample, vocabulary
-from evaluation.train_model import build_model, encode_recall, encode_sample, learning_rate, make_batch
+from evaluation.train_model import (
+    build_model,
+    encode_recall,
+    encode_sample,
+    learning_rate,
+    make_batch,
+    reproduction_arguments,
+)
 
 TOKEN_IDS = {token: i for i, token in enumerate(vocabulary())}
 WORDS = vocabulary()
@@ -105,3 +112,20 @@ def test_rope_base_written_where_transformers_4_reads_it(tmp_path):
     model = AutoModelForCausalLM.from_config(config)
     expected = 1.0 / 100000.0 ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim)
     torch.testing.assert_close(model.model.rotary_emb.inv_freq, expected)
+
+
+def test_the_model_card_reproduction_command_keeps_what_shapes_the_model():
+    argv = ["--out", "evaluation/models/x", "--heads", "4", "--checkpoint-dir", "/tmp/c", "--threads=2",
+            "--tasks", "dense_kv", "niah_single", "--stop-after", "300"]
+    assert reproduction_arguments(argv) == "--out evaluation/models/x --heads 4 --tasks dense_kv niah_single "
+    assert reproduction_arguments([]) == ""
+
+
+def test_training_batches_draw_only_the_given_tasks():
+    token_ids = {word: i for i, word in enumerate(vocabulary())}
+    rng = random.Random(0)
+    input_ids, _ = make_batch(128, 64, rng, token_ids, tasks=("dense_tagged",))
+    rows_with_questions = [row for row in input_ids.tolist() if token_ids["?"] in row]
+    assert rows_with_questions  # the rest are recall rows
+    # dense_tagged asks four questions per context; no base task asks four
+    assert all(row.count(token_ids["?"]) == 4 for row in rows_with_questions)
