@@ -8,7 +8,8 @@ compression. Results go to ``<output_dir>/<dataset>__<data dir name>__<model>__<
 with "/" replaced by "--", as kvpress names its runs):
 
 - ``predictions.csv``: the rows with a ``predicted_answer`` column;
-- ``metrics.json``: per-task scores and their average (percent), fidelity averages when asked, seconds,
+- ``metrics.json``: per-task scores and their average (percent), ``memory`` (the bytes the compressed cache
+  really holds as a fraction of the full cache, read on the cache), fidelity averages when asked, seconds,
   status and errors;
 - ``config.yaml``: every argument of the run.
 
@@ -30,13 +31,13 @@ import torch
 import yaml
 from kvpress import BasePress  # importing kvpress registers the "kv-press-text-generation" pipeline
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, Pipeline, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, Cache, DynamicCache, Pipeline, pipeline
 from transformers.utils import logging as transformers_logging
 
 from evaluation.data import load_rows
 from evaluation.fidelity import fidelity, summarize
 from evaluation.metrics import average, task_scores
-from evaluation.registry import check_press_name, make_press, reset_press_state
+from evaluation.registry import EAGER_PRESSES, check_press_name, make_press, reset_press_state
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -111,20 +112,37 @@ def first_contexts(rows: pd.DataFrame, max_contexts: int | None) -> pd.DataFrame
     return rows[context_rank < max_contexts]
 
 
-def predict(pipe: Pipeline, rows: pd.DataFrame, press: BasePress | None, desc: str) -> pd.Series:
-    """Predicted answers for ``rows``: one compression per context answers all of its questions."""
+def cache_fraction(cache: Cache, config, n_tokens: int) -> float:
+    """Bytes ``cache`` really holds (every layer's keys and values) as a fraction of the full cache of
+    ``n_tokens`` tokens: 1.0 for presses that only mask, less where entries were removed."""
+    keys = cache.layers[0].keys
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    full = config.num_hidden_layers * 2 * keys.shape[0] * config.num_key_value_heads * n_tokens * head_dim
+    held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
+    return held / full
+
+
+def predict(pipe: Pipeline, rows: pd.DataFrame, press: BasePress | None, desc: str) -> tuple[pd.Series, float]:
+    """Predicted answers for ``rows`` (one compression per context answers all of its questions) and the mean
+    over contexts of :func:`cache_fraction`, read on each context's cache once its answers are generated (the
+    pipeline then has cropped it back to the compressed context)."""
     predictions = pd.Series(index=rows.index, dtype=object)
+    fractions = []
     groups = rows.groupby("context", sort=False)
     for context, group in tqdm(groups, total=groups.ngroups, desc=desc, leave=False):
+        cache = DynamicCache()
         output = pipe(
             context,
             questions=group["question"].tolist(),
             answer_prefix=group["answer_prefix"].iloc[0],
             press=press,
             max_new_tokens=int(group["max_new_tokens"].max()),
+            cache=cache,
         )
         predictions[group.index] = output["answers"]
-    return predictions
+        n_tokens = pipe.preprocess(context, [], "", pipe.tokenizer.model_max_length)["context_ids"].shape[1]
+        fractions.append(cache_fraction(cache, pipe.model.config.get_text_config(), n_tokens))
+    return predictions, sum(fractions) / len(fractions)
 
 
 def fidelity_metrics(pipe: Pipeline, rows: pd.DataFrame, press: BasePress | None, config: RunConfig) -> dict:
@@ -147,9 +165,10 @@ def _evaluate_rows(pipe: Pipeline, rows: pd.DataFrame, config: RunConfig) -> tup
     torch.manual_seed(config.seed)
     press = make_press(config.press_name, config.compression_ratio)
     reset_press_state(pipe.model)
-    predictions = rows.assign(predicted_answer=predict(pipe, rows, press, config.label))
+    predicted, memory = predict(pipe, rows, press, config.label)
+    predictions = rows.assign(predicted_answer=predicted)
     scores = task_scores(predictions)
-    metrics = {"status": "ok", "scores": scores, "average": average(scores)}
+    metrics = {"status": "ok", "scores": scores, "average": average(scores), "memory": round(memory, 4)}
     if config.fidelity:
         metrics["fidelity"] = fidelity_metrics(pipe, rows, press, config)
     return predictions, metrics
@@ -163,7 +182,9 @@ def run(config: RunConfig) -> Path:
         tqdm.write(f"skip {results_dir} (metrics.json exists; overwrite to rerun)")
         return results_dir
     rows = first_contexts(load_rows(config.data_dir), config.max_contexts)
-    pipe = load_pipeline(config.model, config.device, config.attn_implementation)
+    # as kvpress's evaluate.py does: ObservedAttention reads the attention weights only eager attention returns
+    attn_implementation = "eager" if config.press_name in EAGER_PRESSES else config.attn_implementation
+    pipe = load_pipeline(config.model, config.device, attn_implementation)
     start = time.perf_counter()
     metrics = {"press": config.press_name, "compression_ratio": config.compression_ratio, "rows": len(rows),
                "contexts": rows["context"].nunique()}

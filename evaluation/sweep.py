@@ -2,10 +2,12 @@
 
 ``no_press`` runs once, at ratio 0. The summary goes to ``<output_dir>/sweep__<dataset>__<data>__<model>/``:
 
-- ``summary.csv``: one row per run (press, ratio, status, per-task and average accuracy, seconds, fidelity);
+- ``summary.csv``: one row per run (press, ratio, status, per-task and average accuracy, memory, seconds,
+  fidelity);
 - ``summary.md``: that table, then average accuracy with one row per press and one column per ratio, and the
   area under the accuracy-vs-ratio curve (trapezoid rule; every press's curve starts at ratio 0 with
-  ``no_press``'s accuracy when ``no_press`` ran; ``no_press`` itself is a flat line);
+  ``no_press``'s accuracy when ``no_press`` ran; ``no_press`` itself is a flat line), then the cache memory held
+  per press and ratio;
 - ``accuracy_vs_ratio.png``: average accuracy against compression ratio, one line per press.
 """
 
@@ -57,6 +59,7 @@ def run_summary(results_dir: Path) -> dict:
         "status": metrics["status"],
         **metrics.get("scores", {}),
         "average": metrics.get("average", np.nan),
+        "memory": metrics.get("memory", np.nan),
         "seconds": metrics["seconds"],
         **fidelity,
         "error": "; ".join(metrics["errors"]),
@@ -132,7 +135,9 @@ def write_summary(table: pd.DataFrame, out_dir: Path, title: str) -> tuple[Path,
     table.to_csv(out_dir / "summary.csv", index=False)
     runs = table.assign(ratio=table["ratio"].map("{:.2f}".format))
     text = f"# {title}\n\n## Runs\n\n{markdown(runs, index=False)}\n\n" \
-           f"## Average accuracy by compression ratio\n\n{markdown(accuracy_by_ratio(table))}\n"
+           f"## Average accuracy by compression ratio\n\n{markdown(accuracy_by_ratio(table))}\n\n" \
+           f"## Cache memory held (fraction of the full cache) by compression ratio\n\n" \
+           f"{markdown(table.pivot_table(index='press', columns='ratio', values='memory', sort=False, dropna=False))}\n"
     (out_dir / "summary.md").write_text(text)
     return out_dir / "summary.csv", out_dir / "summary.md", plot(table, out_dir / "accuracy_vs_ratio.png", title)
 

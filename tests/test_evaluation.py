@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from kvpress import BasePress, KnormPress, SnapKVPress
+from kvpress import AdaKVPress, BasePress, ExpectedAttentionPress, KnormPress, SnapKVPress, ThinKPress
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import evaluation.__main__ as cli
@@ -146,8 +146,27 @@ def test_every_press_builds(name):
     press = registry.make_press(name, 0.5)
     if name == "no_press":
         assert press is None
+    elif name == "think":  # as kvpress's evaluate.py sets it: ThinK's ratio is over key channels
+        assert isinstance(press, ThinKPress) and press.key_channel_compression_ratio == 0.5
     else:
         assert isinstance(press, BasePress) and press.compression_ratio == 0.5
+
+
+def test_kvpress_names_mean_kvpress_presses_with_kvpress_settings():
+    expected_attention = registry.make_press("expected_attention", 0.25)
+    assert isinstance(expected_attention, AdaKVPress) and isinstance(expected_attention.press, ExpectedAttentionPress)
+    assert expected_attention.press.epsilon == 1e-2 and expected_attention.press.compression_ratio == 0.25
+    assert registry.make_press("kvzip_plus", 0.5).kvzip_plus_normalization is True
+    assert registry.make_press("block_keydiff", 0.5).block_size == 128
+    lukv_left_out = registry.LEFT_OUT["lukv"]
+    assert "budget curve" in lukv_left_out and "lukv" not in registry.PRESS_REGISTRY
+    assert not set(registry.PRESS_REGISTRY) & {name for names in registry.LEFT_OUT for name in names.split(", ")}
+
+
+@pytest.mark.parametrize(("name", "option", "value"), [("compose_uniform", "layer_allocation", "uniform"),
+                                                       ("compose_shared_positions", "composite_tokens", False)])
+def test_ablations_are_registered(name, option, value):
+    assert getattr(registry.make_press(name, 0.5), option) == value
 
 
 def test_unknown_press_lists_the_known_ones():
@@ -255,6 +274,10 @@ def test_cli_sweep_writes_runs_table_and_plot(model_dir, data_dir, tmp_path, cap
         assert config["model"] == str(model_dir) and config["max_contexts"] == 1 and config["fidelity"] is True
     no_press = json.loads((out / expected[0] / "metrics.json").read_text())
     assert no_press["fidelity"]["kl"] == 0 and no_press["fidelity"]["diverged"] == 0
+    memory = {name.split("__")[-2]: json.loads((out / name / "metrics.json").read_text())["memory"] for name in expected}
+    # read on the caches: 96-word contexts (+ <s>) at ratio 0.5 keep half of the entries, within rounding
+    assert memory["no_press"] == 1.0 and memory["snapkv"] == pytest.approx(0.5, abs=0.01)
+    assert memory["compose_prefill"] == pytest.approx(0.5, abs=0.01)
     sweep_dir = out / f"sweep__synthetic__synthetic-96__{model_name}"
     summary = pd.read_csv(sweep_dir / "summary.csv")
     assert list(summary["press"]) == ["no_press", "snapkv", "compose_prefill"]
@@ -266,6 +289,11 @@ def test_cli_sweep_writes_runs_table_and_plot(model_dir, data_dir, tmp_path, cap
 
     cli.main(argv)  # every run is done: all skipped
     assert capsys.readouterr().out.count("skip ") == 3
+
+
+def test_a_press_that_only_masks_holds_the_whole_cache(model_dir, data_dir, tmp_path):
+    run_dir = evaluate(str(model_dir), "synthetic", data_dir, "adakv_snapkv", 0.5, tmp_path, max_contexts=1)
+    assert json.loads((run_dir / "metrics.json").read_text())["memory"] == 1.0
 
 
 def test_failing_press_is_recorded_not_raised(model_dir, data_dir, tmp_path, monkeypatch, capsys):

@@ -171,3 +171,33 @@ def test_a_prefill_with_gradients_enabled_compresses_as_under_no_grad(query_sour
         results.append((cache_layer_lengths(cache), press.last_scores))
     assert results[1][0] == results[0][0] and sum(results[1][0]) == compute_n_kept(3 * 40, 0.5)
     torch.testing.assert_close(results[1][1], results[0][1])
+
+
+def test_uniform_layer_allocation_keeps_the_same_number_in_every_layer():
+    model, ids = tiny_model(layers=4), random_ids(1, 50)
+    uniform = ComposePress(0.6, query_source="bidirectional", layer_allocation="uniform")
+    cache = prefill(model, ids, uniform)
+    assert cache_layer_lengths(cache) == [compute_n_kept(4 * 50, 0.6) // 4] * 4 == [20] * 4
+    global_press = ComposePress(0.6, query_source="bidirectional")
+    prefill(model, ids, global_press)
+    assert len(set(global_press.last_budgets.tolist())) > 1  # the global allocation does differ per layer here
+
+
+def test_shared_positions_keep_the_same_positions_in_every_head():
+    model, ids = tiny_model(layers=3, heads=4, kv_heads=2), random_ids(1, 50)
+    shared = prefill(model, ids, ComposePress(0.5, query_source="prefill", composite_tokens=False))
+    full_cache = prefill(model, ids)
+    per_head = prefill(model, ids, ComposePress(0.5, query_source="prefill"))
+    heads_differ = False
+    for layer, (kept, composite, full) in enumerate(zip(shared.layers, per_head.layers, full_cache.layers)):
+        # which full-cache position each kept key is (RoPE makes every position's key distinct)
+        positions = (kept.keys[:, :, :, None] == full.keys[:, :, None]).all(-1).int().argmax(-1)  # (b, h, k)
+        assert torch.equal(positions[:, 0], positions[:, 1]), layer
+        composite_positions = (composite.keys[:, :, :, None] == full.keys[:, :, None]).all(-1).int().argmax(-1)
+        heads_differ |= not torch.equal(composite_positions[:, 0], composite_positions[:, 1])
+    assert heads_differ  # composite tokens do pick per-head positions on this model
+
+
+def test_ablations_apply_to_the_structured_press_only():
+    with pytest.raises(ValueError, match="structured press only"):
+        ComposePress(0.5, structured=False, layer_allocation="uniform")
