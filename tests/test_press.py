@@ -201,3 +201,24 @@ def test_shared_positions_keep_the_same_positions_in_every_head():
 def test_ablations_apply_to_the_structured_press_only():
     with pytest.raises(ValueError, match="structured press only"):
         ComposePress(0.5, structured=False, layer_allocation="uniform")
+
+
+def test_a_new_query_source_is_one_class(monkeypatch):
+    from kvpress_compose import QUERY_SOURCES, QuerySource
+
+    class KeyNorm(QuerySource):
+        def score_layer(self, run, module, keys, values, attentions, kwargs):
+            run.scores[module.layer_idx] = keys.float().norm(dim=-1)
+
+        def layer_scores(self, run, layer_idx):
+            return run.scores[layer_idx]
+
+    monkeypatch.setitem(QUERY_SOURCES, "key_norm", KeyNorm)
+    model, ids = tiny_model(layers=2), random_ids(1, 30)
+    press = ComposePress(0.5, query_source="key_norm", add_mean_across_heads=False)
+    cache, full = prefill(model, ids, press), prefill(model, ids)
+    for layer, (kept, budget) in enumerate(zip(cache.layers, press.last_budgets.tolist())):
+        norms = full.layers[layer].keys.norm(dim=-1)  # (1, kv_heads, n): each head keeps its largest norms
+        expected = norms.topk(budget, dim=-1).indices.sort(dim=-1).values
+        positions = (kept.keys[:, :, :, None] == full.layers[layer].keys[:, :, None]).all(-1).int().argmax(-1)
+        assert torch.equal(positions, expected)
