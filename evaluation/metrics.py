@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 
@@ -37,3 +38,24 @@ def average(scores: dict[str, float]) -> float:
     if not scores:
         raise ValueError("no task scores to average")
     return round(sum(scores.values()) / len(scores), 4)
+
+
+def bootstrap_interval(
+    df: pd.DataFrame, n_resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval (``level``, in percent) of :func:`average` over :func:`task_scores`.
+
+    Contexts are the sampling unit: each resample draws, within every task, as many contexts as it has, with
+    replacement, keeping each context's questions together; the statistic is the mean over tasks of each task's
+    accuracy over the drawn questions, as :func:`task_scores` and :func:`average` compute it."""
+    scores = row_scores(df)
+    rng = np.random.default_rng(seed)
+    per_task = []
+    for _, rows in df.groupby("task", sort=True):
+        by_context = scores[rows.index].groupby(rows["context"], sort=False).agg(["sum", "count"]).to_numpy()
+        drawn = rng.integers(0, len(by_context), size=(n_resamples, len(by_context)))  # (resamples, contexts)
+        totals = by_context[drawn].sum(axis=1)  # (resamples, 2): correct, questions
+        per_task.append(totals[:, 0] / totals[:, 1])
+    averages = np.mean(per_task, axis=0) * 100
+    low, high = np.percentile(averages, [50 * (1 - level), 50 * (1 + level)])
+    return round(float(low), 4), round(float(high), 4)

@@ -8,7 +8,8 @@ compression. Results go to ``<output_dir>/<dataset>__<data dir name>__<model>__<
 with "/" replaced by "--", as kvpress names its runs):
 
 - ``predictions.csv``: the rows with a ``predicted_answer`` column;
-- ``metrics.json``: per-task scores and their average (percent), ``memory`` (the bytes the compressed cache
+- ``metrics.json``: per-task scores and their average (percent) with its 95% bootstrap interval over
+  contexts (``average_ci95``), ``memory`` (the bytes the compressed cache
   really holds as a fraction of the full cache, read on the cache), fidelity averages when asked, seconds,
   status and errors;
 - ``config.yaml``: every argument of the run.
@@ -36,7 +37,7 @@ from transformers.utils import logging as transformers_logging
 
 from evaluation.data import load_rows
 from evaluation.fidelity import fidelity, summarize
-from evaluation.metrics import average, task_scores
+from evaluation.metrics import average, bootstrap_interval, task_scores
 from evaluation.registry import EAGER_PRESSES, check_press_name, make_press, reset_press_state
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -168,7 +169,8 @@ def _evaluate_rows(pipe: Pipeline, rows: pd.DataFrame, config: RunConfig) -> tup
     predicted, memory = predict(pipe, rows, press, config.label)
     predictions = rows.assign(predicted_answer=predicted)
     scores = task_scores(predictions)
-    metrics = {"status": "ok", "scores": scores, "average": average(scores), "memory": round(memory, 4)}
+    metrics = {"status": "ok", "scores": scores, "average": average(scores),
+               "average_ci95": list(bootstrap_interval(predictions, seed=config.seed)), "memory": round(memory, 4)}
     if config.fidelity:
         metrics["fidelity"] = fidelity_metrics(pipe, rows, press, config)
     return predictions, metrics

@@ -59,6 +59,8 @@ def run_summary(results_dir: Path) -> dict:
         "status": metrics["status"],
         **metrics.get("scores", {}),
         "average": metrics.get("average", np.nan),
+        "ci_low": metrics.get("average_ci95", [np.nan, np.nan])[0],
+        "ci_high": metrics.get("average_ci95", [np.nan, np.nan])[1],
         "memory": metrics.get("memory", np.nan),
         "seconds": metrics["seconds"],
         **fidelity,
@@ -89,17 +91,35 @@ def curves(table: pd.DataFrame) -> dict[str, pd.Series]:
 
 def accuracy_by_ratio(table: pd.DataFrame) -> pd.DataFrame:
     """One row per press: average accuracy at each ratio, then the area under its curve (``auc``)."""
-    wide = table.pivot_table(index="press", columns="ratio", values="average", sort=False, dropna=False)
-    wide = wide.reindex(table["press"].unique())
-    wide.columns = [f"{ratio:.2f}" for ratio in wide.columns]
+    wide = by_ratio(table, "average")
     areas = {press: trapezoid_area(curve.index, curve.to_numpy()) for press, curve in curves(table).items()}
     wide["auc"] = pd.Series(areas)
     return wide
 
 
+def by_ratio(table: pd.DataFrame, column: str) -> pd.DataFrame:
+    """One row per press (in run order), one column per ratio, of ``column``."""
+    wide = table.pivot_table(index="press", columns="ratio", values=column, sort=False, dropna=False)
+    wide = wide.reindex(table["press"].unique())
+    wide.columns = [f"{ratio:.2f}" for ratio in wide.columns]
+    return wide
+
+
+def intervals_by_ratio(table: pd.DataFrame) -> pd.DataFrame:
+    """Each run's average with its 95% bootstrap interval, as ``avg [low, high]`` text."""
+    text = table.assign(cell=[
+        "" if np.isnan(avg) else f"{avg:.4g} [{low:.4g}, {high:.4g}]"
+        for avg, low, high in zip(table["average"], table["ci_low"], table["ci_high"])
+    ])
+    wide = text.pivot_table(index="press", columns="ratio", values="cell", aggfunc="first", sort=False)
+    wide = wide.reindex(table["press"].unique()).fillna("")
+    wide.columns = [f"{ratio:.2f}" for ratio in wide.columns]
+    return wide
+
+
 def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
-    """Average accuracy against compression ratio, one line and colour per press: ComposePress variants solid,
-    kvpress baselines dashed, no_press black."""
+    """Average accuracy against compression ratio, one line and colour per press (ComposePress variants solid,
+    kvpress baselines dashed, no_press black), each run's 95% bootstrap interval as a band."""
     figure = Figure(figsize=(8.5, 5))
     axes = figure.subplots()
     failed = set(table["press"]) - set(table.loc[table["status"] == "ok", "press"])
@@ -112,6 +132,11 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
             style = {"marker": "o" if ours else "s", "linestyle": "-" if ours else "--", "color": palette[index % 20]}
         label = f"{press} (failed)" if press in failed else press
         axes.plot(curve.index, curve.to_numpy(), label=label, **style)
+        with_interval = table["ci_low"].notna() if "ci_low" in table else False  # tables of older runs lack them
+        runs = table[(table["press"] == press) & with_interval].sort_values("ratio")
+        if press != BASELINE and len(runs):  # the 95% bootstrap interval of each run, as a band
+            axes.fill_between(runs["ratio"], runs["ci_low"], runs["ci_high"], color=style["color"], alpha=0.12,
+                              linewidth=0)
     axes.set(xlabel="compression ratio", ylabel="average accuracy (%)", title=title, ylim=(-2, 102))
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -136,8 +161,10 @@ def write_summary(table: pd.DataFrame, out_dir: Path, title: str) -> tuple[Path,
     runs = table.assign(ratio=table["ratio"].map("{:.2f}".format))
     text = f"# {title}\n\n## Runs\n\n{markdown(runs, index=False)}\n\n" \
            f"## Average accuracy by compression ratio\n\n{markdown(accuracy_by_ratio(table))}\n\n" \
+           f"## Average accuracy with 95% bootstrap intervals (over contexts)\n\n" \
+           f"{markdown(intervals_by_ratio(table))}\n\n" \
            f"## Cache memory held (fraction of the full cache) by compression ratio\n\n" \
-           f"{markdown(table.pivot_table(index='press', columns='ratio', values='memory', sort=False, dropna=False))}\n"
+           f"{markdown(by_ratio(table, 'memory'))}\n"
     (out_dir / "summary.md").write_text(text)
     return out_dir / "summary.csv", out_dir / "summary.md", plot(table, out_dir / "accuracy_vs_ratio.png", title)
 

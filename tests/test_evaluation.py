@@ -17,7 +17,7 @@ import evaluation.__main__ as cli
 from evaluation import registry
 from evaluation.data import load_rows, write_dataset
 from evaluation.fidelity import fidelity
-from evaluation.metrics import average, string_match_all, task_scores
+from evaluation.metrics import average, bootstrap_interval, string_match_all, task_scores
 from evaluation.run import RunConfig, evaluate, load_pipeline
 from evaluation.sweep import accuracy_by_ratio, plot, trapezoid_area
 from evaluation.synthetic_tasks import BASE_TASKS as TASKS
@@ -222,6 +222,21 @@ def test_task_scores_and_average():
     assert average(scores) == pytest.approx(37.5)
 
 
+def test_bootstrap_interval_resamples_whole_contexts_within_tasks():
+    df = pd.DataFrame({
+        "task": ["a", "a", "a", "b", "b"],
+        "context": ["c1", "c1", "c2", "c3", "c4"],
+        "answer": ["v1", "v2", "v3", "k1", "k2"],
+        "predicted_answer": ["v1", "v2", "x", "k1", "k2"],  # a: context c1 right (2 questions), c2 wrong
+    })
+    assert bootstrap_interval(df.assign(predicted_answer=df["answer"])) == (100.0, 100.0)
+    low, high = bootstrap_interval(df, n_resamples=4000)
+    # task a is 0% (c2 twice), 2/3 or 100% (c1 twice); b is always 100%: the average spans 50% to 100%
+    assert (low, high) == (50.0, 100.0)
+    assert low <= average(task_scores(df)) <= high
+    assert bootstrap_interval(df, seed=1, n_resamples=50) == bootstrap_interval(df, seed=1, n_resamples=50)
+
+
 # -- fidelity -----------------------------------------------------------------------------------------------------
 
 
@@ -278,11 +293,19 @@ def test_cli_sweep_writes_runs_table_and_plot(model_dir, data_dir, tmp_path, cap
     # read on the caches: 96-word contexts (+ <s>) at ratio 0.5 keep half of the entries, within rounding
     assert memory["no_press"] == 1.0 and memory["snapkv"] == pytest.approx(0.5, abs=0.01)
     assert memory["compose_prefill"] == pytest.approx(0.5, abs=0.01)
+    for name in expected:
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        low, high = metrics["average_ci95"]
+        assert 0 <= low <= metrics["average"] <= high <= 100
     sweep_dir = out / f"sweep__synthetic__synthetic-96__{model_name}"
     summary = pd.read_csv(sweep_dir / "summary.csv")
     assert list(summary["press"]) == ["no_press", "snapkv", "compose_prefill"]
     assert {"average", *TASKS, "fidelity_kl"} <= set(summary.columns)
-    assert "| press | 0.00 | 0.50 | auc |" in (sweep_dir / "summary.md").read_text()
+    assert {"ci_low", "ci_high", "memory"} <= set(summary.columns)
+    summary_md = (sweep_dir / "summary.md").read_text()
+    assert "| press | 0.00 | 0.50 | auc |" in summary_md and "95% bootstrap intervals" in summary_md
+    no_press_row = summary.iloc[0]
+    assert f"| no_press | {no_press_row['average']:.4g} [{no_press_row['ci_low']:.4g}, " in summary_md
     assert (sweep_dir / "accuracy_vs_ratio.png").read_bytes().startswith(PNG_MAGIC)
     printed = capsys.readouterr().out
     assert str(sweep_dir / "accuracy_vs_ratio.png") in printed and "## Average accuracy" in printed
