@@ -15,13 +15,14 @@ trained from scratch can learn on a CPU:
   the answer walks the chain back, ``k007 k001 v042``.
 
 Two *dense* tasks make the cache budget bind: needles for up to every key (one per 8 words, at most 256) spread
-over the whole context, every value used once, four questions per context. Since any key may be asked, a
-query-agnostic press must keep every needle's answer tokens:
+over the whole context, four questions per context. Since any key may be asked, a query-agnostic press must
+keep every needle's answer tokens:
 
-- ``dense_kv``: needles ``| k017 v203``; answer ``v203`` (at 4096 words: 256 needles, 19% of the context;
-  the answers alone are 6%).
-- ``dense_tagged``: needles ``| k017 v203 tree`` (a value and a filler-word tag); answer ``v203 tree`` (at
-  4096 words: 25% of the context; the answers alone are 12.5%).
+- ``dense_kv``: needles ``| k017 v203``, every value used once; answer ``v203`` (at 4096 words: 256 needles,
+  19% of the context; the answers alone are 6%).
+- ``dense_multivalue``: needles ``| k017 v203 v118``, the first values all different and so the second ones;
+  answer ``v203 v118`` (at 4096 words: 25% of the context; the answers alone are 12.5%). What follows a
+  needle's values is a filler word (or a mark) in both tasks, so where an answer ends is never ambiguous.
 
 Rows follow kvpress's dataset columns: ``context``, ``question``, ``answer_prefix``, ``answer`` (a list of
 strings, as kvpress's RULER data has it), ``max_new_tokens``, ``task``.
@@ -51,7 +52,7 @@ FILLER_WORDS = (
 KEYS = [f"k{i:03d}" for i in range(N_KEYS)]
 VALUES = [f"v{i:03d}" for i in range(N_VALUES)]
 BASE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking")
-DENSE_TASKS = ("dense_kv", "dense_tagged")
+DENSE_TASKS = ("dense_kv", "dense_multivalue")
 TASKS = BASE_TASKS + DENSE_TASKS
 DENSE_WORDS_PER_NEEDLE, DENSE_QUESTIONS = 8, 4
 
@@ -91,7 +92,10 @@ def _dense_needles(task: str, n_words: int, rng: random.Random) -> tuple[list[li
     """One needle per ``DENSE_WORDS_PER_NEEDLE`` words (at most one per key), distinct values, four asked."""
     n_needles = min(N_KEYS, N_VALUES, n_words // DENSE_WORDS_PER_NEEDLE)
     keys, values = rng.sample(KEYS, n_needles), rng.sample(VALUES, n_needles)
-    answers = [[v] if task == "dense_kv" else [v, rng.choice(FILLER_WORDS)] for v in values]
+    if task == "dense_kv":
+        answers = [[v] for v in values]
+    else:
+        answers = [[v, second] for v, second in zip(values, rng.sample(VALUES, n_needles))]
     asked = rng.sample(range(n_needles), min(DENSE_QUESTIONS, n_needles))
     return [[k, *a] for k, a in zip(keys, answers)], [(keys[i], " ".join(answers[i])) for i in asked]
 
@@ -149,12 +153,6 @@ def make_sample(task: str, n_words: int, rng: random.Random) -> Sample:
     )
 
 
-def answer_items(task: str, answer: str) -> list[str]:
-    """The answer in kvpress's RULER format, a list of strings each scored as found or not: the answer's words,
-    except for ``dense_tagged``, whose value and tag count only together (a tag alone is a common word)."""
-    return [answer] if task == "dense_tagged" else answer.split()
-
-
 def dataset_rows(task: str, n_contexts: int, n_words: int, seed: int) -> list[dict]:
     """kvpress-style rows: one per question; rows of one context share the ``context`` string."""
     rng = random.Random(f"{task}-{n_words}-{seed}")
@@ -167,7 +165,7 @@ def dataset_rows(task: str, n_contexts: int, n_words: int, seed: int) -> list[di
                     "context": sample.context,
                     "question": question,
                     "answer_prefix": "",
-                    "answer": answer_items(task, answer),
+                    "answer": answer.split(),  # kvpress's RULER format: a list, each word scored on its own
                     "max_new_tokens": len(answer.split()) + 1,
                     "task": task,
                 }

@@ -21,7 +21,7 @@ from evaluation.metrics import average, bootstrap_interval, string_match_all, ta
 from evaluation.run import RunConfig, evaluate, load_pipeline
 from evaluation.sweep import accuracy_by_ratio, plot, trapezoid_area
 from evaluation.synthetic_tasks import BASE_TASKS as TASKS
-from evaluation.synthetic_tasks import DENSE_TASKS, build_tokenizer, vocabulary
+from evaluation.synthetic_tasks import DENSE_TASKS, VALUES, build_tokenizer, vocabulary
 
 KVPRESS_COLUMNS = ["context", "question", "answer_prefix", "answer", "max_new_tokens", "task"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -108,15 +108,18 @@ def test_dense_tasks_spread_distinct_needles_over_the_context_and_ask_four(task,
         words = context.split()
         needles = [words[i + 1 : i + (3 if task == "dense_kv" else 4)] for i, w in enumerate(words) if w == "|"]
         assert len(needles) == n_words // 8  # one needle per 8 words
-        keys, values = [n[0] for n in needles], [n[1] for n in needles]
-        assert len(set(keys)) == len(keys) and len(set(values)) == len(values)
+        keys, values = [n[0] for n in needles], [n[1:] for n in needles]
+        assert len(set(keys)) == len(keys)
+        for rank in range(len(values[0])):  # first values all different, and so second ones
+            assert len({v[rank] for v in values}) == len(values)
+            assert all(v[rank] in VALUES for v in values)
         assert len(questions) == 4 and questions["question"].nunique() == 4
         assert max(words.index(n[0]) for n in needles) > n_words // 2  # spread over the whole context
         for row in questions.itertuples():
             key = row.question.split()[-1]
             assert keys.count(key) == 1
             asked = needles[keys.index(key)]
-            assert row.answer == ([asked[1]] if task == "dense_kv" else [" ".join(asked[1:])])
+            assert row.answer == asked[1:]  # the value(s) after the key, each an item
             assert row.max_new_tokens == len(asked)  # the answer's words and the end token
 
 

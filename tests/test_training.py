@@ -124,8 +124,8 @@ def test_the_model_card_reproduction_command_keeps_what_shapes_the_model():
 def test_training_batches_draw_only_the_given_tasks():
     token_ids = {word: i for i, word in enumerate(vocabulary())}
     rng = random.Random(0)
-    input_ids, _ = make_batch(128, 64, rng, token_ids, tasks=("dense_tagged",))
+    input_ids, _ = make_batch(128, 64, rng, token_ids, tasks=("dense_multivalue",))
     rows_with_questions = [row for row in input_ids.tolist() if token_ids["?"] in row]
     assert rows_with_questions  # the rest are recall rows
-    # dense_tagged asks four questions per context; no base task asks four
+    # dense_multivalue asks four questions per context; no base task asks four
     assert all(row.count(token_ids["?"]) == 4 for row in rows_with_questions)
