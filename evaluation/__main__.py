@@ -27,7 +27,7 @@ DEFAULT_PRESSES = [
     "no_press",
     "snapkv",
     "expected_attention",
-    "kvcompose",
+    "kvzip",
     "compose_prefill",
     "compose_bidirectional",
     "compose_replay",
