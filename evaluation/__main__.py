@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from evaluation import data
-from evaluation.run import add_run_options, run_options
-from evaluation.sweep import plan, run_sweep
+from . import data
+from .run import add_run_options, run_options
+from .sweep import plan, run_sweep
 
 SHIPPED_MODEL = Path(__file__).parent / "models" / "retrieval-llama"
 DEFAULT_PRESSES = [

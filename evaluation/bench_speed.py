@@ -32,7 +32,7 @@ from kvpress import KVComposePress, SnapKVPress
 from matplotlib.figure import Figure
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from evaluation.fidelity import prefill
+from .fidelity import prefill
 from kvpress_compose import QUERY_SOURCES, ComposePress
 
 MODELS = {

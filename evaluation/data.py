@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evaluation.synthetic_tasks import BASE_TASKS, TASKS, dataset_rows
+from .synthetic_tasks import BASE_TASKS, TASKS, dataset_rows
 
 DEFAULT_DATA_ROOT = Path(__file__).parent / "data"
 CARD = """---

@@ -3,25 +3,8 @@
 ``PRESS_REGISTRY[name](ratio)`` builds a fresh press at ``ratio`` (``None`` for ``no_press``);
 :func:`make_press` does the same with a clear error for an unknown name.
 
-Using ComposePress from kvpress's own evaluation
-------------------------------------------------
-kvpress's ``evaluation/evaluate.py`` (in a checkout of https://github.com/NVIDIA/kvpress; the wheel does not
-ship it) looks presses up in ``evaluate_registry.PRESS_REGISTRY``. :func:`register_with_kvpress` adds the
-ComposePress variants there. Save this as ``my_evaluate.py`` next to kvpress's ``evaluate.py``::
-
-    import evaluate_registry
-    from evaluation.registry import register_with_kvpress
-
-    register_with_kvpress(evaluate_registry)
-
-    from evaluate import CliEntryPoint
-    from fire import Fire
-
-    Fire(CliEntryPoint)
-
-and run it from that folder as you would ``evaluate.py``, e.g.
-``python my_evaluate.py --dataset ruler --data_dir 4096 --press_name compose_replay --compression_ratio 0.5``
-(``evaluate.py`` reads the same ``PRESS_REGISTRY`` dict, so it finds the new names).
+kvpress's own ``evaluation/evaluate.py`` runs these presses through :func:`register_with_kvpress`, which
+``python -m evaluation.kvpress_evaluate`` calls (see that module).
 """
 
 from __future__ import annotations

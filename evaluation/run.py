@@ -35,10 +35,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, Cache, DynamicCache, Pipeline, pipeline
 from transformers.utils import logging as transformers_logging
 
-from evaluation.data import load_rows
-from evaluation.fidelity import fidelity, summarize
-from evaluation.metrics import average, bootstrap_interval, task_scores
-from evaluation.registry import EAGER_PRESSES, check_press_name, make_press, reset_press_state
+from .data import load_rows
+from .fidelity import fidelity, summarize
+from .metrics import average, bootstrap_interval, task_scores
+from .registry import EAGER_PRESSES, check_press_name, make_press, reset_press_state
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 

@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from evaluation.run import RunConfig, run
+from .run import RunConfig, run
 
 BASELINE = "no_press"
 

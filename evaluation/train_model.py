@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from evaluation.synthetic_tasks import (
+from .synthetic_tasks import (
     BASE_TASKS,
     FILLER_WORDS,
     KEYS,

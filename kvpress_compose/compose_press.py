@@ -278,6 +278,10 @@ class ComposePress(BasePress):
         self.last_budgets = budgets.cpu()
         for layer_idx, budget in enumerate(self.last_budgets.tolist()):
             compress_layer(cache, layer_idx, kept_positions(token_order[layer_idx], budget))
+        logger.info(  # kvpress's pipeline logs layer 0's length only, which says little here
+            f"ComposePress kept {int(budgets.sum())} of {n_layers * n} context entries per KV head "
+            f"(compression_ratio={self.compression_ratio}); per layer: {self.last_budgets.tolist()}"
+        )
 
     def _mask_unstructured(self, run: PrefillRun, sorted_scores, token_order):
         budgets = head_budgets(sorted_scores, self.compression_ratio, self.min_tokens_per_layer)  # (b, L, H)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import datasets
 import pandas as pd
@@ -36,9 +37,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random Llama over the synthetic vocabulary, saved as a Hugging Face model folder."""
+def tiny_model_folder(path: Path) -> Path:
+    """A tiny random Llama over the synthetic vocabulary, saved as a Hugging Face model folder at ``path``."""
     config = LlamaConfig(
         vocab_size=len(vocabulary()),
         hidden_size=64,
@@ -57,10 +57,14 @@ def model_dir(tmp_path_factory):
     with torch.no_grad():  # random init attends almost uniformly; sharpen it so that presses change outputs
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(4.0)
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
     model.save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

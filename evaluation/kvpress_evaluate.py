@@ -1,0 +1,91 @@
+"""Run kvpress's own ``evaluation/evaluate.py`` on ComposePress and any kvpress press, offline or online.
+
+    pip install -e ".[kvpress-eval]"      # what kvpress's evaluation imports (rouge, nltk, jieba, ...)
+    python -m evaluation.kvpress_evaluate --kvpress-dir ~/kvpress -- \\
+        --dataset synthetic --data_dir synthetic-1024 --model evaluation/models/retrieval-llama \\
+        --press_name compose_replay --compression_ratio 0.5
+
+``--kvpress-dir`` is a checkout of https://github.com/NVIDIA/kvpress (the wheel does not ship its
+``evaluation/`` folder). Everything after ``--`` goes to kvpress's ``evaluate.py`` unchanged, which writes its
+own ``{output_dir}/{dataset}__{data_dir}__{model}__{press}__{ratio:.2f}/`` with ``predictions.csv``,
+``metrics.json`` and ``config.yaml``. Before it runs, this module adds to kvpress's registries, leaving every
+name kvpress already has as it is:
+
+- ``PRESS_REGISTRY``: the ComposePress variants of :data:`evaluation.registry.COMPOSE_PRESSES`;
+- ``DATASET_REGISTRY`` and ``SCORER_REGISTRY``: ``--dataset-name`` (``synthetic``) for the local datasets under
+  ``--data-root`` (``evaluation/data``; ``--data_dir`` then names one folder there, written by
+  ``python -m evaluation.data``), scored by kvpress's own RULER scorer.
+
+kvpress's hub datasets (``--dataset ruler --data_dir 4096``) work as in kvpress, given hub access.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from .data import DEFAULT_DATA_ROOT
+from .registry import register_with_kvpress
+
+KVPRESS_SCORER_FOR_LOCAL_DATA = "ruler"  # our tasks are RULER-style: kvpress's RULER scorer reads them
+
+
+def kvpress_evaluation_dir(kvpress_dir: str | Path) -> Path:
+    """The ``evaluation/`` folder of a kvpress checkout; a clear error where it is not one."""
+    folder = Path(kvpress_dir).expanduser() / "evaluation"
+    missing = [name for name in ("evaluate.py", "evaluate_registry.py") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"--kvpress-dir {kvpress_dir}: no {', '.join(missing)} in {folder}; pass a checkout of "
+            "https://github.com/NVIDIA/kvpress (its evaluation/ folder is not in the kvpress wheel)"
+        )
+    return folder
+
+
+def import_from(folder: Path, name: str) -> ModuleType:
+    """Module ``name`` from ``folder``, even where another module of that name (the hub's ``evaluate``
+    package) was imported first."""
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").parent != folder:
+        del sys.modules[name]
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return importlib.import_module(name)
+
+
+def register_local_datasets(evaluate_registry: ModuleType, dataset_name: str, data_root: str | Path) -> None:
+    """Make ``--dataset dataset_name --data_dir <folder>`` read ``data_root/<folder>`` in kvpress's evaluate.py."""
+    datasets, scorers = evaluate_registry.DATASET_REGISTRY, evaluate_registry.SCORER_REGISTRY
+    if dataset_name in datasets and datasets[dataset_name] != str(data_root):
+        raise ValueError(f"--dataset-name {dataset_name!r} is one of kvpress's own datasets: choose another name")
+    datasets[dataset_name] = str(data_root)
+    scorers[dataset_name] = scorers[KVPRESS_SCORER_FOR_LOCAL_DATA]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, kvpress_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.kvpress_evaluate", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--kvpress-dir", required=True, help="a checkout of NVIDIA/kvpress")
+    parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT),
+                        help="folder whose subfolders are local datasets (python -m evaluation.data writes them)")
+    parser.add_argument("--dataset-name", default="synthetic", help="the --dataset name of the local datasets")
+    args = parser.parse_args(ours)
+    folder = kvpress_evaluation_dir(args.kvpress_dir)
+    evaluate_registry = import_from(folder, "evaluate_registry")
+    register_with_kvpress(evaluate_registry)
+    register_local_datasets(evaluate_registry, args.dataset_name, Path(args.data_root).resolve())
+    evaluate = import_from(folder, "evaluate")
+    import fire
+
+    fire.Fire(evaluate.CliEntryPoint, command=kvpress_args, name="evaluate.py")
+
+
+if __name__ == "__main__":
+    main()
