@@ -147,6 +147,11 @@ class ComposePress(BasePress):
             self._attachment.remove()
             self._attachment = None
 
+    @property
+    def in_prefill(self) -> bool:
+        """Whether a prefill this press compresses is under way (its replay pass included)."""
+        return self._run is not None
+
     def _end_run(self):
         if self._run is not None:
             self._run.close()
@@ -217,25 +222,37 @@ class ComposePress(BasePress):
 
     def _compress(self, run: PrefillRun, cache):
         scores = self._stacked_scores(run, cache)
+        if self.structured:
+            n_kept = compute_n_kept(scores.shape[0] * scores.shape[-1], self.compression_ratio)
+            self.compress_scored(cache, scores, n_kept)
+        else:
+            sorted_scores, token_order = self._ranked(scores)
+            self._mask_unstructured(run, sorted_scores, token_order)
+
+    def _ranked(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's scores, enhanced as the settings say, sorted, with the token order (``rank_tokens``)."""
         if self.add_mean_across_heads:
             scores = scores + scores.mean(dim=2, keepdim=True)
         if not self.composite_tokens:  # one ranking per layer, shared by every head
             scores = aggregate(scores, self.agg_head, dim=2)[:, :, None].expand_as(scores).contiguous()
-        sorted_scores, token_order = rank_tokens(scores)
         self.last_scores = scores
-        if self.structured:
-            self._compress_structured(cache, sorted_scores, token_order)
-        else:
-            self._mask_unstructured(run, sorted_scores, token_order)
+        return rank_tokens(scores)
 
-    def _layer_scores(self, run: PrefillRun, cache, layer_idx: int) -> torch.Tensor:
-        """``(batch, kv_heads, n)`` scores of a layer, with the value-norm enhancement and padding at -inf."""
-        scores = run.source.layer_scores(run, layer_idx)
+    def compress_scored(self, cache, scores: torch.Tensor, n_kept: int) -> None:
+        """Keep ``n_kept`` composite tokens over every layer of ``cache``, from ``(layers, batch, kv_heads, n)``
+        scores (``-inf``: never kept): composite tokens and the layer allocation as the settings say. The
+        prefill uses it at ``compression_ratio``; :class:`~kvpress_compose.ComposeDecodingPress` during decoding."""
+        sorted_scores, token_order = self._ranked(scores)
+        self._compress_structured(cache, sorted_scores, token_order, n_kept)
+
+    def layer_scores_enhanced(self, scores: torch.Tensor, cache, layer_idx: int, valid: torch.Tensor) -> torch.Tensor:
+        """``(batch, kv_heads, n)`` scores of a layer with the value-norm enhancement, and -inf where ``valid``
+        ``(batch, n)`` is False (padding)."""
         if self.add_v_norm:
             _, values = layer_states(cache, layer_idx)
             scores = scores * values[:, :, : scores.shape[2]].float().norm(dim=-1)
-        if scores.shape[2] == run.inputs.length:
-            scores = scores.masked_fill(~run.inputs.valid[:, None].to(scores.device), float("-inf"))
+        if scores.shape[2] == valid.shape[1]:
+            scores = scores.masked_fill(~valid[:, None].to(scores.device), float("-inf"))
         return scores
 
     def _stacked_scores(self, run: PrefillRun, cache) -> torch.Tensor:
@@ -247,7 +264,8 @@ class ComposePress(BasePress):
                 f"row {short_row} of the batch has {int(row_lengths[short_row])} context tokens (the rest is "
                 f"padding), fewer than min_tokens_per_layer={self.min_tokens_per_layer}"
             )
-        layer_scores = [self._layer_scores(run, cache, layer_idx) for layer_idx in range(run.n_layers)]
+        layer_scores = [self.layer_scores_enhanced(run.source.layer_scores(run, layer_idx), cache, layer_idx,
+                                                   run.inputs.valid) for layer_idx in range(run.n_layers)]
         device = layer_scores[0].device
         n = max(scores.shape[2] for scores in layer_scores)
         check_cache_unchanged([cache.get_seq_length(i) for i in range(run.n_layers)],
@@ -255,14 +273,13 @@ class ComposePress(BasePress):
         padded = [torch.nn.functional.pad(s.to(device), (0, n - s.shape[2]), value=float("-inf")) for s in layer_scores]
         return torch.stack(padded)
 
-    def _compress_structured(self, cache, sorted_scores, token_order):
+    def _compress_structured(self, cache, sorted_scores, token_order, n_kept: int):
         n_layers, _, _, n = sorted_scores.shape
-        n_kept = compute_n_kept(n_layers * n, self.compression_ratio)
         if n_layers * self.min_tokens_per_layer > n_kept:
             logger.warning(
                 f"min_tokens_per_layer={self.min_tokens_per_layer} over {n_layers} layers keeps "
                 f"{n_layers * self.min_tokens_per_layer} composite tokens, more than the {n_kept} that "
-                f"compression_ratio={self.compression_ratio} allows"
+                f"the budget allows"
             )
             n_kept = n_layers * self.min_tokens_per_layer
         composite = composite_scores(sorted_scores, self.agg_head)
@@ -279,8 +296,8 @@ class ComposePress(BasePress):
         for layer_idx, budget in enumerate(self.last_budgets.tolist()):
             compress_layer(cache, layer_idx, kept_positions(token_order[layer_idx], budget))
         logger.info(  # kvpress's pipeline logs layer 0's length only, which says little here
-            f"ComposePress kept {int(budgets.sum())} of {n_layers * n} context entries per KV head "
-            f"(compression_ratio={self.compression_ratio}); per layer: {self.last_budgets.tolist()}"
+            f"ComposePress kept {int(budgets.sum())} of {n_layers * n} entries per KV head (budget {n_kept}, "
+            f"compression_ratio={self.compression_ratio}); per layer: {self.last_budgets.tolist()}"
         )
 
     def _mask_unstructured(self, run: PrefillRun, sorted_scores, token_order):

@@ -1,0 +1,197 @@
+"""ComposeDecodingPress: KVCompose during decoding, composite tokens and one budget over layers."""
+
+from __future__ import annotations
+
+import numbers
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from kvpress import DecodingPress
+from kvpress.presses.base_press import is_prefilling
+from torch import nn
+from transformers import PreTrainedModel
+
+from kvpress_compose.attention_scores import attention_statistics, finish_scores, query_blocks
+from kvpress_compose.cache_gather import full_cache_bytes, layer_states
+from kvpress_compose.compose_press import ComposePress, language_model_of
+from kvpress_compose.query_sources import SCORE_BLOCK_FRACTION
+
+
+@dataclass
+class DecodingRun:
+    """One generation's decoding state, from its first decoded token to the end of the press's ``with`` block
+    (or the next prefill): per layer, the recent tokens' attention inputs and which cached entries are valid."""
+
+    hidden_states: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [(batch, t, hidden)]
+    position_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per step (cos, sin)
+    key_valid: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, cached) of the last step
+    steps: int = 0  # tokens decoded since the last compression
+    compressions: int = 0
+
+    def buffered(self) -> int:
+        return sum(states.shape[1] for states in self.hidden_states.get(0, []))
+
+    def keep_last(self, n_tokens: int) -> None:
+        """Forget all but the last ``n_tokens`` buffered tokens (0: all)."""
+        def last(chunks):
+            joined = torch.cat(chunks, dim=1) if chunks else None
+            return [] if joined is None or n_tokens == 0 else [joined[:, -n_tokens:]]
+
+        self.hidden_states = {layer: last(chunks) for layer, chunks in self.hidden_states.items()}
+        cos, sin = ([p[i] for p in self.position_embeddings] for i in (0, 1))
+        self.position_embeddings = list(zip(last(cos), last(sin)))
+
+
+@dataclass
+class ComposeDecodingPress(DecodingPress):
+    """KVCompose during decoding: every ``compression_interval`` generated tokens, every layer's cache is
+    compressed so that the layers together keep ``n_layers x target_size`` entries per KV head, with composite
+    tokens and global layer allocation (``base_press``'s settings), in dense ``(batch, kv_heads, k_l, head_dim)``
+    tensors. Between compressions the cache grows as usual. Shaped like kvpress's ``DecodingPress``; the
+    prefill is compressed by ``base_press`` where its ``compression_ratio`` is above 0.
+    Based on KVCompose (https://arxiv.org/abs/2509.05165).
+
+    Scores come from the queries that exist during decoding: the last ``hidden_states_buffer_size`` generated
+    tokens' queries (recomputed from their buffered attention inputs with the model's own projection and RoPE),
+    each attending causally to the layer's cache, aggregated as ``base_press``'s ``agg_*`` settings say. They are
+    the queries closest to what comes next, which is what eviction should protect; with ``base_press.scorer``
+    set, that kvpress scorer scores from the same buffered states instead.
+
+    It is a kvpress ``DecodingPress`` (without that class's ScorerPress requirement), so kvpress's pipeline and
+    ``evaluate.py`` run it during decoding as theirs; the pipeline then runs the prefill outside the press, so
+    there the prefill is compressed only inside kvpress's ``PrefillDecodingPress(prefilling_press=ComposePress(...),
+    decoding_press=ComposeDecodingPress(...))``. With ``model.generate`` inside ``with press(model):`` the
+    prefill goes through ``base_press``.
+
+    Parameters
+    ----------
+    base_press : ComposePress
+        Its composite-token, allocation and aggregation settings apply (``structured=True`` only); its
+        ``compression_ratio`` compresses the prefill (0: the prefill is kept whole).
+    compression_interval : int, default=512
+        Generated tokens between compressions.
+    target_size : int, default=2048
+        Entries per layer and KV head on average after a compression (the total is ``n_layers x target_size``).
+    hidden_states_buffer_size : int, default=256
+        Recent generated tokens whose queries score the cache (at most those since the last compression).
+    """
+
+    base_press: ComposePress = field(default_factory=ComposePress)
+    compression_interval: int = 512
+    target_size: int = 2048
+    hidden_states_buffer_size: int = 256
+
+    def __post_init__(self):
+        if not isinstance(self.base_press, ComposePress):
+            raise TypeError(f"base_press must be a ComposePress, got {type(self.base_press).__name__}")
+        if not self.base_press.structured:
+            raise ValueError("base_press must be structured (structured=False masks entries and frees no memory)")
+        for name, low in (("compression_interval", 1), ("target_size", 1), ("hidden_states_buffer_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            setattr(self, name, int(value))
+        self._generation: DecodingRun | None = None
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.base_press.compression_ratio
+
+    @compression_ratio.setter
+    def compression_ratio(self, value) -> None:
+        self.base_press.compression_ratio = value
+
+    def post_init_from_model(self, model: PreTrainedModel):
+        self._language_model = language_model_of(model)
+        self.base_press.post_init_from_model(model)
+
+    @contextmanager
+    def __call__(self, model: PreTrainedModel):
+        try:
+            with super().__call__(model):
+                yield
+        finally:
+            self._generation = None
+            self.base_press._detach()
+
+    def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
+        hidden_states = kwargs["hidden_states"]
+        if self.base_press.in_prefill:  # the prefill, or its replay pass re-entering the model
+            self._generation = None  # a new sequence
+            return self.base_press.forward_hook(module, input, kwargs, output)
+        if is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):  # a prefill base_press keeps whole
+            self._generation = None
+            return output
+        cache = kwargs["past_key_values"]
+        n_layers = len(self._language_model.layers)
+        run = self._generation = self._generation or DecodingRun()
+        with torch.no_grad():
+            self._buffer(run, module, kwargs)
+            if module.layer_idx == n_layers - 1:
+                run.steps += hidden_states.shape[1]
+                if run.steps >= self.compression_interval:
+                    self._compress(run, cache)
+                    run.steps, run.compressions = 0, run.compressions + 1
+                    run.keep_last(0)  # the cache changed: earlier queries saw entries that are gone
+                else:
+                    run.keep_last(self.hidden_states_buffer_size)
+        return output
+
+    def _buffer(self, run: DecodingRun, module: nn.Module, kwargs: dict) -> None:
+        layer = module.layer_idx
+        run.hidden_states.setdefault(layer, []).append(kwargs["hidden_states"].detach())
+        if layer == 0:  # every layer shares the step's rotary embedding
+            batch = kwargs["hidden_states"].shape[0]
+            cos, sin = kwargs["position_embeddings"]
+            run.position_embeddings.append((cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)))
+        n_cached = kwargs["past_key_values"].get_seq_length(layer)
+        run.key_valid[layer] = visible_to_last_query(kwargs.get("attention_mask"), n_cached,
+                                                     kwargs["hidden_states"].shape[0])
+
+    def _compress(self, run: DecodingRun, cache) -> None:
+        layers = self._language_model.layers
+        n_kept = len(layers) * self.target_size
+        lengths = [cache.get_seq_length(i) for i in range(len(layers))]
+        if sum(lengths) <= n_kept:
+            return
+        scores = [self._layer_scores(run, layer.self_attn, cache) for layer in layers]
+        n = max(lengths)
+        padded = [torch.nn.functional.pad(s, (0, n - s.shape[2]), value=float("-inf")) for s in scores]
+        device = padded[0].device
+        self.base_press.compress_scored(cache, torch.stack([s.to(device) for s in padded]), n_kept)
+
+    def _layer_scores(self, run: DecodingRun, module: nn.Module, cache) -> torch.Tensor:
+        """``(batch, kv_heads, cached)`` scores: the recent queries' attention to each of the layer's entries."""
+        layer = module.layer_idx
+        keys, values = layer_states(cache, layer)
+        hidden_states = torch.cat(run.hidden_states[layer][-self.hidden_states_buffer_size :], dim=1)
+        n_queries, n_cached = hidden_states.shape[1], keys.shape[2]
+        cos = torch.cat([p[0] for p in run.position_embeddings], dim=1)[:, -n_queries:]
+        sin = torch.cat([p[1] for p in run.position_embeddings], dim=1)[:, -n_queries:]
+        press = self.base_press
+        key_valid = run.key_valid[layer].to(keys.device)
+        if press.scorer is not None:
+            kwargs = {"hidden_states": hidden_states, "position_embeddings": (cos, sin), "past_key_values": cache}
+            scores = press.scorer.score(module, hidden_states, keys, values, None, kwargs).float()
+        else:
+            queries = query_blocks(module, hidden_states, (cos, sin))
+            query_valid = torch.ones(keys.shape[0], n_queries, dtype=torch.bool, device=keys.device)
+            statistics = attention_statistics(
+                queries, n_queries, module.config.num_attention_heads, keys, key_valid, query_valid,
+                n_scored=n_cached, causal_offset=n_cached - n_queries, agg_task=press.agg_task,
+                block_bytes=int(SCORE_BLOCK_FRACTION * full_cache_bytes(keys, len(self._language_model.layers))),
+                block_size=press.score_block_size,
+            )
+            scores = finish_scores(statistics, query_valid.sum(dim=-1), press.agg_task, press.agg_group)
+        return press.layer_scores_enhanced(scores, cache, layer, key_valid)
+
+
+def visible_to_last_query(attention_mask, n_cached: int, batch: int) -> torch.Tensor:
+    """``(batch, n_cached)`` booleans: the cached entries the step's last query may see (False: padding), read
+    from the layer's 4D mask (boolean, or additive with 0 where visible); all of them without a mask."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return torch.ones(batch, n_cached, dtype=torch.bool)
+    last_row = attention_mask[:, 0, -1, :n_cached]
+    visible = last_row if last_row.dtype == torch.bool else last_row == 0
+    return visible.expand(batch, n_cached).cpu()
