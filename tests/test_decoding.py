@@ -195,3 +195,19 @@ def test_a_scorer_can_score_during_decoding():
         cache = DynamicCache()
         model.generate(random_ids(1, 20), past_key_values=cache, max_new_tokens=5, do_sample=False)
     assert sum(cache_layer_lengths(cache)) == 3 * 6
+
+
+def test_the_decoding_benchmark_compares_on_the_same_continuation(tmp_path):
+    import json
+
+    from evaluation import bench_decoding
+
+    figures = bench_decoding.main(["--tokens", "80", "--interval", "70", "--target-size", "40", "--context-words",
+                                   "128", "--json", str(tmp_path / "b.json")])
+    results = figures["results"]
+    assert json.loads((tmp_path / "b.json").read_text())["results"] == results
+    assert results["none"]["kl"] == 0 and results["none"]["top1_agreement"] == 1
+    assert results["none"]["peak_entries_per_layer_head"] == 129 + 80  # <s>, 128 words, 80 decoded: never cut
+    for name in ("compose_decoding", "decoding_snapkv", "decoding_knorm"):  # one compression at token 70
+        assert results[name]["peak_entries_per_layer_head"] == 129 + 69  # the 70th compresses in its forward
+        assert results[name]["kl"] > 0
