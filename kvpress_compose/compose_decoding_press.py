@@ -10,7 +10,7 @@ import torch
 from kvpress import DecodingPress
 from kvpress.presses.base_press import is_prefilling
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, QuantizedCache
 
 from kvpress_compose.attention_scores import attention_statistics, finish_scores, query_blocks
 from kvpress_compose.cache_gather import full_cache_bytes, layer_states
@@ -124,6 +124,7 @@ class ComposeDecodingPress(DecodingPress):
             self._generation = None
             return output
         cache = kwargs["past_key_values"]
+        check_compressible(cache)
         n_layers = len(self._language_model.layers)
         run = self._generation = self._generation or DecodingRun()
         with torch.no_grad():
@@ -185,6 +186,17 @@ class ComposeDecodingPress(DecodingPress):
             )
             scores = finish_scores(statistics, query_valid.sum(dim=-1), press.agg_task, press.agg_group)
         return press.layer_scores_enhanced(scores, cache, layer, key_valid)
+
+
+def check_compressible(cache) -> None:
+    """Dense per-layer caches only: a DynamicCache or QuantizedCache of full-attention layers."""
+    if not isinstance(cache, (DynamicCache, QuantizedCache)) or any(
+        type(layer).__name__ != "DynamicLayer" and not isinstance(cache, QuantizedCache) for layer in cache.layers
+    ):
+        raise ValueError(
+            f"ComposeDecodingPress compresses a DynamicCache or QuantizedCache of full-attention layers, got a "
+            f"{type(cache).__name__} with {sorted({type(layer).__name__ for layer in getattr(cache, 'layers', [])})}"
+        )
 
 
 def visible_to_last_query(attention_mask, n_cached: int, batch: int) -> torch.Tensor:

@@ -211,3 +211,25 @@ def test_the_decoding_benchmark_compares_on_the_same_continuation(tmp_path):
     for name in ("compose_decoding", "decoding_snapkv", "decoding_knorm"):  # one compression at token 70
         assert results[name]["peak_entries_per_layer_head"] == 129 + 69  # the 70th compresses in its forward
         assert results[name]["kl"] > 0
+
+
+def test_a_cache_that_cannot_be_compressed_is_named():
+    from transformers import StaticCache
+
+    model = tiny_model(layers=2)
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    press = ComposeDecodingPress(ComposePress(), compression_interval=2, target_size=4)
+    with torch.no_grad(), press(model), pytest.raises(ValueError, match="got a StaticCache"):
+        model.generate(random_ids(1, 10), past_key_values=cache, max_new_tokens=3, do_sample=False)
+
+
+def test_a_quantized_cache_is_compressed_during_decoding():
+    pytest.importorskip("optimum.quanto")
+    from tests.models import quantized_cache
+
+    model = tiny_model(layers=2)
+    cache = quantized_cache(model)
+    press = ComposeDecodingPress(ComposePress(), compression_interval=4, target_size=10)
+    with torch.no_grad(), press(model):
+        model.generate(random_ids(1, 30), past_key_values=cache, max_new_tokens=5, do_sample=False)
+    assert sum(cache_layer_lengths(cache)) == 2 * 10
