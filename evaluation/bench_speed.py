@@ -26,9 +26,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
-from kvpress import KVComposePress, SnapKVPress
+from kvpress import KVComposePress, KVzipPress, SnapKVPress
 from matplotlib.figure import Figure
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,9 +45,16 @@ MODELS = {
     # 3 x 14336 values): the shape where replay's stored re-fed keys and values would show in the peak
     "kv-heavy": dict(hidden_size=256, intermediate_size=896, num_hidden_layers=16, num_attention_heads=8,
                      num_key_value_heads=4, head_dim=32),
+    # two layers with Llama-3.1-8B's dimensions (the small vocabulary keeps it in memory): where MLPs dominate
+    "8b-dims": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=128),
 }
 
 TIME_TARGETS = {"compose[prefill]": 1.3, "compose[bidirectional]": 1.3, "compose[replay]": 2.5}  # x plain prefill
+# on the realistic shape: x plain prefill, and replay within this factor of its arithmetic floor
+TIME_TARGETS_8B = {"compose[prefill]": 1.05, "compose[bidirectional]": 1.10}
+REPLAY_FLOOR_TOLERANCE = 1.05
+KVZIP_TOKENIZER = Path(__file__).parent / "models" / "retrieval-llama"  # KVzipPress loads one from name_or_path
 MMAP_THRESHOLD_BYTES = 64 * 1024  # glibc: blocks this large get their own mapping, returned to the system when freed
 EXTRA_MEMORY_TARGET = 0.25  # peak extra memory over the plain prefill's, as a fraction of the full KV cache
 SPEEDUP_TARGET = 20.0  # against kvpress's KVComposePress at 8k tokens
@@ -57,13 +65,34 @@ def build_model(name: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=1024, max_position_embeddings=65536, rope_theta=1e6,
                          attn_implementation="sdpa", **MODELS[name])
+    config.name_or_path = str(KVZIP_TOKENIZER)  # a word-level tokenizer whose ids fit the vocabulary
     return LlamaForCausalLM(config).eval().to(device=device, dtype=dtype)
+
+
+def flop_floors(config: dict, n: int) -> dict[str, float]:
+    """Each ComposePress mode's arithmetic floor as a ratio of FLOPs to the plain prefill's, from the model's
+    dimensions: per layer, the projections and MLP (``2 x params x tokens``) and causal attention (QK and AV over
+    n^2 / 2 pairs). ``prefill`` adds one product over the n^2 / 2 scored pairs; ``bidirectional`` a causal
+    attention call over the reversed sequence and a product over n^2 pairs; ``replay`` one more forward over the
+    re-fed context (its attention over n context keys plus n^2 / 2 re-fed pairs) and a product over n^2 pairs."""
+    h, inter, q_heads, kv_heads, d = (config[key] for key in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                                 "num_key_value_heads", "head_dim"))
+    linear = 2 * n * h * d * (2 * q_heads + 2 * kv_heads) + 6 * n * h * inter  # q, k, v, o and the gated MLP
+    pair = 2 * q_heads * d  # one (query, key) product over every query head
+    plain = linear + 2 * pair * n * n / 2  # QK and AV over the causal pairs
+    extra = {
+        "compose[prefill]": pair * n * n / 2,
+        "compose[bidirectional]": 2 * pair * n * n / 2 + pair * n * n,
+        "compose[replay]": linear + 2 * pair * 1.5 * n * n + pair * n * n,
+    }
+    return {mode: (plain + flops) / plain for mode, flops in extra.items()}
 
 
 def methods(ratio: float) -> dict:
     presses = {"plain prefill": None}
     presses.update({f"compose[{qs}]": ComposePress(compression_ratio=ratio, query_source=qs) for qs in QUERY_SOURCES})
     presses["snapkv"] = SnapKVPress(compression_ratio=ratio)
+    presses["kvpress KVzipPress"] = KVzipPress(compression_ratio=ratio)  # re-feeds the context, as replay does
     presses["kvpress KVComposePress"] = KVComposePress(compression_ratio=ratio)
     return presses
 
@@ -170,11 +199,13 @@ def bench_length(model, length, args, kvcompose_estimate):
         peaks = {name: [probe_peak_memory(args, name, length)] for name in presses}
     base_time = statistics.median(times["plain prefill"])
     base_peak = statistics.median(peaks["plain prefill"])
+    floors = flop_floors(MODELS[args.model], length)
     rows = []
     for name in presses:
         median_time = statistics.median(times[name])
         rows.append({
             "method": name, "tokens": length, "seconds": median_time, "time_vs_prefill": median_time / base_time,
+            "flop_floor": floors.get(name, float("nan")),
             "peak_extra_mb": statistics.median(peaks[name]) / 2**20,
             "extra_peak_vs_kv_cache": (statistics.median(peaks[name]) - base_peak) / full_bytes,
         })
@@ -203,24 +234,39 @@ def decode_speeds(model, length, args):
 
 
 def print_table(rows):
-    print(f"{'method':<26}{'tokens':>8}{'seconds':>10}{'x prefill':>11}{'peak MB':>10}{'extra/KV':>10}")
+    print(f"{'method':<26}{'tokens':>8}{'seconds':>10}{'x prefill':>11}{'FLOP floor':>12}{'peak MB':>10}"
+          f"{'extra/KV':>10}")
     for row in rows:
+        floor = "" if math.isnan(row.get("flop_floor", float("nan"))) else f"{row['flop_floor']:.2f}"
         print(f"{row['method']:<26}{row['tokens']:>8}{row['seconds']:>10.3f}{row['time_vs_prefill']:>11.2f}"
-              f"{row['peak_extra_mb']:>10.1f}{row['extra_peak_vs_kv_cache']:>10.2f}")
+              f"{floor:>12}{row['peak_extra_mb']:>10.1f}{row['extra_peak_vs_kv_cache']:>10.2f}")
 
 
-def print_targets(rows) -> None:
-    """Each ComposePress mode against the issue's targets, and its speed-up over kvpress's KVComposePress."""
+def time_target(model: str, method: str, row: dict) -> float:
+    """The time target (x plain prefill) of a ComposePress mode on this preset."""
+    if model != "8b-dims":
+        return TIME_TARGETS[method]
+    return TIME_TARGETS_8B.get(method, REPLAY_FLOOR_TOLERANCE * row["flop_floor"])
+
+
+def print_targets(rows, model: str = "tiny") -> None:
+    """Each ComposePress mode against the issue's targets, replay against KVzipPress, and the speed-up over
+    kvpress's KVComposePress."""
     by_method = {(row["method"], row["tokens"]): row for row in rows}
     print("\nagainst the targets (time and extra memory vs plain prefill; speed-up vs KVComposePress):")
     for (method, tokens), row in by_method.items():
         if method not in TIME_TARGETS:
             continue
-        time_ok = row["time_vs_prefill"] <= TIME_TARGETS[method]
+        target = time_target(model, method, row)
+        time_ok = row["time_vs_prefill"] <= target
         memory_ok = row["extra_peak_vs_kv_cache"] <= EXTRA_MEMORY_TARGET
-        line = (f"  {method:<24}{tokens:>7} tokens: {row['time_vs_prefill']:.2f}x (<= {TIME_TARGETS[method]}x: "
+        line = (f"  {method:<24}{tokens:>7} tokens: {row['time_vs_prefill']:.2f}x (<= {target:.2f}x: "
                 f"{'met' if time_ok else 'NOT met'}), extra {row['extra_peak_vs_kv_cache']:.2f} of KV (<= "
                 f"{EXTRA_MEMORY_TARGET}: {'met' if memory_ok else 'NOT met'})")
+        kvzip = by_method.get(("kvpress KVzipPress", tokens))
+        if method == "compose[replay]" and kvzip is not None:
+            faster = row["seconds"] < kvzip["seconds"]
+            line += f", {kvzip['seconds'] / row['seconds']:.2f}x KVzipPress's speed ({'met' if faster else 'NOT met'})"
         kvcompose = by_method.get(("kvpress KVComposePress", tokens))
         if kvcompose is not None:
             speedup = kvcompose["seconds"] / row["seconds"]
@@ -305,7 +351,7 @@ def main(argv=None):
         if not math.isnan(kvcompose_time):  # it ran at this length
             previous = (length, kvcompose_time)
         print_table(length_rows)
-    print_targets(rows)
+    print_targets(rows, args.model)
     print("\nkept cache bytes after compose[replay]:")
     for check in cache_checks:
         kept, target = check["kept_bytes_fraction"], check["target_fraction"]

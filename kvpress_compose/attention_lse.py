@@ -54,19 +54,20 @@ class LseCapture:
     """
 
     def __init__(self, modules: list[nn.Module]):
-        self.modules = list(modules)
-        self.captured: dict[nn.Module, Captured] = {}
+        self.modules = [weakref.ref(module) for module in modules]  # a capture never keeps a model alive
+        self.captured: weakref.WeakKeyDictionary[nn.Module, Captured] = weakref.WeakKeyDictionary()
         self.visible_prefix: int | None = None
         self.mask_ignored = False
 
     def __enter__(self) -> LseCapture:
-        for module in self.modules:
-            ACTIVE_CAPTURES[module] = self
+        for module in map(weakref.ref.__call__, self.modules):
+            if module is not None:
+                ACTIVE_CAPTURES[module] = self
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for module in self.modules:
-            if ACTIVE_CAPTURES.get(module) is self:
+        for module in map(weakref.ref.__call__, self.modules):
+            if module is not None and ACTIVE_CAPTURES.get(module) is self:
                 del ACTIVE_CAPTURES[module]
         self.captured.clear()
 

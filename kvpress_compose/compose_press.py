@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -24,7 +26,7 @@ from kvpress_compose.allocation import (
 )
 from kvpress_compose.attention_scores import AGGREGATIONS, aggregate
 from kvpress_compose.cache_gather import compress_layer, layer_states, mask_evicted_entries
-from kvpress_compose.layer_masks import compressed_context_length, install_layer_mask_hooks
+from kvpress_compose.layer_masks import install_layer_mask_hooks
 from kvpress_compose.prefill_inputs import decoder_arguments, prefill_inputs
 from kvpress_compose.prefill_run import PREFILL, PrefillRun
 from kvpress_compose.query_sources import QUERY_SOURCES, check_cache_unchanged, query_source_for
@@ -104,14 +106,26 @@ class ComposePress(BasePress):
         """Every documented setting is checked (and normalised: numpy numbers become Python ones) whenever it is
         set, at construction or later (kvpress's evaluate.py assigns ``compression_ratio``)."""
         validate = SETTINGS.get(name)
-        super().__setattr__(name, value if validate is None else validate(name, value))
+        if validate is None:
+            return super().__setattr__(name, value)
+        previous = self.__dict__.get(name)
+        super().__setattr__(name, validate(name, value))
+        if "_run" in self.__dict__:  # constructed: settings that depend on each other are checked together
+            try:
+                self._check_combination()
+            except ValueError:
+                super().__setattr__(name, previous)
+                raise
 
-    def __post_init__(self):
+    def _check_combination(self):
         if not self.structured and (self.layer_allocation != "global" or not self.composite_tokens):
             raise ValueError(
                 "structured=False ranks every head's tokens on their own against one global budget: "
                 "layer_allocation and composite_tokens apply to the structured press only"
             )
+
+    def __post_init__(self):
+        self._check_combination()
         self._attachment: DecoderAttachment | None = None  # our decoder hooks, while the press is in use
         self._run: PrefillRun | None = None  # the prefill under way, if any
 
@@ -136,7 +150,6 @@ class ComposePress(BasePress):
     def __call__(self, model: PreTrainedModel):
         try:
             with super().__call__(model):
-                self._attachment.lasts_for_context = True
                 yield
         finally:
             self._detach()
@@ -146,6 +159,13 @@ class ComposePress(BasePress):
         if self._attachment is not None:
             self._attachment.remove()
             self._attachment = None
+
+    def _detach_from(self, attachment: DecoderAttachment):
+        """A wrapper's hook that used this press is gone: its attachment goes (and the press forgets it)."""
+        if self._attachment is attachment:
+            self._detach()
+        else:
+            attachment.remove()
 
     @property
     def in_prefill(self) -> bool:
@@ -161,17 +181,21 @@ class ComposePress(BasePress):
 
     def _start_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict) -> None:
         attachment = self._attachment
-        if not attachment.press_is_hooked():  # the press was used in a ComposedPress that has exited
+        if not attachment.press_is_hooked():  # the press was used by a wrapper that has exited
             self._detach()
-            return
-        if self._run is not None:  # the replay pass re-entering the decoder
             return
         arguments = decoder_arguments(decoder, args, kwargs)
         cache = arguments.get("past_key_values")
-        if cache is not None and cache.get_seq_length() > 0:
-            refuse_more_context(cache, arguments)
-            return
+        fresh = cache is None or cache.get_seq_length() == 0
+        if self._run is not None:
+            if not fresh:  # a replay pass (ours or an outer press's) re-entering the decoder
+                self._run.nested_calls += 1
+                return
+            self._end_run()  # left by a forward that ended without its hooks (KeyboardInterrupt)
         if self.compression_ratio == 0:
+            return
+        if not fresh:
+            refuse_more_context(attachment, cache, arguments)
             return
         inputs = prefill_inputs(arguments)
         local_span = attachment.local_span
@@ -190,15 +214,16 @@ class ComposePress(BasePress):
             agg_group=self.agg_group,
             score_block_size=self.score_block_size,
             local_span=local_span,
+            cache=cache,
         )
 
     def _end_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        """Decoder forward hook, run however the forward ends (``always_call``): the prefill's state goes."""
-        if self._run is not None and self._run.phase != PREFILL:  # the replay pass's nested call
+        """Decoder forward hook, run however the forward ends (``always_call``): the prefill's state goes when
+        the decoder call that started it ends."""
+        if self._run is not None and self._run.nested_calls > 0:  # a replay pass's nested call
+            self._run.nested_calls -= 1
             return
         self._end_run()
-        if not self._attachment.lasts_for_context:
-            self._detach()
 
     # -- scoring (forward hook) ---------------------------------------------------------------------------
 
@@ -209,6 +234,9 @@ class ComposePress(BasePress):
         cache = kwargs.get("past_key_values")
         if cache is None:
             raise ValueError("ComposePress needs a cache: call the model with past_key_values=DynamicCache()")
+        run.cache = cache if run.cache is None else run.cache  # transformers makes one when none is given
+        if cache is not run.cache:  # another press's replay pass, nested in this prefill
+            return output
         with torch.no_grad():  # scoring and compression are never differentiated, even if the forward is
             keys, values = layer_states(cache, module.layer_idx)
             run.source.score_layer(run, module, keys, values, output[1], kwargs)
@@ -216,6 +244,7 @@ class ComposePress(BasePress):
                 run.close()  # the prefill's captured attention is no longer needed
                 run.source.finish(run, cache)
                 self._compress(run, cache)
+                self._attachment.compressed.add(cache)
         return output
 
     # -- allocation and compression -----------------------------------------------------------------------
@@ -310,25 +339,32 @@ class DecoderAttachment:
     """ComposePress's two hooks on a decoder stack: a pre-hook that starts a :class:`PrefillRun` for a fresh
     prefill and a forward hook, run however the forward ends, that drops it.
 
-    In the press's own ``with press(model):`` they last until the block exits. Used by another press (kvpress's
-    ``ComposedPress``, which never tells its presses that it exited), they last for one forward, as kvpress's
-    presses compress one prefill per ``with`` block; and if that block saw no forward, the pre-hook removes
-    both at the next forward, which it leaves untouched."""
+    They last while the press's kvpress forward hooks are registered: the press's own ``with press(model):``
+    removes them on exit. A wrapper (kvpress's ``ComposedPress``, ``PrefillDecodingPress``, ...) never tells its
+    presses that it exited, so at its first forward the pre-hook watches the wrapper's forward hook and removes
+    both when that hook goes (a finalizer on it); if the block saw no forward, the pre-hook removes both at the
+    next forward, which it leaves untouched."""
 
     def __init__(self, press: ComposePress, language_model: nn.Module, attention_modules: list[nn.Module]):
         self.press, self.language_model, self.attention_modules = press, language_model, attention_modules
-        self.lasts_for_context = False  # True inside the press's own context manager
         self.local_span = local_attention_span(language_model.config.get_text_config())
+        self.compressed = weakref.WeakSet()  # caches this press compressed while attached
+        self.watched: set[int] = set()  # ids of the kvpress hooks whose removal removes ours
         self.handles = [
             language_model.register_forward_pre_hook(press._start_prefill, with_kwargs=True),
             language_model.register_forward_hook(press._end_prefill, with_kwargs=True, always_call=True),
         ]
 
     def press_is_hooked(self) -> bool:
-        """Whether a kvpress forward hook that reaches the press (itself, or a press wrapping it) is still
-        registered on the first attention module."""
-        hooks = self.attention_modules[0]._forward_hooks.values()
-        return any(wraps_press(getattr(hook, "__self__", None), self.press) for hook in hooks)
+        """Whether a kvpress forward hook that reaches the press (itself, or a press wrapping it) is registered
+        on the attention modules; the wrappers' hooks are watched so that their removal removes ours."""
+        hooks = [hook for module in self.attention_modules for hook in module._forward_hooks.values()
+                 if wraps_press(getattr(hook, "__self__", None), self.press)]
+        for hook in hooks:
+            if getattr(hook, "__self__", None) is not self.press and id(hook) not in self.watched:
+                self.watched.add(id(hook))
+                weakref.finalize(hook, self.press._detach_from, self)
+        return bool(hooks)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -336,22 +372,26 @@ class DecoderAttachment:
 
 
 def wraps_press(outer, press: BasePress) -> bool:
-    """Whether ``outer`` is ``press`` or a kvpress press wrapping it (``presses``, ``press``, ``base_press``)."""
+    """Whether ``outer`` is ``press`` or a kvpress press holding it in any field, however deep (``presses`` of a
+    ComposedPress, ``press``, ``base_press``, ``prefilling_press``, ``decoding_press``, ...)."""
     if outer is press:
         return True
-    if not isinstance(outer, BasePress):
+    if not isinstance(outer, BasePress) or not dataclasses.is_dataclass(outer):
         return False
-    inner = [*(getattr(outer, "presses", None) or []), getattr(outer, "press", None), getattr(outer, "base_press", None)]
-    return any(wraps_press(child, press) for child in inner if child is not None)
+    for field_ in dataclasses.fields(outer):
+        value = getattr(outer, field_.name, None)
+        for child in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(child, BasePress) and wraps_press(child, press):
+                return True
+    return False
 
 
-def refuse_more_context(cache, arguments: dict) -> None:
-    """A forward of several tokens into a cache this press compressed, while the press is in use, would be a
-    second chunk of the context (a chunked prefill): ComposePress scored and compressed only the first."""
+def refuse_more_context(attachment: DecoderAttachment, cache, arguments: dict) -> None:
+    """A forward of several tokens into a cache this press compressed while attached would be a second chunk of
+    the context (a chunked prefill): ComposePress scored and compressed only the first."""
     reference = arguments.get("input_ids")
     reference = reference if reference is not None else arguments.get("inputs_embeds")
-    layers = getattr(cache, "layers", None)
-    if reference is not None and reference.shape[1] > 1 and compressed_context_length(layers, 0) is not None:
+    if reference is not None and reference.shape[1] > 1 and cache in attachment.compressed:
         raise ValueError(
             f"a forward of {reference.shape[1]} tokens into a cache ComposePress has compressed, while the press is "
             "in use: ComposePress compresses the context of one prefill forward, so a context fed in chunks would "

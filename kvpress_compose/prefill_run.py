@@ -46,6 +46,8 @@ class PrefillRun:
     statistics: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, kv_heads, group, n)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, kv_heads, n), a scorer's
     phase: str = PREFILL
+    cache: object | None = None  # the prefill's cache (set at its first layer when transformers made it)
+    nested_calls: int = 0  # decoder calls nested in this prefill's (replay passes) not yet ended
     capture: LseCapture | None = None  # open while the prefill's attention leaves its log-sum-exp
 
     def __post_init__(self):

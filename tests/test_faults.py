@@ -192,3 +192,63 @@ def test_an_all_padding_row_is_named():
     mask[1] = 0
     with pytest.raises(ValueError, match="row 1 of the batch has 0 context tokens"):
         prefill(tiny_model(), random_ids(2, 40), ComposePress(0.5, query_source="prefill"), attention_mask=mask)
+
+
+# found by a review of the redesign ------------------------------------------------------------------------------
+
+
+def test_compose_press_inside_prefill_decoding_press_compresses_the_prefill():
+    from kvpress import PrefillDecodingPress
+
+    press = ComposePress(0.5, query_source="prefill")
+    cache = prefill(tiny_model(), random_ids(1, 40), PrefillDecodingPress(prefilling_press=press))
+    assert sum(cache_layer_lengths(cache)) == compute_n_kept(3 * 40, 0.5)
+
+
+def test_a_question_into_a_cache_compressed_in_an_earlier_block_is_not_refused():
+    model = tiny_model()
+    cache = prefill(model, random_ids(1, 40), ComposePress(0.5, query_source="prefill"))
+    with torch.no_grad(), ComposePress(0.0)(model):
+        model(input_ids=random_ids(1, 5, seed=2), past_key_values=cache, position_ids=torch.arange(40, 45)[None])
+
+
+def test_two_prefills_in_one_composed_press_block_are_both_compressed():
+    model, press = tiny_model(), ComposePress(0.5, query_source="bidirectional")
+    caches = [DynamicCache(), DynamicCache()]
+    with torch.no_grad(), ComposedPress([press])(model):
+        for cache in caches:
+            model.model(input_ids=random_ids(1, 40), past_key_values=cache)
+    assert [sum(cache_layer_lengths(cache)) for cache in caches] == [compute_n_kept(3 * 40, 0.5)] * 2
+    assert len(model.model._forward_pre_hooks) == 1  # ours went when the ComposedPress's hooks did
+
+
+def test_nested_compose_presses_name_the_order_instead_of_scoring_the_outer_replay():
+    model = tiny_model()
+    with torch.no_grad(), ComposePress(0.5, query_source="replay")(model), \
+            ComposePress(0.3, query_source="bidirectional")(model):
+        with pytest.raises(ValueError, match="changed the cache after ComposePress scored it"):
+            model.model(input_ids=random_ids(1, 40), past_key_values=DynamicCache())
+
+
+def test_a_prefill_interrupted_without_its_hooks_leaves_nothing_to_the_next():
+    model, press = tiny_model(), ComposePress(0.5, query_source="prefill")
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt  # torch runs always_call hooks on Exception only
+
+    with torch.no_grad(), press(model):
+        handle = model.model.layers[1].register_forward_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            model.model(input_ids=random_ids(1, 30), past_key_values=DynamicCache())
+        handle.remove()
+        cache = DynamicCache()
+        model.model(input_ids=random_ids(1, 12), past_key_values=cache)
+    assert sum(cache_layer_lengths(cache)) == compute_n_kept(3 * 12, 0.5)
+
+
+def test_settings_that_depend_on_each_other_are_checked_when_assigned():
+    press = ComposePress(0.5)
+    press.structured = False
+    with pytest.raises(ValueError, match="structured press only"):
+        press.layer_allocation = "uniform"
+    assert press.layer_allocation == "global"
