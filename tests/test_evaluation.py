@@ -388,3 +388,14 @@ def test_benchmark_plots_earlier_figures_and_needs_a_plot_path(tmp_path):
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
     with pytest.raises(SystemExit):
         bench_speed.main(["--from-json", str(tmp_path / "bench.json")])
+
+
+def test_benchmark_flop_floors_follow_the_model_dimensions():
+    from evaluation.bench_speed import MODELS, flop_floors
+
+    eight_b = {n: flop_floors(MODELS["8b-dims"], n) for n in (2048, 8192)}
+    # the speed issue's figures for replay on Llama-3.1-8B's dimensions: about 2.1x at 2k, 2.4x at 8k
+    assert eight_b[2048]["compose[replay]"] == pytest.approx(2.11, abs=0.01)
+    assert eight_b[8192]["compose[replay]"] == pytest.approx(2.40, abs=0.01)
+    # attention's share grows with length, and with it every floor
+    assert all(eight_b[8192][mode] > eight_b[2048][mode] > 1 for mode in eight_b[2048])

@@ -95,6 +95,7 @@ def test_speed_benchmark_runs_and_checks_the_cache_bytes(tmp_path, capsys):
     figures = json.loads((tmp_path / "bench.json").read_text())
     methods = {row["method"] for row in figures["rows"]}
     assert methods == {"plain prefill", "compose[prefill]", "compose[bidirectional]", "compose[replay]", "snapkv",
+                       "kvpress KVzipPress",
                        "kvpress KVComposePress"}
     assert figures["cache"][0]["kept_bytes_fraction"] == 0.5
     assert set(figures["decode_tokens_per_s"]) == {"0.0", "0.5", "0.75"}
