@@ -52,7 +52,8 @@ def decode(model, context_ids, continuation_ids, press, name: str):
         for step in tqdm(range(continuation_ids.shape[1]), desc=name, leave=False):
             log_probs.append(logits.log_softmax(-1))
             token = continuation_ids[:, step : step + 1]
-            logits = model(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[n + step]])).logits[:, -1]
+            position = torch.tensor([[n + step]])
+            logits = model(input_ids=token, past_key_values=cache, position_ids=position).logits[:, -1]
             lengths = [cache.get_seq_length(i) for i in range(len(cache.layers))]
             peak = max(peak, sum(lengths) / len(lengths))
         seconds = time.perf_counter() - start

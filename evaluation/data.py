@@ -93,7 +93,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--words", type=int, default=1024, help="words (= tokens) per context")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", nargs="+", default=list(BASE_TASKS), choices=TASKS,
-                        help="default: the five base tasks; the dense ones (dense_kv dense_multivalue) make the budget bind")
+                        help="default: the five base tasks; the dense ones (dense_kv dense_multivalue) make the "
+                        "budget bind")
     return parser
 
 

@@ -310,9 +310,8 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     default_out = args.out == parser.get_default("out")
-    args.checkpoint_dir = args.checkpoint_dir or (
-        f"evaluation/checkpoints/{args.arch}" if default_out else f"evaluation/checkpoints/{Path(args.out).name}-{args.arch}"
-    )
+    checkpoint_name = args.arch if default_out else f"{Path(args.out).name}-{args.arch}"
+    args.checkpoint_dir = args.checkpoint_dir or f"evaluation/checkpoints/{checkpoint_name}"
     args.reproduce = reproduction_arguments(argv)
     train(args)
 

@@ -80,6 +80,7 @@ def test_a_log_line_says_what_each_layer_kept(caplog):
     press = ComposePress(0.5, query_source="prefill")
     with caplog.at_level(logging.INFO, logger="kvpress_compose.compose_press"):
         prefill(tiny_model(layers=3), random_ids(1, 30), press)
-    expected = f"kept 45 of 90 entries per KV head (budget 45, compression_ratio=0.5); per layer: {press.last_budgets.tolist()}"
+    expected = ("kept 45 of 90 entries per KV head (budget 45, compression_ratio=0.5); "
+                f"per layer: {press.last_budgets.tolist()}")
     assert expected in caplog.text
     assert torch.is_tensor(press.last_budgets)

@@ -166,8 +166,11 @@ def test_it_is_a_kvpress_decoding_press_that_kvpress_pipeline_runs_during_decodi
     assert isinstance(press, DecodingPress)
     budgets = []
     original = ComposePress.compress_scored
-    monkeypatch.setattr(ComposePress, "compress_scored",
-                        lambda self, cache, scores, n_kept: budgets.append(n_kept) or original(self, cache, scores, n_kept))
+    def counted(self, cache, scores, n_kept):
+        budgets.append(n_kept)
+        return original(self, cache, scores, n_kept)
+
+    monkeypatch.setattr(ComposePress, "compress_scored", counted)
     pipe = pipeline("kv-press-text-generation", model=str(tiny_model_folder(tmp_path / "m")),
                     tokenizer=build_tokenizer(), device="cpu")
     answer = pipe(" ".join(["| k001 v002"] + ["tree"] * 30), question="? k001", press=press, max_new_tokens=10)

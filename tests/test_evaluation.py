@@ -296,7 +296,8 @@ def test_cli_sweep_writes_runs_table_and_plot(model_dir, data_dir, tmp_path, cap
         assert config["model"] == str(model_dir) and config["max_contexts"] == 1 and config["fidelity"] is True
     no_press = json.loads((out / expected[0] / "metrics.json").read_text())
     assert no_press["fidelity"]["kl"] == 0 and no_press["fidelity"]["diverged"] == 0
-    memory = {name.split("__")[-2]: json.loads((out / name / "metrics.json").read_text())["memory"] for name in expected}
+    memory = {name.split("__")[-2]: json.loads((out / name / "metrics.json").read_text())["memory"]
+              for name in expected}
     # read on the caches: 96-word contexts (+ <s>) at ratio 0.5 keep half of the entries, within rounding
     assert memory["no_press"] == 1.0 and memory["snapkv"] == pytest.approx(0.5, abs=0.01)
     assert memory["compose_prefill"] == pytest.approx(0.5, abs=0.01)

@@ -153,7 +153,8 @@ def test_a_model_whose_queries_cannot_be_recomputed_exactly_is_refused_where_sco
 def test_replay_with_one_mask_row_for_a_batch_is_every_rows_mask():
     model, ids = tiny_model(), random_ids(2, 40)
     budgets = {}
-    for name, mask in [("broadcast", torch.ones(1, 40, dtype=torch.long)), ("full", torch.ones(2, 40, dtype=torch.long))]:
+    for name, rows in [("broadcast", 1), ("full", 2)]:
+        mask = torch.ones(rows, 40, dtype=torch.long)
         press = ComposePress(0.5, query_source="replay")
         prefill(model, ids, press, attention_mask=mask)
         budgets[name] = press.last_budgets

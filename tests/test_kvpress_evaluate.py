@@ -83,7 +83,8 @@ def test_kvpress_evaluate_runs_our_press_and_theirs_on_local_data(kvpress_checko
                            "--press_name", press_name, "--compression_ratio", "0.5", "--output_dir", str(out)])
     run = out / f"synthetic__synthetic-64__{str(model).replace('/', '--')}__{press_name}__0.50"
     assert set(json.loads((run / "metrics.json").read_text())) == {"niah_single", "dense_kv"}
-    assert len(load_rows(tmp_path / "data" / "synthetic-64")) == len((run / "predictions.csv").read_text().splitlines()) - 1
+    predictions = (run / "predictions.csv").read_text().splitlines()
+    assert len(load_rows(tmp_path / "data" / "synthetic-64")) == len(predictions) - 1
     registry = sys.modules["evaluate_registry"]
     assert type(registry.PRESS_REGISTRY["compose"]).__name__ == "KnormPress"  # kvpress's names are kept
     assert registry.PRESS_REGISTRY["compose_replay"].compression_ratio == (0.5 if press_name == "compose_replay" else 0)
