@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -106,14 +105,10 @@ class ComposeDecodingPress(DecodingPress):
         self._language_model = language_model_of(model)
         self.base_press.post_init_from_model(model)
 
-    @contextmanager
-    def __call__(self, model: PreTrainedModel):
-        try:
-            with super().__call__(model):
-                yield
-        finally:
-            self._generation = None
-            self.base_press._detach()
+    def reset(self):
+        """Called by DecodingPress's context manager on exit: the generation's state goes (base_press's hooks go
+        with this press's, see ComposePress's DecoderAttachment)."""
+        self._generation = None
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
         hidden_states = kwargs["hidden_states"]

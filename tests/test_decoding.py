@@ -118,7 +118,9 @@ def test_decoding_compression_matches_the_masked_reference(attn, prefill_ratio):
     press = ComposeDecodingPress(ComposePress(prefill_ratio, query_source="bidirectional"), compression_interval=4,
                                  target_size=10, hidden_states_buffer_size=3)
     logits, tokens, seen, cache = compressed_run(model, ids, mask, press, steps=13)
-    assert press._generation is None  # its state went with the with block
+    assert press._generation is None  # its state went with the with block, and every hook but the mask hooks
+    assert (len(model.model._forward_pre_hooks), len(model.model._forward_hooks)) == (1, 0)
+    assert press.base_press._attachment is None
     reference = reference_logits(model, ids, mask, tokens, seen)
     n = ids.shape[1]
     for step in range(1, len(logits)):
