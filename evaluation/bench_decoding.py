@@ -75,7 +75,9 @@ def main(argv=None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     rng = random.Random(0)
-    encode = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids  # noqa: E731
+    def encode(text: str) -> torch.Tensor:
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
     context_ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), encode(
         make_sample("niah_multikey", args.context_words, rng).context)], dim=1)
     continuation_ids = encode(make_sample("niah_multivalue", args.tokens, rng).context)[:, : args.tokens]

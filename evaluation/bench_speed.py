@@ -33,8 +33,9 @@ from kvpress import KVComposePress, KVzipPress, SnapKVPress
 from matplotlib.figure import Figure
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .fidelity import prefill
 from kvpress_compose import QUERY_SOURCES, ComposePress
+
+from .fidelity import prefill
 
 MODELS = {
     "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,

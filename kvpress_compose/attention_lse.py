@@ -59,7 +59,7 @@ class LseCapture:
         self.visible_prefix: int | None = None
         self.mask_ignored = False
 
-    def __enter__(self) -> LseCapture:
+    def __enter__(self) -> LseCapture:  # noqa: PYI034 - typing.Self needs Python 3.11
         for module in map(weakref.ref.__call__, self.modules):
             if module is not None:
                 ACTIVE_CAPTURES[module] = self

@@ -26,10 +26,6 @@ class DecodingRun:
     position_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per step (cos, sin)
     key_valid: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, cached) of the last step
     steps: int = 0  # tokens decoded since the last compression
-    compressions: int = 0
-
-    def buffered(self) -> int:
-        return sum(states.shape[1] for states in self.hidden_states.get(0, []))
 
     def keep_last(self, n_tokens: int) -> None:
         """Forget all but the last ``n_tokens`` buffered tokens (0: all)."""
@@ -128,7 +124,7 @@ class ComposeDecodingPress(DecodingPress):
                 run.steps += hidden_states.shape[1]
                 if run.steps >= self.compression_interval:
                     self._compress(run, cache)
-                    run.steps, run.compressions = 0, run.compressions + 1
+                    run.steps = 0
                     run.keep_last(0)  # the cache changed: earlier queries saw entries that are gone
                 else:
                     run.keep_last(self.hidden_states_buffer_size)

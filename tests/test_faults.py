@@ -182,9 +182,10 @@ def test_a_context_fed_in_two_forwards_is_refused_rather_than_half_compressed():
 
 def test_nested_presses_are_named_as_such_not_as_a_composed_press():
     model, cache = tiny_model(), DynamicCache()
-    with torch.no_grad(), KnormPress(0.5)(model), ComposePress(0.5, query_source="prefill")(model):
-        with pytest.raises(ValueError, match="another press left 20 in the cache") as error:
-            model(input_ids=random_ids(1, 40), past_key_values=cache)
+    outer, inner = KnormPress(0.5), ComposePress(0.5, query_source="prefill")
+    with torch.no_grad(), outer(model), inner(model), \
+            pytest.raises(ValueError, match="another press left 20 in the cache") as error:
+        model(input_ids=random_ids(1, 40), past_key_values=cache)
     assert "nested `with press(model)`" in str(error.value)
 
 
@@ -225,10 +226,10 @@ def test_two_prefills_in_one_composed_press_block_are_both_compressed():
 
 def test_nested_compose_presses_name_the_order_instead_of_scoring_the_outer_replay():
     model = tiny_model()
-    with torch.no_grad(), ComposePress(0.5, query_source="replay")(model), \
-            ComposePress(0.3, query_source="bidirectional")(model):
-        with pytest.raises(ValueError, match="changed the cache after ComposePress scored it"):
-            model.model(input_ids=random_ids(1, 40), past_key_values=DynamicCache())
+    outer, inner = ComposePress(0.5, query_source="replay"), ComposePress(0.3, query_source="bidirectional")
+    with torch.no_grad(), outer(model), inner(model), \
+            pytest.raises(ValueError, match="changed the cache after ComposePress scored it"):
+        model.model(input_ids=random_ids(1, 40), past_key_values=DynamicCache())
 
 
 def test_a_prefill_interrupted_without_its_hooks_leaves_nothing_to_the_next():
