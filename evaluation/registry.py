@@ -64,6 +64,7 @@ COMPOSE_PRESSES: dict[str, PressFactory] = {
     "compose_prefill": lambda ratio: ComposePress(compression_ratio=ratio, query_source="prefill"),
     "compose_bidirectional": lambda ratio: ComposePress(compression_ratio=ratio, query_source="bidirectional"),
     "compose_replay": lambda ratio: ComposePress(compression_ratio=ratio, query_source="replay"),
+    "compose_replay_local": lambda ratio: ComposePress(compression_ratio=ratio, query_source="replay_local"),
     "compose_snapkv": lambda ratio: ComposePress(compression_ratio=ratio, scorer=SnapKVPress()),
     "compose_expected_attention": lambda ratio: ComposePress(compression_ratio=ratio, scorer=ExpectedAttentionPress()),
     "compose_unstructured": lambda ratio: ComposePress(compression_ratio=ratio, structured=False),

@@ -32,16 +32,18 @@ class ReplayCache(DynamicCache):
     replay pass. The re-fed tokens are stored here only, never in ``source``.
 
     The keys each layer attended to are kept in ``attended_keys`` until the scoring hook pops them, and
-    ``replayed`` counts the re-fed tokens of the chunks already done.
+    ``replayed`` counts the re-fed tokens of the chunks already done. With ``chunk_local`` each chunk attends to
+    the context and its own tokens only (KVzip's form): no earlier chunk is kept or counted.
     """
 
-    def __init__(self, source: Cache, context_length: int):
+    def __init__(self, source: Cache, context_length: int, chunk_local: bool = False):
         super().__init__()
+        self.chunk_local = chunk_local
         self.layers = [DynamicLayer() for _ in source.layers]  # empty: other presses' hooks index them
         self.source = source
         self.context_length = context_length
         self.replayed = 0
-        self.keep_refed = True  # False for a single pass: no later chunk attends to the re-fed tokens
+        self.keep_refed = not chunk_local  # False for a single pass too: no later chunk attends to them
         self.attended_keys: dict[int, torch.Tensor] = {}
         self._refed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -59,7 +61,7 @@ class ReplayCache(DynamicCache):
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.context_length + self.replayed
+        return self.context_length + (0 if self.chunk_local else self.replayed)
 
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
         return self.get_seq_length() + cache_position.shape[0], 0
@@ -108,7 +110,8 @@ def preserved_state(module: nn.Module):
 def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache, capture: LseCapture | None) -> None:
     """Feed the captured context again over the replay cache: in one pass without a mask where every layer is
     sure to take the unmasked split of ``capture`` (sdpa on CPU, no padding) and that saves memory, else in
-    chunks. The model's rotary embedding is left as it was before."""
+    chunks (each attending to the context and only its own tokens where the replay cache is ``chunk_local``).
+    The model's rotary embedding is left as it was before."""
     positions = replay_position_ids(inputs.position_ids)
     attention_modules = [layer.self_attn for layer in language_model.layers]
     unpadded = bool(inputs.valid.all())
@@ -119,21 +122,25 @@ def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache,
         and capture is not None
         and all(capture.split_possible(module) for module in attention_modules)
         and single_pass_saves_memory(language_model.config, kv_values_per_token)
+        and not replay_cache.chunk_local
     )
-    replay_cache.keep_refed = not single_pass
+    replay_cache.keep_refed = not (single_pass or replay_cache.chunk_local)
     cache_bytes = full_cache_bytes(keys, len(attention_modules))
     chunk_size = inputs.length if single_pass else replay_chunk_size(cache_bytes, inputs.length)
     with torch.no_grad(), preserved_state(language_model.rotary_emb):
         for start in range(0, inputs.length, chunk_size):
             end = min(start + chunk_size, inputs.length)
-            if capture is not None:  # every re-fed query sees the whole context and the re-fed tokens before its chunk
-                capture.declare_visible_prefix(inputs.length + start if unpadded else None, mask_ignored=single_pass)
+            # every re-fed query sees the whole context and the re-fed tokens before its chunk (none when local)
+            refed_start = start if replay_cache.chunk_local else 0
+            if capture is not None:
+                capture.declare_visible_prefix(inputs.length + start - refed_start if unpadded else None,
+                                               mask_ignored=single_pass)
             attention_mask = inputs.attention_mask
             if single_pass:  # (batch, 1, n, 2n) of one stored element: transformers uses a 4D mask as it is
                 attention_mask = torch.ones((), dtype=torch.bool, device=positions.device).expand(
                     positions.shape[0], 1, end, inputs.length + end)
-            elif attention_mask is not None:  # the original context, then the re-fed tokens up to this chunk
-                attention_mask = torch.cat([attention_mask, attention_mask[:, :end]], dim=-1)
+            elif attention_mask is not None:  # the original context, then the re-fed tokens it attends to
+                attention_mask = torch.cat([attention_mask, attention_mask[:, refed_start:end]], dim=-1)
             language_model(
                 input_ids=None if inputs.input_ids is None else inputs.input_ids[:, start:end],
                 inputs_embeds=None if inputs.inputs_embeds is None else inputs.inputs_embeds[:, start:end],

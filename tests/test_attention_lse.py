@@ -235,3 +235,20 @@ def test_single_pass_replay_scores_equal_softmax_scores(agg_task, monkeypatch):
         prefill(model, ids, press)
         scores[attn] = press.last_scores
     torch.testing.assert_close(scores["sdpa"], scores["eager"], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding", [None, slice(0, 5)])
+def test_local_replay_scores_equal_on_both_paths_and_differ_from_replay(padding, monkeypatch):
+    """Each re-fed chunk attends to the context and its own tokens only: the log-sum-exp path (the split with the
+    context as prefix, or the mask) and eager's softmax agree, and the scores are not exact replay's."""
+    ids = random_ids(2, 700)  # 3 chunks of 256 re-fed tokens
+    mask = torch.ones(2, 700, dtype=torch.long)
+    if padding is not None:
+        mask[1, padding] = 0
+    expected, softmax_calls, _ = scores_and_lse_calls("eager", ids, monkeypatch, mask, query_source="replay_local")
+    actual, lse_calls, split_calls = scores_and_lse_calls("sdpa", ids, monkeypatch, mask, query_source="replay_local")
+    assert softmax_calls == 0 and lse_calls == 3 * 3
+    assert split_calls == (3 * 3 if padding is None else 0)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
+    exact, _, _ = scores_and_lse_calls("sdpa", ids, monkeypatch, mask, query_source="replay")
+    assert not torch.allclose(actual, exact)
