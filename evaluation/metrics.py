@@ -40,22 +40,62 @@ def average(scores: dict[str, float]) -> float:
     return round(sum(scores.values()) / len(scores), 4)
 
 
-def bootstrap_interval(
-    df: pd.DataFrame, n_resamples: int = 2000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap interval (``level``, in percent) of :func:`average` over :func:`task_scores`.
+def resampled_averages(
+    df: pd.DataFrame, scores: list[pd.Series], n_resamples: int = 2000, seed: int = 0
+) -> np.ndarray:
+    """``(len(scores), n_resamples)`` bootstrap replicates of :func:`average` (in percent) for each of ``scores``
+    (row scores of ``df``'s rows, e.g. two presses' answers to the same questions), every one drawn with the same
+    contexts, so that differences between them are paired.
 
     Contexts are the sampling unit: each resample draws, within every task, as many contexts as it has, with
     replacement, keeping each context's questions together; the statistic is the mean over tasks of each task's
     accuracy over the drawn questions, as :func:`task_scores` and :func:`average` compute it."""
-    scores = row_scores(df)
     rng = np.random.default_rng(seed)
-    per_task = []
+    per_task = []  # per task: (len(scores), n_resamples) accuracies
     for _, rows in df.groupby("task", sort=True):
-        by_context = scores[rows.index].groupby(rows["context"], sort=False).agg(["sum", "count"]).to_numpy()
-        drawn = rng.integers(0, len(by_context), size=(n_resamples, len(by_context)))  # (resamples, contexts)
-        totals = by_context[drawn].sum(axis=1)  # (resamples, 2): correct, questions
-        per_task.append(totals[:, 0] / totals[:, 1])
-    averages = np.mean(per_task, axis=0) * 100
-    low, high = np.percentile(averages, [50 * (1 - level), 50 * (1 + level)])
+        drawn = None
+        accuracies = []
+        for row_score in scores:
+            by_context = row_score[rows.index].groupby(rows["context"], sort=False).agg(["sum", "count"]).to_numpy()
+            if drawn is None:
+                drawn = rng.integers(0, len(by_context), size=(n_resamples, len(by_context)))  # (resamples, contexts)
+            totals = by_context[drawn].sum(axis=1)  # (resamples, 2): correct, questions
+            accuracies.append(totals[:, 0] / totals[:, 1])
+        per_task.append(accuracies)
+    return np.mean(per_task, axis=0) * 100
+
+
+def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap ``replicates``, rounded to 4 decimals."""
+    low, high = np.percentile(replicates, [50 * (1 - level), 50 * (1 + level)])
     return round(float(low), 4), round(float(high), 4)
+
+
+def bootstrap_interval(
+    df: pd.DataFrame, n_resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval (``level``, in percent) of :func:`average` over :func:`task_scores`, with
+    contexts resampled within tasks (see :func:`resampled_averages`)."""
+    return percentile_interval(resampled_averages(df, [row_scores(df)], n_resamples, seed)[0], level)
+
+
+def paired_difference(
+    a: pd.DataFrame, b: pd.DataFrame, n_resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(difference, low, high)``: :func:`average` of predictions ``a`` minus that of ``b`` (in points) with
+    its paired percentile bootstrap interval: both answered the same questions, and each resample draws the
+    same contexts for both, so the context-to-context spread that both share cancels out."""
+    keys = ["task", "context", "question"]
+    for name, df in (("a", a), ("b", b)):
+        if df.duplicated(keys).any():
+            raise ValueError(f"predictions {name} repeat a (task, context, question): cannot pair them")
+    merged = a[keys + ["answer", "predicted_answer"]].merge(
+        b[keys + ["predicted_answer"]], on=keys, how="inner", suffixes=("_a", "_b"), validate="one_to_one")
+    if len(merged) != len(a) or len(merged) != len(b):
+        raise ValueError(f"predictions a ({len(a)} rows) and b ({len(b)} rows) do not answer the same questions")
+    score_a = row_scores(merged.rename(columns={"predicted_answer_a": "predicted_answer"}))
+    score_b = row_scores(merged.rename(columns={"predicted_answer_b": "predicted_answer"}))
+    replicates = resampled_averages(merged, [score_a, score_b], n_resamples, seed)
+    difference = average(task_scores(merged.assign(predicted_answer=merged["predicted_answer_a"]))) - average(
+        task_scores(merged.assign(predicted_answer=merged["predicted_answer_b"])))
+    return (round(difference, 4), *percentile_interval(replicates[0] - replicates[1], level))

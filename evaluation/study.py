@@ -1,0 +1,250 @@
+"""The full study: where the budget binds, which presses keep their accuracy, with intervals.
+
+    python -m evaluation.study                  # GQA model, 4096-word contexts of all 7 tasks -> docs/study-4096/
+    python -m evaluation.study --words 2048 --model <folder> --docs docs/study-2048
+
+Compute goes where the claims are. The leaders (ComposePress's query sources and ablations, KVzip) run at the
+ratios where presses differ (``--claim-ratios``, 0.75 / 0.9 / 0.95) on ``--contexts`` contexts per task (20);
+every press of the registry, the leaders included, runs at every ratio (0.25 to 0.95) on
+``--field-contexts`` (4). Runs go under ``--out/study__<data>/contexts-<n>/`` and a run already there is
+skipped, so an interrupted study resumes where it stopped. ``--docs`` receives:
+
+- ``summary.md``: the leaders' accuracy with 95% bootstrap intervals, per task at the highest ratios, paired
+  differences (``A - B`` with its paired interval; "A beats B" only where it excludes 0), the memory held,
+  the field's table, and the KV heads' top-k overlap (:mod:`evaluation.head_overlap`);
+- ``summary.csv``: every run (press, ratio, contexts, per-task and average accuracy, interval, memory);
+- ``leaders_accuracy_vs_ratio.png``, ``field_accuracy_vs_ratio.png`` (bands: the intervals) and
+  ``accuracy_vs_memory.png`` (accuracy against the cache memory really held).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from . import data, head_overlap
+from .metrics import paired_difference
+from .registry import KVPRESS_PRESSES, PRESS_REGISTRY
+from .run import RunConfig, load_pipeline, run
+from .sweep import BASELINE, by_ratio, intervals_by_ratio, markdown, plot, run_summary
+from .synthetic_tasks import TASKS
+
+STUDY_MODEL = Path(__file__).parent / "models" / "retrieval-llama-gqa"
+STUDY_SEED = 2026
+RATIOS = (0.25, 0.5, 0.75, 0.9, 0.95)
+CLAIM_RATIOS = (0.75, 0.9, 0.95)
+LEADERS = (
+    BASELINE,
+    "compose_replay",
+    "compose_replay_local",
+    "compose_bidirectional",
+    "compose_unstructured",
+    "compose_uniform",
+    "compose_shared_positions",
+    "kvzip",
+)
+# (a, b, what a - b measures): the paired comparisons the findings rest on
+COMPARISONS = (
+    ("compose_replay", "kvzip", "ComposePress (default) against KVzip"),
+    ("compose_replay_local", "kvzip", "the cheaper replay against KVzip"),
+    ("compose_bidirectional", "kvzip", "bidirectional (no extra pass) against KVzip"),
+    ("compose_replay_local", "compose_replay", "cheaper replay against exact replay"),
+    ("compose_bidirectional", "compose_replay", "bidirectional against replay"),
+    ("compose_replay", "compose_unstructured", "what the dense structure costs (unstructured frees no memory)"),
+    ("compose_replay", "compose_uniform", "what global layer allocation adds"),
+    ("compose_replay", "compose_shared_positions", "what composite tokens add (over one position set per layer)"),
+)
+
+
+def field_presses() -> list[str]:
+    """The leaders, then every other press of the registry (kvpress's in registry order, then ours)."""
+    others = [name for name in PRESS_REGISTRY if name not in LEADERS]
+    kvpress_first = sorted(others, key=lambda name: name not in KVPRESS_PRESSES)
+    return list(LEADERS) + kvpress_first
+
+
+def study_plan(model: str, data_dir: Path, out: Path, contexts: int, field_contexts: int,
+               claim_ratios=CLAIM_RATIOS, ratios=RATIOS, field: list[str] | None = None) -> dict[str, list[RunConfig]]:
+    """``{"claims": ..., "field": ...}`` run configurations (``field``: the field's presses, by default
+    :func:`field_presses`); each tier writes under its own folder."""
+    if field_contexts > contexts:
+        raise ValueError(f"field_contexts ({field_contexts}) must not exceed contexts ({contexts})")
+    tiers = {"claims": (list(LEADERS), claim_ratios, contexts),
+             "field": (field or field_presses(), ratios, field_contexts)}
+    plan = {}
+    for tier, (presses, tier_ratios, n_contexts) in tiers.items():
+        output_dir = out / f"study__{data_dir.name}" / f"contexts-{n_contexts}"
+        plan[tier] = [
+            RunConfig(model, str(data_dir), press, ratio, output_dir=str(output_dir), max_contexts=n_contexts)
+            for press in presses
+            for ratio in ([0.0] if press == BASELINE else sorted(tier_ratios))
+        ]
+    return plan
+
+
+def run_table(configs: list[RunConfig]) -> pd.DataFrame:
+    """One summary row per run (see :func:`evaluation.sweep.run_summary`), with its contexts per task."""
+    rows = [run_summary(config.results_dir()) | {"contexts": config.max_contexts} for config in configs]
+    return pd.DataFrame(rows)
+
+
+def predictions(config: RunConfig) -> pd.DataFrame | None:
+    path = config.results_dir() / "predictions.csv"
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path, keep_default_na=False)
+    frame["answer"] = frame["answer"].map(parse_answer)
+    return frame
+
+
+def parse_answer(text):
+    """An ``answer`` list as pandas wrote it to CSV (``"['v1', 'v2']"``) back to a list."""
+    return ast.literal_eval(text) if isinstance(text, str) and text.startswith("[") else text
+
+
+def paired_table(configs: list[RunConfig]) -> pd.DataFrame:
+    """Each comparison of :data:`COMPARISONS` at each ratio both presses ran: the difference in average accuracy
+    (points) with its paired 95% bootstrap interval and a verdict."""
+    by_run = {(config.press_name, config.compression_ratio): config for config in configs}
+    rows = []
+    for a, b, meaning in COMPARISONS:
+        for ratio in sorted({ratio for press, ratio in by_run if press == a}):
+            frames = [predictions(by_run[(press, ratio)]) if (press, ratio) in by_run else None for press in (a, b)]
+            if any(frame is None for frame in frames):
+                continue
+            difference, low, high = paired_difference(*frames)
+            verdict = "A better" if low > 0 else "B better" if high < 0 else "tie (interval holds 0)"
+            rows.append({"A": a, "B": b, "ratio": f"{ratio:.2f}", "A - B": difference, "95% interval":
+                         f"[{low:.3g}, {high:.3g}]", "verdict": verdict, "what it measures": meaning})
+    return pd.DataFrame(rows)
+
+
+def per_task_table(table: pd.DataFrame, ratio: float) -> pd.DataFrame:
+    """Accuracy per task of every run at ``ratio`` (and ``no_press``)."""
+    rows = table[(table["ratio"] == ratio) | (table["press"] == BASELINE)]
+    columns = [task for task in TASKS if task in rows]
+    return rows.set_index("press")[columns + ["average"]]
+
+
+def plot_accuracy_vs_memory(table: pd.DataFrame, path: Path, title: str) -> Path:
+    """Average accuracy against the cache memory really held (fraction of the full cache), one line per press
+    with its intervals as error bars: presses that only mask stay at 1.0 whatever their ratio."""
+    figure = Figure(figsize=(8.5, 5))
+    axes = figure.subplots()
+    for index, (press, runs) in enumerate(table[table["status"] == "ok"].groupby("press", sort=False)):
+        runs = runs.sort_values("memory")
+        errors = [(runs["average"] - runs["ci_low"]).to_numpy(), (runs["ci_high"] - runs["average"]).to_numpy()]
+        ours = press.startswith("compose")
+        axes.errorbar(runs["memory"].to_numpy(), runs["average"].to_numpy(), yerr=errors, label=press, capsize=3, color=f"C{index % 10}",
+                      marker="o" if ours else "s", linestyle="-" if ours else "--")
+    axes.set(xlabel="cache memory held (fraction of the full cache)", ylabel="average accuracy (%)", title=title,
+             xlim=(0, 1.05))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str | None) -> Path:
+    """``summary.md``, ``summary.csv`` and the plots in ``docs`` from the runs of ``plan``."""
+    docs.mkdir(parents=True, exist_ok=True)
+    claims, field = run_table(plan["claims"]), run_table(plan["field"])
+    n_claims, n_field = plan["claims"][0].max_contexts, plan["field"][0].max_contexts
+    setting = plan["claims"][0].setting
+    pd.concat([claims, field], ignore_index=True).to_csv(docs / "summary.csv", index=False)
+    plot(claims, docs / "leaders_accuracy_vs_ratio.png", f"{setting}: leaders, {n_claims} contexts per task")
+    plot(field, docs / "field_accuracy_vs_ratio.png", f"{setting}: every press, {n_field} contexts per task")
+    plot_accuracy_vs_memory(claims, docs / "accuracy_vs_memory.png", f"{setting}, {n_claims} contexts per task")
+    top_ratios = sorted(set(claims["ratio"]) - {0.0})[-2:]
+    header = (f"# Study: {setting}\n\nWritten by `python -m evaluation.study`. Sample: {len(TASKS)} tasks; the "
+              f"leaders on {n_claims} contexts per task, the field on {n_field}. Accuracy in %, 95% bootstrap "
+              "intervals over contexts (resampled within each task).")
+    leaders = (f"## Leaders: average accuracy [95% interval], {n_claims} contexts per task\n\n"
+               f"{markdown(intervals_by_ratio(claims))}\n\n![leaders](leaders_accuracy_vs_ratio.png)")
+    per_task = [f"## Per task at {ratio:.2f}, {n_claims} contexts per task\n\n"
+                f"{markdown(per_task_table(claims, ratio))}" for ratio in top_ratios]
+    paired = ("## Paired differences (A - B in points, same questions; a verdict only where the interval "
+              f"excludes 0)\n\n{markdown(paired_table(plan['claims']), index=False)}")
+    memory = (f"## Cache memory held (fraction of the full cache)\n\n{markdown(by_ratio(claims, 'memory'))}\n\n"
+              "![accuracy against memory held](accuracy_vs_memory.png)")
+    everyone = (f"## Every press: average accuracy [95% interval], {n_field} contexts per task\n\n"
+                f"{markdown(intervals_by_ratio(field))}\n\n![field](field_accuracy_vs_ratio.png)")
+    sections = [header, leaders, *per_task, paired, memory, everyone]
+    if overlap_text:
+        sections.append(f"## Are the KV heads redundant?\n\n{overlap_text}")
+    (docs / "summary.md").write_text("\n\n".join(sections) + "\n")
+    return docs / "summary.md"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="hub id or model folder (default: retrieval-llama-gqa)")
+    parser.add_argument("--words", type=int, default=4096, help="words per context")
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: evaluation/data/study-<words>")
+    parser.add_argument("--contexts", type=int, default=20, help="contexts per task for the leaders' claims")
+    parser.add_argument("--field-contexts", type=int, default=4, help="contexts per task for every press")
+    parser.add_argument("--claim-ratios", type=float, nargs="+", default=list(CLAIM_RATIOS))
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), help="the field's ratios")
+    parser.add_argument("--field-presses", nargs="+", default=None, help="the field's presses (default: every "
+                        "press of the registry)")
+    parser.add_argument("--overlap-contexts", type=int, default=3, help="contexts per task for the head overlap "
+                        "(0: skip it)")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder")
+    parser.add_argument("--docs", type=Path, default=None, help="report folder (default: docs/study-<words>)")
+    parser.add_argument("--report-only", action="store_true", help="run nothing: write the report from the "
+                        "runs already there")
+    parser.add_argument("--threads", type=int, default=1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("contexts", "field_contexts", "words", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not all(0 < ratio < 1 for ratio in args.ratios + args.claim_ratios):
+        parser.error("--ratios and --claim-ratios must be in (0, 1)")
+    model = args.model or str(STUDY_MODEL)
+    if args.model is None and not (STUDY_MODEL / "config.json").is_file():
+        sys.exit(f"error: no model in {STUDY_MODEL}: train it (see its README) or pass --model")
+    torch.set_num_threads(args.threads)
+    data_dir = args.data_dir or data.DEFAULT_DATA_ROOT / f"study-{args.words}"
+    if not data.has_dataset(data_dir):
+        data.write_dataset(data_dir, args.contexts, args.words, STUDY_SEED, TASKS)
+    available = data.load_rows(data_dir).groupby("task")["context"].nunique()
+    if set(available.index) != set(TASKS) or available.min() < args.contexts:
+        parser.error(f"{data_dir} holds {available.to_dict()} contexts per task; the study needs every task of "
+                     f"{list(TASKS)} with at least --contexts {args.contexts}: write it with `python -m "
+                     f"evaluation.data --out {data_dir} --tasks {' '.join(TASKS)} --contexts {args.contexts}`")
+    try:
+        plan = study_plan(model, Path(data_dir), args.out, args.contexts, args.field_contexts,
+                          tuple(args.claim_ratios), tuple(args.ratios), args.field_presses)
+    except ValueError as error:
+        parser.error(str(error))
+    if not args.report_only:
+        configs = plan["claims"] + plan["field"]
+        for config in tqdm(configs, desc="study runs"):
+            run(config)
+    overlap_text = None
+    if args.overlap_contexts:
+        pipe = load_pipeline(model)
+        contexts = head_overlap.context_ids(pipe, data_dir, args.overlap_contexts)
+        overlap_text = head_overlap.report(head_overlap.overlap_table(pipe.model, contexts), model, data_dir,
+                                           len(contexts))
+    report = write_report(plan, args.docs or Path("docs") / f"study-{args.words}", overlap_text)
+    print(f"report: {report}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The full study: paired intervals, the KV heads' top-k overlap, the study's plan and its report."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from evaluation import head_overlap, study
+from evaluation.data import write_dataset
+from evaluation.metrics import average, paired_difference, task_scores
+from evaluation.registry import PRESS_REGISTRY
+from evaluation.synthetic_tasks import TASKS
+from tests.test_evaluation import PNG_MAGIC, tiny_model_folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def answers(predicted):
+    return pd.DataFrame({
+        "task": ["a", "a", "a", "b", "b"],
+        "context": ["c1", "c1", "c2", "c3", "c4"],
+        "question": ["q1", "q2", "q3", "q4", "q5"],
+        "answer": [["v1"], ["v2"], ["v3"], ["k1"], ["k2"]],
+        "predicted_answer": predicted,
+    })
+
+
+def test_paired_difference_resamples_both_presses_with_the_same_contexts():
+    right = answers(["v1", "v2", "v3", "k1", "k2"])
+    wrong_on_c2 = answers(["v1", "v2", "x", "k1", "k2"])
+    assert paired_difference(right, right) == (0.0, 0.0, 0.0)
+    difference, low, high = paired_difference(right, wrong_on_c2, n_resamples=4000)
+    assert difference == pytest.approx(average(task_scores(right)) - average(task_scores(wrong_on_c2)))
+    # task a differs only where c2 is drawn: by 0, 1/3 or 1 (c2 twice) of task a, half that on the average
+    assert (low, high) == (0.0, 50.0) and low <= difference <= high
+    # unpaired, the same two would overlap far more; paired, one that is never worse is never below 0
+    assert paired_difference(wrong_on_c2, right, n_resamples=4000)[1:] == (-50.0, 0.0)
+
+
+def test_paired_difference_refuses_predictions_of_other_questions():
+    with pytest.raises(ValueError, match="do not answer the same questions"):
+        paired_difference(answers(["v1"] * 5), answers(["v1"] * 5).iloc[:4])
+
+
+def test_top_k_overlap_is_one_for_identical_heads_and_zero_for_disjoint_ones():
+    ranks = torch.arange(8.0)
+    scores = torch.stack([
+        torch.stack([ranks, ranks]),  # layer 0: both heads rank alike
+        torch.stack([ranks, -ranks]),  # layer 1: opposite rankings, disjoint top 4
+    ])  # (layers, kv_heads, n)
+    assert head_overlap.top_k_overlap(scores, 4).tolist() == [1.0, 0.0]
+    assert head_overlap.top_k_overlap(scores, 8).tolist() == [1.0, 1.0]
+    assert head_overlap.top_k_overlap(scores, 6).tolist() == [1.0, pytest.approx(4 / 6)]
+    assert math.isnan(head_overlap.top_k_overlap(scores[:, :1], 4)[0])
+    with pytest.raises(ValueError, match="k must be in"):
+        head_overlap.top_k_overlap(scores, 9)
+
+
+def test_study_plan_spends_contexts_on_the_leaders_at_the_claim_ratios(tmp_path):
+    plan = study.study_plan("m", tmp_path / "study-96", tmp_path, contexts=20, field_contexts=4)
+    claims = {(c.press_name, c.compression_ratio) for c in plan["claims"]}
+    assert claims == {("no_press", 0.0)} | {(p, r) for p in study.LEADERS[1:] for r in study.CLAIM_RATIOS}
+    assert {c.max_contexts for c in plan["claims"]} == {20} and {c.max_contexts for c in plan["field"]} == {4}
+    assert {c.press_name for c in plan["field"]} == set(PRESS_REGISTRY)
+    assert {c.compression_ratio for c in plan["field"]} == {0.0, *study.RATIOS}
+    folders = {c.results_dir().parent for tier in plan.values() for c in tier}
+    assert folders == {tmp_path / "study__study-96" / "contexts-20", tmp_path / "study__study-96" / "contexts-4"}
+    for first, second, _ in study.COMPARISONS:
+        assert {first, second} <= set(study.LEADERS)
+    with pytest.raises(ValueError, match="must not exceed"):
+        study.study_plan("m", tmp_path, tmp_path, contexts=2, field_contexts=3)
+
+
+def test_study_runs_both_tiers_and_writes_the_report(tmp_path, capsys):
+    model = tiny_model_folder(tmp_path / "tiny-llama")
+    data_dir = write_dataset(tmp_path / "study-96", n_contexts=2, n_words=96, seed=0, tasks=TASKS)
+    docs = tmp_path / "docs"
+    argv = ["--model", str(model), "--data-dir", str(data_dir), "--contexts", "2", "--field-contexts", "1",
+            "--claim-ratios", "0.9", "--ratios", "0.5", "--field-presses", "no_press", "knorm",
+            "--overlap-contexts", "1", "--out", str(tmp_path / "results"), "--docs", str(docs)]
+    report = study.main(argv)
+    summary = pd.read_csv(docs / "summary.csv")
+    assert len(summary) == len(study.LEADERS) + 2 and (summary["status"] == "ok").all()
+    assert set(summary.loc[summary["contexts"] == 2, "press"]) == set(study.LEADERS)
+    assert set(summary.loc[summary["contexts"] == 1, "press"]) == {"no_press", "knorm"}
+    text = report.read_text()
+    for comparison in study.COMPARISONS:
+        assert f"| {comparison[0]} | {comparison[1]} | 0.90 |" in text
+    assert "## Are the KV heads redundant?" in text and "| layer | keep 50% |" in text
+    kvzip = summary[(summary["press"] == "kvzip") & (summary["ratio"] == 0.9)].iloc[0]
+    kvzip_line = next(line for line in text.splitlines() if line.startswith("| kvzip |"))  # the leaders' table
+    assert kvzip_line.endswith(f"| {kvzip['average']:.4g} [{kvzip['ci_low']:.4g}, {kvzip['ci_high']:.4g}] |")
+    for png in ("leaders_accuracy_vs_ratio.png", "field_accuracy_vs_ratio.png", "accuracy_vs_memory.png"):
+        assert (docs / png).read_bytes().startswith(PNG_MAGIC)
+    capsys.readouterr()
+    study.main(argv)  # every run done: the study resumes by skipping them all
+    assert capsys.readouterr().out.count("skip ") == len(study.LEADERS) + 2
+
+
+def test_study_refuses_data_with_too_few_contexts(tmp_path, capsys):
+    data_dir = write_dataset(tmp_path / "d", n_contexts=1, n_words=96, seed=0, tasks=TASKS)
+    with pytest.raises(SystemExit):
+        study.main(["--model", "m", "--data-dir", str(data_dir), "--contexts", "2", "--field-contexts", "1"])
+    assert "at least --contexts 2" in capsys.readouterr().err
