@@ -21,6 +21,16 @@ def compute_n_kept(n_total: int, compression_ratio: float) -> int:
     return math.floor(round(n_total * (1.0 - compression_ratio), 6))
 
 
+def stack_layer_scores(layer_scores: list[torch.Tensor]) -> torch.Tensor:
+    """``(layers, batch, kv_heads, n)`` from each layer's ``(batch, kv_heads, n_l)`` scores, on the first one's
+    device, ``n`` the longest layer's length: positions a layer lacks are ``-inf`` (never kept)."""
+    device = layer_scores[0].device
+    n = max(scores.shape[2] for scores in layer_scores)
+    pad = torch.nn.functional.pad
+    return torch.stack([pad(scores.to(device), (0, n - scores.shape[2]), value=float("-inf"))
+                        for scores in layer_scores])
+
+
 def rank_tokens(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each head's scores sorted descending and the token order; equal scores keep position order."""
     return torch.sort(scores, dim=-1, descending=True, stable=True)

@@ -11,6 +11,7 @@ from kvpress.presses.base_press import is_prefilling
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, QuantizedCache
 
+from kvpress_compose.allocation import stack_layer_scores
 from kvpress_compose.attention_scores import attention_statistics, finish_scores, query_blocks
 from kvpress_compose.cache_gather import full_cache_bytes, layer_states
 from kvpress_compose.compose_press import ComposePress, language_model_of
@@ -147,11 +148,8 @@ class ComposeDecodingPress(DecodingPress):
         lengths = [cache.get_seq_length(i) for i in range(len(layers))]
         if sum(lengths) <= n_kept:
             return
-        scores = [self._layer_scores(run, layer.self_attn, cache) for layer in layers]
-        n = max(lengths)
-        padded = [torch.nn.functional.pad(s, (0, n - s.shape[2]), value=float("-inf")) for s in scores]
-        device = padded[0].device
-        self.base_press.compress_scored(cache, torch.stack([s.to(device) for s in padded]), n_kept)
+        scores = stack_layer_scores([self._layer_scores(run, layer.self_attn, cache) for layer in layers])
+        self.base_press.compress_scored(cache, scores, n_kept)
 
     def _layer_scores(self, run: DecodingRun, module: nn.Module, cache) -> torch.Tensor:
         """``(batch, kv_heads, cached)`` scores: the recent queries' attention to each of the layer's entries."""

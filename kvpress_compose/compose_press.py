@@ -22,6 +22,7 @@ from kvpress_compose.allocation import (
     kept_positions,
     layer_budgets,
     rank_tokens,
+    stack_layer_scores,
     uniform_budgets,
 )
 from kvpress_compose.attention_scores import AGGREGATIONS, aggregate
@@ -296,12 +297,9 @@ class ComposePress(BasePress):
             )
         layer_scores = [self.layer_scores_enhanced(run.source.layer_scores(run, layer_idx), cache, layer_idx,
                                                    run.inputs.valid) for layer_idx in range(run.n_layers)]
-        device = layer_scores[0].device
-        n = max(scores.shape[2] for scores in layer_scores)
         check_cache_unchanged([cache.get_seq_length(i) for i in range(run.n_layers)],
                               [scores.shape[2] for scores in layer_scores])
-        padded = [torch.nn.functional.pad(s.to(device), (0, n - s.shape[2]), value=float("-inf")) for s in layer_scores]
-        return torch.stack(padded)
+        return stack_layer_scores(layer_scores)
 
     def _compress_structured(self, cache, sorted_scores, token_order, n_kept: int):
         n_layers, _, _, n = sorted_scores.shape

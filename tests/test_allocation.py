@@ -9,6 +9,7 @@ from kvpress_compose.allocation import (
     kept_positions,
     layer_budgets,
     rank_tokens,
+    stack_layer_scores,
     top_entries,
 )
 
@@ -57,3 +58,11 @@ def test_head_budgets_are_global_per_row():
 def test_kept_positions_are_each_heads_top_in_ascending_order():
     order = torch.tensor([[[4, 0, 3, 1, 2], [2, 1, 0, 4, 3]]])
     assert kept_positions(order, 3).tolist() == [[[0, 3, 4], [0, 1, 2]]]
+
+
+def test_stack_layer_scores_pads_shorter_layers_with_minus_infinity():
+    short, long = torch.ones(1, 2, 3), torch.full((1, 2, 5), 2.0)
+    stacked = stack_layer_scores([short, long])
+    assert stacked.shape == (2, 1, 2, 5)
+    assert torch.equal(stacked[0, ..., :3], short) and torch.isinf(stacked[0, ..., 3:]).all()
+    assert torch.equal(stacked[1], long)
