@@ -8,12 +8,14 @@ kept for the later ones. Where attention is sure to run as the unmasked split of
 :mod:`kvpress_compose.attention_lse` (sdpa on CPU, no padding) and the KV cache outweighs one layer's
 activations (:func:`single_pass_saves_memory`), the context is re-fed in one pass instead: no mask is built (a
 zero-size placeholder stands in for transformers' own), and each layer's re-fed keys and values are dropped as
-soon as that layer has attended, so the replay adds one layer's forward over the context instead.
+soon as that layer has attended, so the replay adds one layer's forward over the context instead. Either way
+each forward stops once the last layer's attention has run (:class:`ReplayScored`): what follows it (that
+layer's output projection is part of the attention module, but its MLP, and the final norm) is never read.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 from torch import nn
@@ -65,6 +67,15 @@ class ReplayCache(DynamicCache):
 
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
         return self.get_seq_length() + cache_position.shape[0], 0
+
+
+class ReplayScored(Exception):
+    """Raised by the hook that :func:`run_replay` puts on the last attention module, after every other hook on it
+    (the scoring ones) has run: the rest of the replay forward (the last MLP, the final norm) is never read."""
+
+
+def stop_replay_forward(module, args, output):
+    raise ReplayScored
 
 
 def replay_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -127,26 +138,31 @@ def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache,
     replay_cache.keep_refed = not (single_pass or replay_cache.chunk_local)
     cache_bytes = full_cache_bytes(keys, len(attention_modules))
     chunk_size = inputs.length if single_pass else replay_chunk_size(cache_bytes, inputs.length)
-    with torch.no_grad(), preserved_state(language_model.rotary_emb):
-        for start in range(0, inputs.length, chunk_size):
-            end = min(start + chunk_size, inputs.length)
-            # every re-fed query sees the whole context and the re-fed tokens before its chunk (none when local)
-            refed_start = start if replay_cache.chunk_local else 0
-            if capture is not None:
-                capture.declare_visible_prefix(inputs.length + start - refed_start if unpadded else None,
-                                               mask_ignored=single_pass)
-            attention_mask = inputs.attention_mask
-            if single_pass:  # (batch, 1, n, 2n) of one stored element: transformers uses a 4D mask as it is
-                attention_mask = torch.ones((), dtype=torch.bool, device=positions.device).expand(
-                    positions.shape[0], 1, end, inputs.length + end)
-            elif attention_mask is not None:  # the original context, then the re-fed tokens it attends to
-                attention_mask = torch.cat([attention_mask, attention_mask[:, refed_start:end]], dim=-1)
-            language_model(
-                input_ids=None if inputs.input_ids is None else inputs.input_ids[:, start:end],
-                inputs_embeds=None if inputs.inputs_embeds is None else inputs.inputs_embeds[:, start:end],
-                attention_mask=attention_mask,
-                position_ids=positions[:, start:end],
-                past_key_values=replay_cache,
-                use_cache=True,
-            )
-            replay_cache.replayed = end
+    stop = attention_modules[-1].register_forward_hook(stop_replay_forward)  # runs after the scoring hooks
+    try:
+        with torch.no_grad(), preserved_state(language_model.rotary_emb):
+            for start in range(0, inputs.length, chunk_size):
+                end = min(start + chunk_size, inputs.length)
+                # every re-fed query sees the whole context and the re-fed tokens before its chunk (none when local)
+                refed_start = start if replay_cache.chunk_local else 0
+                if capture is not None:
+                    capture.declare_visible_prefix(inputs.length + start - refed_start if unpadded else None,
+                                                   mask_ignored=single_pass)
+                attention_mask = inputs.attention_mask
+                if single_pass:  # (batch, 1, n, 2n) of one stored element: transformers uses a 4D mask as it is
+                    attention_mask = torch.ones((), dtype=torch.bool, device=positions.device).expand(
+                        positions.shape[0], 1, end, inputs.length + end)
+                elif attention_mask is not None:  # the original context, then the re-fed tokens it attends to
+                    attention_mask = torch.cat([attention_mask, attention_mask[:, refed_start:end]], dim=-1)
+                with suppress(ReplayScored):
+                    language_model(
+                        input_ids=None if inputs.input_ids is None else inputs.input_ids[:, start:end],
+                        inputs_embeds=None if inputs.inputs_embeds is None else inputs.inputs_embeds[:, start:end],
+                        attention_mask=attention_mask,
+                        position_ids=positions[:, start:end],
+                        past_key_values=replay_cache,
+                        use_cache=True,
+                    )
+                replay_cache.replayed = end
+    finally:
+        stop.remove()

@@ -91,3 +91,22 @@ def test_a_rotary_embedding_other_than_cos_sin_is_refused_by_name():
     hidden = torch.zeros(1, 4, model.config.hidden_size)
     with pytest.raises(ValueError, match="query_source='prefill' or 'bidirectional'"):
         query_blocks(model.model.layers[0].self_attn, hidden, torch.zeros(1, 4, 8, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("query_source", ["replay", "replay_local"])
+def test_replay_forward_stops_after_the_last_attention_layer(query_source, monkeypatch):
+    """What follows the last layer's attention in a replay forward is never read: its MLP does not run, in one
+    pass or in chunks, and the scores stay those of the context fed twice."""
+    model, ids, expected = replay_reference()
+    monkeypatch.setattr("kvpress_compose.replay.MIN_REPLAY_CHUNK", 10)
+    monkeypatch.setattr("kvpress_compose.replay.MAX_REPLAY_CHUNK", 10)  # 3 chunks
+    calls = {index: [] for index in range(len(model.model.layers))}
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_hook(lambda module, args, output, index=index: calls[index].append(1))
+    press = ComposePress(compression_ratio=0.5, add_mean_across_heads=False, query_source=query_source)
+    prefill(model, ids, press)
+    last = len(model.model.layers) - 1
+    assert len(calls[last]) == 1  # the prefill's only
+    assert all(len(calls[index]) == 1 + 3 for index in range(last))
+    if query_source == "replay":
+        torch.testing.assert_close(press.last_scores, expected, atol=1e-6, rtol=1e-4)
