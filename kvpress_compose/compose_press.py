@@ -29,7 +29,7 @@ from kvpress_compose.attention_scores import AGGREGATIONS, aggregate
 from kvpress_compose.cache_gather import compress_layer, layer_states, mask_evicted_entries
 from kvpress_compose.layer_masks import install_layer_mask_hooks
 from kvpress_compose.prefill_inputs import decoder_arguments, prefill_inputs
-from kvpress_compose.prefill_run import PREFILL, PrefillRun
+from kvpress_compose.prefill_run import PREFILL, SCORED, PrefillRun
 from kvpress_compose.query_sources import QUERY_SOURCES, check_cache_unchanged, query_source_for
 
 logger = logging.getLogger(__name__)
@@ -220,12 +220,22 @@ class ComposePress(BasePress):
         )
 
     def _end_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        """Decoder forward hook, run however the forward ends (``always_call``): the prefill's state goes when
-        the decoder call that started it ends."""
-        if self._run is not None and self._run.nested_calls > 0:  # a replay pass's nested call
-            self._run.nested_calls -= 1
+        """Decoder forward hook, run however the forward ends (``always_call``). When the decoder call that
+        started the prefill ends normally with every layer scored, the query source finishes (the replay pass
+        runs here, once the prefill's own activations are freed) and the cache is compressed; the prefill's
+        state goes however the call ends."""
+        run = self._run
+        if run is not None and run.nested_calls > 0:  # a replay pass's nested call
+            run.nested_calls -= 1
             return
-        self._end_run()
+        try:
+            if run is not None and run.phase == SCORED and output is not None:  # None: the forward raised
+                with torch.no_grad():  # scoring and compression are never differentiated, even if the forward is
+                    run.source.finish(run, run.cache)
+                    self._compress(run, run.cache)
+                self._attachment.compressed.add(run.cache)
+        finally:
+            self._end_run()
 
     # -- scoring (forward hook) ---------------------------------------------------------------------------
 
@@ -239,14 +249,12 @@ class ComposePress(BasePress):
         run.cache = cache if run.cache is None else run.cache  # transformers makes one when none is given
         if cache is not run.cache:  # another press's replay pass, nested in this prefill
             return output
-        with torch.no_grad():  # scoring and compression are never differentiated, even if the forward is
+        with torch.no_grad():  # scoring is never differentiated, even if the forward is
             keys, values = layer_states(cache, module.layer_idx)
             run.source.score_layer(run, module, keys, values, output[1], kwargs)
-            if module.layer_idx == run.n_layers - 1:
-                run.close()  # the prefill's captured attention is no longer needed
-                run.source.finish(run, cache)
-                self._compress(run, cache)
-                self._attachment.compressed.add(cache)
+        if module.layer_idx == run.n_layers - 1:
+            run.close()  # the prefill's captured attention is no longer needed
+            run.phase = SCORED  # compressed when the decoder call ends (_end_prefill)
         return output
 
     # -- allocation and compression -----------------------------------------------------------------------

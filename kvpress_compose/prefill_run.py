@@ -19,7 +19,9 @@ from kvpress_compose.prefill_inputs import PrefillInputs
 if TYPE_CHECKING:
     from kvpress_compose.query_sources import QuerySource
 
-PREFILL, REPLAY = "prefill", "replay"  # phases: the prefill's own layers, then the replay source's second pass
+# phases: the prefill's own layers; every layer run and scored (compression waits for the decoder's end, when the
+# prefill's activations are gone); the replay source's second pass, run then
+PREFILL, SCORED, REPLAY = "prefill", "scored", "replay"
 
 
 @dataclass

@@ -25,7 +25,7 @@ from kvpress_compose.attention_scores import (
     statistics_from_lse,
 )
 from kvpress_compose.cache_gather import full_cache_bytes
-from kvpress_compose.prefill_run import PREFILL, REPLAY, PrefillRun
+from kvpress_compose.prefill_run import REPLAY, PrefillRun
 from kvpress_compose.replay import ReplayCache, run_replay
 
 SCORE_BLOCK_FRACTION = 0.1  # softmax scoring works in blocks of about this fraction of the full KV cache size
@@ -104,12 +104,12 @@ class Replay(QuerySource):
         capture = LseCapture(run.attention_modules) if run.local_span is None else None
         hooks = [module.register_forward_hook(self.refed_hook(run, replay_cache, capture), with_kwargs=True)
                  for module in run.attention_modules]
-        run.phase = REPLAY
+        phase, run.phase = run.phase, REPLAY
         try:
             with capture if capture is not None else nullcontext():
                 run_replay(run.language_model, run.inputs, replay_cache, capture)
         finally:
-            run.phase = PREFILL
+            run.phase = phase
             for hook in hooks:
                 hook.remove()
 

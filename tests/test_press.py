@@ -222,3 +222,28 @@ def test_a_new_query_source_is_one_class(monkeypatch):
         expected = norms.topk(budget, dim=-1).indices.sort(dim=-1).values
         positions = (kept.keys[:, :, :, None] == full.layers[layer].keys[:, :, None]).all(-1).int().argmax(-1)
         assert torch.equal(positions, expected)
+
+
+def test_replay_and_compression_wait_for_the_prefill_forward_to_end(monkeypatch):
+    """The replay pass runs once the prefill's decoder call has returned (its last layer and final norm done, its
+    activations freed), and a prefill whose forward fails after every layer was scored is not compressed."""
+    from kvpress_compose import replay
+
+    model = tiny_model(layers=3)
+    events = []
+    model.model.norm.register_forward_hook(lambda *args: events.append("final norm"))
+    original = replay.run_replay
+    monkeypatch.setattr("kvpress_compose.query_sources.run_replay",
+                        lambda *args: events.append("replay") or original(*args))
+    press = ComposePress(compression_ratio=0.5, query_source="replay")
+    cache = prefill(model, random_ids(1, 40), press)
+    assert events == ["final norm", "replay"] and sum(cache_layer_lengths(cache)) == compute_n_kept(3 * 40, 0.5)
+
+    def fail(*args):
+        raise RuntimeError("after the last layer")
+
+    model.model.norm.register_forward_hook(fail)
+    cache = DynamicCache()
+    with pytest.raises(RuntimeError, match="after the last layer"):
+        prefill(model, random_ids(1, 40), press, cache=cache)
+    assert cache_layer_lengths(cache) == [40, 40, 40] and press._run is None
