@@ -89,9 +89,14 @@ def study_plan(model: str, data_dir: Path, out: Path, contexts: int, field_conte
     return plan
 
 
+def done(configs: list[RunConfig]) -> list[RunConfig]:
+    """The runs of ``configs`` that have finished (their ``metrics.json`` is written)."""
+    return [config for config in configs if (config.results_dir() / "metrics.json").is_file()]
+
+
 def run_table(configs: list[RunConfig]) -> pd.DataFrame:
-    """One summary row per run (see :func:`evaluation.sweep.run_summary`), with its contexts per task."""
-    rows = [run_summary(config.results_dir()) | {"contexts": config.max_contexts} for config in configs]
+    """One summary row per finished run (see :func:`evaluation.sweep.run_summary`), with its contexts per task."""
+    rows = [run_summary(config.results_dir()) | {"contexts": config.max_contexts} for config in done(configs)]
     return pd.DataFrame(rows)
 
 
@@ -154,34 +159,46 @@ def plot_accuracy_vs_memory(table: pd.DataFrame, path: Path, title: str) -> Path
 
 
 def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str | None) -> Path:
-    """``summary.md``, ``summary.csv`` and the plots in ``docs`` from the runs of ``plan``."""
+    """``summary.md``, ``summary.csv`` and the plots in ``docs`` from the finished runs of ``plan`` (a study
+    still under way is reported as far as it got, and says so)."""
     docs.mkdir(parents=True, exist_ok=True)
     claims, field = run_table(plan["claims"]), run_table(plan["field"])
     n_claims, n_field = plan["claims"][0].max_contexts, plan["field"][0].max_contexts
     setting = plan["claims"][0].setting
     pd.concat([claims, field], ignore_index=True).to_csv(docs / "summary.csv", index=False)
-    plot(claims, docs / "leaders_accuracy_vs_ratio.png", f"{setting}: leaders, {n_claims} contexts per task")
-    plot(field, docs / "field_accuracy_vs_ratio.png", f"{setting}: every press, {n_field} contexts per task")
-    plot_accuracy_vs_memory(claims, docs / "accuracy_vs_memory.png", f"{setting}, {n_claims} contexts per task")
-    top_ratios = sorted(set(claims["ratio"]) - {0.0})[-2:]
-    header = (f"# Study: {setting}\n\nWritten by `python -m evaluation.study`. Sample: {len(TASKS)} tasks; the "
-              f"leaders on {n_claims} contexts per task, the field on {n_field}. Accuracy in %, 95% bootstrap "
-              "intervals over contexts (resampled within each task).")
-    leaders = (f"## Leaders: average accuracy [95% interval], {n_claims} contexts per task\n\n"
-               f"{markdown(intervals_by_ratio(claims))}\n\n![leaders](leaders_accuracy_vs_ratio.png)")
-    per_task = [f"## Per task at {ratio:.2f}, {n_claims} contexts per task\n\n"
-                f"{markdown(per_task_table(claims, ratio))}" for ratio in top_ratios]
-    paired = ("## Paired differences (A - B in points, same questions; a verdict only where the interval "
-              f"excludes 0)\n\n{markdown(paired_table(plan['claims']), index=False)}")
-    memory = (f"## Cache memory held (fraction of the full cache)\n\n{markdown(by_ratio(claims, 'memory'))}\n\n"
-              "![accuracy against memory held](accuracy_vs_memory.png)")
-    everyone = (f"## Every press: average accuracy [95% interval], {n_field} contexts per task\n\n"
-                f"{markdown(intervals_by_ratio(field))}\n\n![field](field_accuracy_vs_ratio.png)")
-    sections = [header, leaders, *per_task, paired, memory, everyone]
+    n_runs, n_done = sum(map(len, plan.values())), len(claims) + len(field)
+    progress = "" if n_done == n_runs else (f" **{n_done} of {n_runs} runs done**: the tables hold those; rerun "
+                                            "the command to finish the rest.")
+    sections = [(f"# Study: {setting}\n\nWritten by `python -m evaluation.study`. Sample: {len(TASKS)} tasks; the "
+                f"leaders on {n_claims} contexts per task, the field on {n_field}. Accuracy in %, 95% bootstrap "
+                f"intervals over contexts (resampled within each task).{progress}")]
+    if len(claims):
+        sections += leaders_sections(claims, plan["claims"], docs, setting, n_claims)
+    if len(field):
+        plot(field, docs / "field_accuracy_vs_ratio.png", f"{setting}: every press, {n_field} contexts per task")
+        sections.append(f"## Every press: average accuracy [95% interval], {n_field} contexts per task\n\n"
+                        f"{markdown(intervals_by_ratio(field))}\n\n![field](field_accuracy_vs_ratio.png)")
     if overlap_text:
         sections.append(f"## Are the KV heads redundant?\n\n{overlap_text}")
     (docs / "summary.md").write_text("\n\n".join(sections) + "\n")
     return docs / "summary.md"
+
+
+def leaders_sections(claims: pd.DataFrame, configs: list[RunConfig], docs: Path, setting: str,
+                     n_contexts: int) -> list[str]:
+    """The leaders' part of the report: intervals, per task at the two highest ratios, paired differences,
+    memory held; with their plots."""
+    plot(claims, docs / "leaders_accuracy_vs_ratio.png", f"{setting}: leaders, {n_contexts} contexts per task")
+    plot_accuracy_vs_memory(claims, docs / "accuracy_vs_memory.png", f"{setting}, {n_contexts} contexts per task")
+    leaders = (f"## Leaders: average accuracy [95% interval], {n_contexts} contexts per task\n\n"
+               f"{markdown(intervals_by_ratio(claims))}\n\n![leaders](leaders_accuracy_vs_ratio.png)")
+    per_task = [f"## Per task at {ratio:.2f}, {n_contexts} contexts per task\n\n"
+                f"{markdown(per_task_table(claims, ratio))}" for ratio in sorted(set(claims["ratio"]) - {0.0})[-2:]]
+    paired = ("## Paired differences (A - B in points, same questions; a verdict only where the interval "
+              f"excludes 0)\n\n{markdown(paired_table(configs), index=False)}")
+    memory = (f"## Cache memory held (fraction of the full cache)\n\n{markdown(by_ratio(claims, 'memory'))}\n\n"
+              "![accuracy against memory held](accuracy_vs_memory.png)")
+    return [leaders, *per_task, paired, memory]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,3 +111,16 @@ def test_study_refuses_data_with_too_few_contexts(tmp_path, capsys):
     with pytest.raises(SystemExit):
         study.main(["--model", "m", "--data-dir", str(data_dir), "--contexts", "2", "--field-contexts", "1"])
     assert "at least --contexts 2" in capsys.readouterr().err
+
+
+def test_a_study_under_way_is_reported_as_far_as_it_got(tmp_path):
+    model = tiny_model_folder(tmp_path / "tiny-llama")
+    data_dir = write_dataset(tmp_path / "study-96", n_contexts=1, n_words=96, seed=0, tasks=TASKS)
+    plan = study.study_plan(str(model), data_dir, tmp_path / "results", contexts=1, field_contexts=1,
+                            claim_ratios=(0.9,), ratios=(0.5,), field=["knorm"])
+    for config in plan["claims"][:2]:  # no_press and compose_replay only
+        study.run(config)
+    text = study.write_report(plan, tmp_path / "docs", None).read_text()
+    assert f"**2 of {len(study.LEADERS) + 1} runs done**" in text
+    assert "| compose_replay | kvzip |" not in text  # kvzip has not run: nothing to pair
+    assert "## Every press" not in text and "## Leaders" in text
