@@ -182,13 +182,13 @@ def decode_tokens_per_s(model, cache, n_context: int, steps: int, device: str) -
 
 def bench_length(model, length, args, kvcompose_estimate):
     ids = torch.randint(0, 1024, (1, length), generator=torch.Generator().manual_seed(length)).to(args.device)
-    presses = methods(args.ratio)
+    presses = {name: press for name, press in methods(args.ratio).items() if name in args.methods}
     if kvcompose_estimate is not None and kvcompose_estimate > args.kvcompose_limit_s:
         print(f"  skipping kvpress KVComposePress at {length} tokens: estimated {kvcompose_estimate:.0f} s per run")
-        del presses["kvpress KVComposePress"]
+        presses.pop("kvpress KVComposePress", None)
     times = {name: [] for name in presses}
     peaks = {name: [] for name in presses}
-    full_bytes = None
+    full_bytes, kept_fraction = None, float("nan")  # kept: measured on compose[replay]'s cache where it runs
     timed_once = set()  # methods too slow to repeat: their warm-up run is their timing
     for round_index in range(args.repeats + 1):  # round 0 is the warm-up
         for name, press in presses.items():
@@ -326,6 +326,8 @@ def main(argv=None):
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all; the plain "
+                        "prefill always runs, as the reference)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--kvcompose-limit-s", type=float, default=120.0)
@@ -342,6 +344,11 @@ def main(argv=None):
         parser.error("--lengths must be at least 16 tokens")
     if not 0 < args.ratio < 1:
         parser.error("--ratio must be in (0, 1)")
+    known = list(methods(0.5))
+    unknown = sorted(set(args.methods or []) - set(known))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; known methods: {known}")
+    args.methods = ["plain prefill", *(args.methods or known)]
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -366,7 +373,7 @@ def main(argv=None):
         print_table(length_rows)
     print_targets(rows, args.model)
     print("\nkept cache bytes after compose[replay]:")
-    for check in cache_checks:
+    for check in cache_checks if "compose[replay]" in args.methods else []:
         kept, target = check["kept_bytes_fraction"], check["target_fraction"]
         print(f"  {check['tokens']:>6} tokens: {kept:.4f} of full (target {target:.4f})")
     speeds = decode_speeds(model, min(args.lengths), args)

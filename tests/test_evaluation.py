@@ -407,3 +407,10 @@ def test_benchmark_flop_floors_follow_the_model_dimensions():
     # local replay saves re-fed pairs once the context is replayed in several chunks
     for floors in (flop_floors(MODELS["tiny"], 8192), eight_b[8192]):
         assert floors["compose[replay_local]"] < floors["compose[replay]"]
+
+def test_benchmark_names_an_unknown_method(capsys):
+    from evaluation import bench_speed
+
+    with pytest.raises(SystemExit):
+        bench_speed.main(["--methods", "compose[replay]", "replay"])
+    assert "--methods: unknown ['replay']" in capsys.readouterr().err
