@@ -118,11 +118,37 @@ def preserved_state(module: nn.Module):
         vars(module).update(attributes)
 
 
+@contextmanager
+def prefill_frequencies(rotary_emb: nn.Module):
+    """While open, the rotary embedding gives every position the frequencies it had when the block was entered
+    (the prefill's), as the cached keys were rotated with. A dynamic or LongRoPE embedding switches frequencies
+    once positions pass a threshold, which the re-fed positions (up to twice the context) may do: the re-fed
+    queries would then be rotated unlike the keys they score. Its output is recomputed (the standard
+    ``cat(freqs, freqs)`` layout of Llama-family embeddings) only when its frequencies changed."""
+    inv_freq, scaling = rotary_emb.inv_freq.clone(), rotary_emb.attention_scaling
+
+    def pin(module, args, kwargs, output):
+        if torch.equal(module.inv_freq, inv_freq) and module.attention_scaling == scaling:
+            return output
+        x = args[0] if args else kwargs["x"]
+        position_ids = args[1] if len(args) > 1 else kwargs["position_ids"]
+        freqs = position_ids[:, :, None].float() * inv_freq.to(position_ids.device).float()  # (batch, n, dim / 2)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return (angles.cos() * scaling).to(x.dtype), (angles.sin() * scaling).to(x.dtype)
+
+    handle = rotary_emb.register_forward_hook(pin, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache, capture: LseCapture | None) -> None:
     """Feed the captured context again over the replay cache: in one pass without a mask where every layer is
     sure to take the unmasked split of ``capture`` (sdpa on CPU, no padding) and that saves memory, else in
     chunks (each attending to the context and only its own tokens where the replay cache is ``chunk_local``).
-    The model's rotary embedding is left as it was before."""
+    The re-fed positions are rotated with the prefill's frequencies, and the model's rotary embedding is left as
+    it was before."""
     positions = replay_position_ids(inputs.position_ids)
     attention_modules = [layer.self_attn for layer in language_model.layers]
     unpadded = bool(inputs.valid.all())
@@ -138,9 +164,10 @@ def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache,
     replay_cache.keep_refed = not (single_pass or replay_cache.chunk_local)
     cache_bytes = full_cache_bytes(keys, len(attention_modules))
     chunk_size = inputs.length if single_pass else replay_chunk_size(cache_bytes, inputs.length)
+    rotary_emb = language_model.rotary_emb
     stop = attention_modules[-1].register_forward_hook(stop_replay_forward)  # runs after the scoring hooks
     try:
-        with torch.no_grad(), preserved_state(language_model.rotary_emb):
+        with torch.no_grad(), preserved_state(rotary_emb), prefill_frequencies(rotary_emb):
             for start in range(0, inputs.length, chunk_size):
                 end = min(start + chunk_size, inputs.length)
                 # every re-fed query sees the whole context and the re-fed tokens before its chunk (none when local)

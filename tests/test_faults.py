@@ -60,11 +60,13 @@ def test_a_failing_press_before_compose_press_leaves_the_model_as_never_pressed(
 
 # 2 -------------------------------------------------------------------------------------------------------------
 
+DYNAMIC_ROPE = {"rope_type": "dynamic", "factor": 2.0}
 
-def dynamic_rope_model():
+
+def dynamic_rope_model(rope_scaling=DYNAMIC_ROPE, attn="sdpa"):
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                         rope_scaling={"rope_type": "dynamic", "factor": 2.0}, attn_implementation="sdpa")
+                         rope_scaling=rope_scaling, attn_implementation=attn)
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
 
@@ -79,6 +81,30 @@ def test_replay_past_max_positions_leaves_dynamic_rope_as_it_was():
     for length in (30, 70):
         ids = random_ids(1, length, seed=2)
         assert torch.equal(logits_of(model, ids), logits_of(never_pressed, ids))
+
+
+@pytest.mark.parametrize("rope_scaling", [{"rope_type": "dynamic", "factor": 2.0},
+                                          {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+                                           "factor": 2.0, "attention_factor": 1.0,
+                                           "original_max_position_embeddings": 64}])
+def test_replay_past_the_rope_threshold_rotates_re_fed_queries_as_the_cached_keys(rope_scaling):
+    """The re-fed positions (up to 80) pass the threshold (64) where dynamic RoPE and LongRoPE switch frequencies;
+    the cached keys were rotated at the prefill's (below it). Replay scores must be those of the context fed twice
+    at the prefill's frequencies: the same weights with plain RoPE, attention read from an eager forward."""
+    from tests.test_scores import reference_scores
+
+    scaled = dynamic_rope_model(rope_scaling)
+    plain = dynamic_rope_model(None, attn="eager")
+    plain.load_state_dict(scaled.state_dict())
+    ids = random_ids(1, 40)
+    if rope_scaling["rope_type"] == "longrope":  # below the threshold LongRoPE's short factors (1.0) are plain RoPE
+        assert torch.equal(scaled.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq)
+    with torch.no_grad():
+        attentions = plain(torch.cat([ids, ids], dim=1), output_attentions=True).attentions
+    press = ComposePress(0.5, query_source="replay", add_mean_across_heads=False)
+    prefill(scaled, ids, press)
+    torch.testing.assert_close(press.last_scores, reference_scores(attentions, slice(40, 80), 40), atol=1e-6,
+                               rtol=1e-4)
 
 
 # 3 -------------------------------------------------------------------------------------------------------------
