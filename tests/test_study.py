@@ -13,15 +13,7 @@ from evaluation.data import write_dataset
 from evaluation.metrics import average, paired_difference, task_scores
 from evaluation.registry import PRESS_REGISTRY
 from evaluation.synthetic_tasks import TASKS
-from tests.test_evaluation import PNG_MAGIC, tiny_model_folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_evaluation import PNG_MAGIC, one_thread, tiny_model_folder  # noqa: F401 - one_thread: autouse
 
 
 def answers(predicted):
