@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> Path:
     if set(available.index) != set(TASKS) or available.min() < args.contexts:
         parser.error(f"{data_dir} holds {available.to_dict()} contexts per task; the study needs every task of "
                      f"{list(TASKS)} with at least --contexts {args.contexts}: write it with `python -m "
-                     f"evaluation.data --out {data_dir} --tasks {' '.join(TASKS)} --contexts {args.contexts}`")
+                     f"evaluation.data --out {data_dir} --tasks {' '.join(TASKS)} --contexts {args.contexts} --words "
+                     f"{args.words} --seed {STUDY_SEED}`")
     try:
         plan = study_plan(model, Path(data_dir), args.out, args.contexts, args.field_contexts,
                           tuple(args.claim_ratios), tuple(args.ratios), args.field_presses)

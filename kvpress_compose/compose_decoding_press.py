@@ -16,6 +16,7 @@ from kvpress_compose.attention_scores import attention_statistics, finish_scores
 from kvpress_compose.cache_gather import full_cache_bytes, layer_states
 from kvpress_compose.compose_press import ComposePress, language_model_of
 from kvpress_compose.query_sources import SCORE_BLOCK_FRACTION
+from kvpress_compose.replay import ReplayCache
 
 
 @dataclass
@@ -116,6 +117,8 @@ class ComposeDecodingPress(DecodingPress):
             self._generation = None
             return output
         cache = kwargs["past_key_values"]
+        if isinstance(cache, ReplayCache):  # another ComposePress's replay pass (PrefillDecodingPress): not decoding
+            return output
         check_compressible(cache)
         n_layers = len(self._language_model.layers)
         run = self._generation = self._generation or DecodingRun()

@@ -219,23 +219,25 @@ class ComposePress(BasePress):
             cache=cache,
         )
 
-    def _end_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        """Decoder forward hook, run however the forward ends (``always_call``). When the decoder call that
-        started the prefill ends normally with every layer scored, the query source finishes (the replay pass
-        runs here, once the prefill's own activations are freed) and the cache is compressed; the prefill's
-        state goes however the call ends."""
+    def _finish_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """Decoder forward hook, run only when the decoder call returns normally: when the call that started the
+        prefill has every layer scored, the query source finishes (the replay pass runs here, once the prefill's
+        own activations are freed) and the cache is compressed."""
         run = self._run
-        if run is not None and run.nested_calls > 0:  # a replay pass's nested call
-            run.nested_calls -= 1
+        if run is None or run.nested_calls > 0 or run.phase != SCORED:  # nothing scored, or a replay's nested call
             return
-        try:
-            if run is not None and run.phase == SCORED and output is not None:  # None: the forward raised
-                with torch.no_grad():  # scoring and compression are never differentiated, even if the forward is
-                    run.source.finish(run, run.cache)
-                    self._compress(run, run.cache)
-                self._attachment.compressed.add(run.cache)
-        finally:
-            self._end_run()
+        with torch.no_grad():  # scoring and compression are never differentiated, even if the forward is
+            run.source.finish(run, run.cache)
+            self._compress(run, run.cache)
+        self._attachment.compressed.add(run.cache)
+
+    def _end_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """Decoder forward hook, run however the forward ends (``always_call``): the prefill's state goes when
+        the decoder call that started it ends."""
+        if self._run is not None and self._run.nested_calls > 0:  # a replay pass's nested call
+            self._run.nested_calls -= 1
+            return
+        self._end_run()
 
     # -- scoring (forward hook) ---------------------------------------------------------------------------
 
@@ -254,7 +256,7 @@ class ComposePress(BasePress):
             run.source.score_layer(run, module, keys, values, output[1], kwargs)
         if module.layer_idx == run.n_layers - 1:
             run.close()  # the prefill's captured attention is no longer needed
-            run.phase = SCORED  # compressed when the decoder call ends (_end_prefill)
+            run.phase = SCORED  # compressed when the decoder call returns (_finish_prefill)
         return output
 
     # -- allocation and compression -----------------------------------------------------------------------
@@ -343,13 +345,14 @@ class ComposePress(BasePress):
 
 
 class DecoderAttachment:
-    """ComposePress's two hooks on a decoder stack: a pre-hook that starts a :class:`PrefillRun` for a fresh
-    prefill and a forward hook, run however the forward ends, that drops it.
+    """ComposePress's hooks on a decoder stack: a pre-hook that starts a :class:`PrefillRun` for a fresh
+    prefill, a forward hook that finishes and compresses it when the forward returns, and one run however the
+    forward ends that drops it.
 
     They last while the press's kvpress forward hooks are registered: the press's own ``with press(model):``
     removes them on exit. A wrapper (kvpress's ``ComposedPress``, ``PrefillDecodingPress``, ...) never tells its
     presses that it exited, so at its first forward the pre-hook watches the wrapper's forward hook and removes
-    both when that hook goes (a finalizer on it); if the block saw no forward, the pre-hook removes both at the
+    ours when that hook goes (a finalizer on it); if the block saw no forward, the pre-hook removes ours at the
     next forward, which it leaves untouched."""
 
     def __init__(self, press: ComposePress, language_model: nn.Module, attention_modules: list[nn.Module]):
@@ -359,6 +362,7 @@ class DecoderAttachment:
         self.watched: set[int] = set()  # ids of the kvpress hooks whose removal removes ours
         self.handles = [
             language_model.register_forward_pre_hook(press._start_prefill, with_kwargs=True),
+            language_model.register_forward_hook(press._finish_prefill, with_kwargs=True),
             language_model.register_forward_hook(press._end_prefill, with_kwargs=True, always_call=True),
         ]
 

@@ -125,6 +125,9 @@ def prefill_frequencies(rotary_emb: nn.Module):
     once positions pass a threshold, which the re-fed positions (up to twice the context) may do: the re-fed
     queries would then be rotated unlike the keys they score. Its output is recomputed (the standard
     ``cat(freqs, freqs)`` layout of Llama-family embeddings) only when its frequencies changed."""
+    if getattr(rotary_emb, "inv_freq", None) is None:  # frequencies per layer type (Gemma 3): not pinned
+        yield
+        return
     inv_freq, scaling = rotary_emb.inv_freq.clone(), rotary_emb.attention_scaling
 
     def pin(module, args, kwargs, output):
@@ -189,6 +192,9 @@ def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache,
                         position_ids=positions[:, start:end],
                         past_key_values=replay_cache,
                         use_cache=True,
+                        # nothing captured: transformers 4.57 restores capture wrappers only on a normal return
+                        output_attentions=False,
+                        output_hidden_states=False,
                     )
                 replay_cache.replayed = end
     finally:

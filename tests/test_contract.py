@@ -35,7 +35,7 @@ def test_hooks_are_added_in_use_and_removed_after(name):
     press = PRESSES[name]()
     with press(model):
         pre, post, per_layer = hook_counts(model)
-        assert (pre, post) == (before[0] + 1, before[1] + 1)  # the prefill's start and end
+        assert (pre, post) == (before[0] + 1, before[1] + 2)  # the prefill's start, its finish and its end
         assert per_layer == [count + 1 for count in before[2]]  # kvpress's forward hook on each layer
     assert hook_counts(model) == before
 

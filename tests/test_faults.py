@@ -280,3 +280,54 @@ def test_settings_that_depend_on_each_other_are_checked_when_assigned():
     with pytest.raises(ValueError, match="structured press only"):
         press.layer_allocation = "uniform"
     assert press.layer_allocation == "global"
+
+
+# found by the review of the early-stopped replay and the compression at the decoder's end ---------------------
+
+
+def test_the_decoding_press_beside_a_replaying_prefill_press_sees_no_decoding_in_the_replay():
+    """In PrefillDecodingPress, the re-fed context's positions follow the context: kvpress hands those calls to the
+    decoding press, which must not buffer them as decoded tokens nor compress the replay's own cache."""
+    from kvpress import PrefillDecodingPress
+
+    from kvpress_compose import ComposeDecodingPress
+
+    decoding = ComposeDecodingPress(compression_interval=16, target_size=4)
+    press = PrefillDecodingPress(prefilling_press=ComposePress(0.5, query_source="replay"), decoding_press=decoding)
+    cache = prefill(tiny_model(), random_ids(1, 40), press)
+    assert sum(cache_layer_lengths(cache)) == compute_n_kept(3 * 40, 0.5)
+    assert decoding._generation is None
+
+
+def test_replay_leaves_no_output_capture_behind_when_the_config_asks_for_hidden_states():
+    model = tiny_model()
+    model.config.output_hidden_states = True
+    prefill(model, random_ids(1, 40), ComposePress(0.5, query_source="replay"))
+    # every layer's forward is its class's again (transformers 4.57 may store it back on the instance)
+    assert all(getattr(layer.forward, "__func__", None) is type(layer).forward for layer in model.model.layers)
+
+
+def test_a_failing_decoder_hook_before_ours_compresses_nothing():
+    """An earlier forward hook on the decoder raising: torch still runs always-called hooks, with the real output;
+    ComposePress must not replay or compress then."""
+    model = tiny_model()
+    press = ComposePress(0.5, query_source="replay")
+    cache = DynamicCache()
+    with press(model):
+        handle = model.model.register_forward_hook(lambda *args: (_ for _ in ()).throw(RuntimeError("earlier hook")),
+                                                   prepend=True)
+        with pytest.raises(RuntimeError, match="earlier hook"):
+            model.model(input_ids=random_ids(1, 40), past_key_values=cache)
+        handle.remove()
+    assert cache_layer_lengths(cache) == [40, 40, 40] and press._run is None
+
+
+def test_a_rotary_embedding_without_one_frequency_set_gets_the_named_error_under_replay():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="cannot recompute the queries of a 'gemma3_text' model"):
+        prefill(model, random_ids(1, 40), ComposePress(0.5, query_source="replay"))

@@ -102,7 +102,8 @@ def test_study_refuses_data_with_too_few_contexts(tmp_path, capsys):
     data_dir = write_dataset(tmp_path / "d", n_contexts=1, n_words=96, seed=0, tasks=TASKS)
     with pytest.raises(SystemExit):
         study.main(["--model", "m", "--data-dir", str(data_dir), "--contexts", "2", "--field-contexts", "1"])
-    assert "at least --contexts 2" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "at least --contexts 2" in error and f"--words 4096 --seed {study.STUDY_SEED}" in error
 
 
 def test_a_study_under_way_is_reported_as_far_as_it_got(tmp_path):
