@@ -7,7 +7,8 @@ Compute goes where the claims are. The leaders (ComposePress's query sources and
 ratios where presses differ (``--claim-ratios``, 0.75 / 0.9 / 0.95) on ``--contexts`` contexts per task (20);
 every press of the registry, the leaders included, runs at every ratio (0.25 to 0.95) on
 ``--field-contexts`` (4). Runs go under ``--out/study__<data>/contexts-<n>/`` and a run already there is
-skipped, so an interrupted study resumes where it stopped. ``--docs`` receives:
+skipped, so an interrupted study resumes where it stopped; ``--tier claims`` and ``--tier field`` in two
+processes share two cores. ``--docs`` receives:
 
 - ``summary.md``: the leaders' accuracy with 95% bootstrap intervals, per task at the highest ratios, paired
   differences (``A - B`` with its paired interval; "A beats B" only where it excludes 0), the memory held,
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0: skip it)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="results folder")
     parser.add_argument("--docs", type=Path, default=None, help="report folder (default: docs/study-<words>)")
+    parser.add_argument("--tier", choices=["all", "claims", "field"], default="all", help="run one tier only: "
+                        "two processes, one per tier, share two cores (each report covers every finished run)")
     parser.add_argument("--report-only", action="store_true", help="run nothing: write the report from the "
                         "runs already there")
     parser.add_argument("--threads", type=int, default=1)
@@ -250,8 +253,8 @@ def main(argv: list[str] | None = None) -> Path:
     except ValueError as error:
         parser.error(str(error))
     if not args.report_only:
-        configs = plan["claims"] + plan["field"]
-        for config in tqdm(configs, desc="study runs"):
+        tiers = ["claims", "field"] if args.tier == "all" else [args.tier]
+        for config in tqdm([config for tier in tiers for config in plan[tier]], desc="study runs"):
             run(config)
     overlap_text = None
     if args.overlap_contexts:

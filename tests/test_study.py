@@ -117,3 +117,8 @@ def test_a_study_under_way_is_reported_as_far_as_it_got(tmp_path):
     assert f"**2 of {len(study.LEADERS) + 1} runs done**" in text
     assert "| compose_replay | kvzip |" not in text  # kvzip has not run: nothing to pair
     assert "## Every press" not in text and "## Leaders" in text
+    study.main(["--model", str(model), "--data-dir", str(data_dir), "--contexts", "1", "--field-contexts", "1",
+                "--claim-ratios", "0.9", "--ratios", "0.5", "--field-presses", "knorm", "--overlap-contexts", "0",
+                "--out", str(tmp_path / "results"), "--docs", str(tmp_path / "docs"), "--tier", "field"])
+    done = {config.press_name for tier in plan.values() for config in study.done(tier)}
+    assert done == {"no_press", "compose_replay", "knorm"}  # the field tier only: its no_press and knorm
