@@ -303,8 +303,12 @@ def plot(figures: dict, path: str) -> None:
         memory_axes.plot(tokens, [row["extra_peak_vs_kv_cache"] for row in rows], "o-", color=color, label=method)
         if method in TIME_TARGETS:
             time_axes.axhline(TIME_TARGETS[method], color=color, linestyle="--", linewidth=0.8)
+        floors = [row.get("flop_floor", float("nan")) for row in rows]
+        if not all(math.isnan(floor) for floor in floors):  # the mode's arithmetic floor, dotted
+            time_axes.plot(tokens, floors, ":", color=color, linewidth=1.2)
     memory_axes.axhline(EXTRA_MEMORY_TARGET, color="black", linestyle="--", linewidth=0.8, label="target")
-    time_axes.set(yscale="log", ylabel="time / plain prefill", title="prefill + compression time (dashed: targets)")
+    time_axes.set(yscale="log", ylabel="time / plain prefill",
+                  title="prefill + compression time (dashed: targets, dotted: FLOP floors)")
     memory_axes.set_yscale("symlog", linthresh=1)  # KVComposePress's O(n^2) peak is orders of magnitude above
     memory_axes.set(ylabel="(peak - plain prefill's peak) / full KV cache", title="peak extra memory")
     for axes in (time_axes, memory_axes):
