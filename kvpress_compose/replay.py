@@ -78,6 +78,29 @@ def stop_replay_forward(module, args, output):
     raise ReplayScored
 
 
+@contextmanager
+def stopped_after(last_attention: nn.Module):
+    """While open, a forward ends with :class:`ReplayScored` once ``last_attention`` and the hooks registered on it
+    before (the scoring ones) have run."""
+    handle = last_attention.register_forward_hook(stop_replay_forward)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def refed_attention_mask(inputs: PrefillInputs, start: int, end: int, refed_start: int, single_pass: bool):
+    """The mask of re-fed tokens ``[start, end)``, which attend to the context and the re-fed tokens from
+    ``refed_start``: the context's own (2D) mask extended over them, a placeholder in one pass, or None."""
+    if single_pass:  # (batch, 1, n, 2n) of one stored element: transformers uses a 4D mask as it is
+        batch = inputs.position_ids.shape[0]
+        placeholder = torch.ones((), dtype=torch.bool, device=inputs.position_ids.device)
+        return placeholder.expand(batch, 1, end, inputs.length + end)
+    if inputs.attention_mask is None:
+        return None
+    return torch.cat([inputs.attention_mask, inputs.attention_mask[:, refed_start:end]], dim=-1)
+
+
 def replay_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Positions of the re-fed context: each row continues right after its own last position."""
     return position_ids + position_ids.amax(dim=-1, keepdim=True) + 1
@@ -168,34 +191,25 @@ def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache,
     cache_bytes = full_cache_bytes(keys, len(attention_modules))
     chunk_size = inputs.length if single_pass else replay_chunk_size(cache_bytes, inputs.length)
     rotary_emb = language_model.rotary_emb
-    stop = attention_modules[-1].register_forward_hook(stop_replay_forward)  # runs after the scoring hooks
-    try:
-        with torch.no_grad(), preserved_state(rotary_emb), prefill_frequencies(rotary_emb):
-            for start in range(0, inputs.length, chunk_size):
-                end = min(start + chunk_size, inputs.length)
-                # every re-fed query sees the whole context and the re-fed tokens before its chunk (none when local)
-                refed_start = start if replay_cache.chunk_local else 0
-                if capture is not None:
-                    capture.declare_visible_prefix(inputs.length + start - refed_start if unpadded else None,
-                                                   mask_ignored=single_pass)
-                attention_mask = inputs.attention_mask
-                if single_pass:  # (batch, 1, n, 2n) of one stored element: transformers uses a 4D mask as it is
-                    attention_mask = torch.ones((), dtype=torch.bool, device=positions.device).expand(
-                        positions.shape[0], 1, end, inputs.length + end)
-                elif attention_mask is not None:  # the original context, then the re-fed tokens it attends to
-                    attention_mask = torch.cat([attention_mask, attention_mask[:, refed_start:end]], dim=-1)
-                with suppress(ReplayScored):
-                    language_model(
-                        input_ids=None if inputs.input_ids is None else inputs.input_ids[:, start:end],
-                        inputs_embeds=None if inputs.inputs_embeds is None else inputs.inputs_embeds[:, start:end],
-                        attention_mask=attention_mask,
-                        position_ids=positions[:, start:end],
-                        past_key_values=replay_cache,
-                        use_cache=True,
-                        # nothing captured: transformers 4.57 restores capture wrappers only on a normal return
-                        output_attentions=False,
-                        output_hidden_states=False,
-                    )
-                replay_cache.replayed = end
-    finally:
-        stop.remove()
+    with (torch.no_grad(), preserved_state(rotary_emb), prefill_frequencies(rotary_emb),
+          stopped_after(attention_modules[-1])):
+        for start in range(0, inputs.length, chunk_size):
+            end = min(start + chunk_size, inputs.length)
+            # every re-fed query sees the whole context and the re-fed tokens before its chunk (none when local)
+            refed_start = start if replay_cache.chunk_local else 0
+            if capture is not None:
+                capture.declare_visible_prefix(inputs.length + start - refed_start if unpadded else None,
+                                               mask_ignored=single_pass)
+            with suppress(ReplayScored):
+                language_model(
+                    input_ids=None if inputs.input_ids is None else inputs.input_ids[:, start:end],
+                    inputs_embeds=None if inputs.inputs_embeds is None else inputs.inputs_embeds[:, start:end],
+                    attention_mask=refed_attention_mask(inputs, start, end, refed_start, single_pass),
+                    position_ids=positions[:, start:end],
+                    past_key_values=replay_cache,
+                    use_cache=True,
+                    # nothing captured: transformers 4.57 restores capture wrappers only on a normal return
+                    output_attentions=False,
+                    output_hidden_states=False,
+                )
+            replay_cache.replayed = end
