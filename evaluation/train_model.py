@@ -166,6 +166,8 @@ def write_model_card(out: Path, log_path: Path, reproduce: str) -> None:
     evaluations = [json.loads(line) for line in log_path.read_text().splitlines() if '"accuracy"' in line]
     last = evaluations[-1] if evaluations else {"step": 0, "length": CURRICULUM[0], "accuracy": {}}
     rows = "\n".join(f"| {task} | {100 * acc:.0f}% |" for task, acc in last["accuracy"].items())
+    status = (f"Trained: every task reached 95% at {last['length']} words at step {last['step']}.\n\n"
+              if last.get("trained") else "")
     out.joinpath("README.md").write_text(
         f"""# {out.name}
 
@@ -178,7 +180,7 @@ samples per task of that length):
 |---|---|
 {rows}
 
-The curriculum moves to the next context length once every task reaches 95%. Reproduce this snapshot with
+{status}The curriculum moves to the next context length once every task reaches 95%. Reproduce this snapshot with
 `python -m evaluation.train_model {reproduce}--stop-after {last["step"]}` (one thread, as the defaults set).
 """
     )
@@ -248,6 +250,7 @@ def train(args) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             state["step"] += 1
+            trained = False  # every task passed at the curriculum's last length, at this step's evaluation
             if state["step"] % args.log_every == 0:
                 record = {"step": state["step"], "length": length, "loss": round(loss.item(), 4),
                           "elapsed_s": round(time.time() - start, 1)}
@@ -255,29 +258,40 @@ def train(args) -> None:
                     record["accuracy"] = answer_accuracy(
                         model, length, EVAL_SAMPLES_PER_TASK, state["step"], token_ids, args.tasks
                     )
-                    if min(record["accuracy"].values()) >= args.advance_at and state["stage"] + 1 < len(CURRICULUM):
+                    passed = min(record["accuracy"].values()) >= args.advance_at
+                    if passed and state["stage"] + 1 < len(CURRICULUM):
                         state["stage"] += 1
                         record["advanced_to"] = CURRICULUM[state["stage"]]
+                    elif passed:
+                        record["trained"] = trained = True
                 print(json.dumps(record), flush=True)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            if state["step"] % args.checkpoint_every == 0 or state["step"] == last_step:
+            stop = trained and args.until_trained
+            if state["step"] % args.checkpoint_every == 0 or state["step"] == last_step or stop:
                 saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
                 torch.save(saved, checkpoint_dir / "last.tmp")
                 (checkpoint_dir / "last.tmp").replace(checkpoint)
                 save_final(model, Path(args.out), checkpoint_dir / "log.jsonl", args.reproduce)
+            if stop:
+                print(f"trained: every task reached {args.advance_at:.0%} at {length} words at step {state['step']}",
+                      flush=True)
+                break
     save_final(model, Path(args.out), checkpoint_dir / "log.jsonl", args.reproduce)
     print(f"saved model to {args.out}", flush=True)
 
 
 def reproduction_arguments(argv: list[str]) -> str:
-    """The command-line arguments that shape the model (all but where files go, threads and the stop step),
+    """The command-line arguments that shape the model (all but where files go, threads and where it stops),
     as the model card's reproduction command shows them, followed by a space where not empty."""
-    dropped = {"--stop-after", "--checkpoint-dir", "--threads"}
+    dropped = {"--stop-after", "--checkpoint-dir", "--threads"}  # each with a value
+    dropped_flags = {"--until-trained"}
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
+        elif arg in dropped_flags:
+            continue
         elif arg.split("=")[0] in dropped:
             skip = "=" not in arg
         else:
@@ -307,6 +321,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--advance-at", type=float, default=0.95)
+    parser.add_argument("--until-trained", action="store_true", help="stop (saving the model) at the first "
+                        "evaluation where every task reaches --advance-at at the curriculum's last length")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     default_out = args.out == parser.get_default("out")

@@ -116,7 +116,7 @@ def test_rope_base_written_where_transformers_4_reads_it(tmp_path):
 
 def test_the_model_card_reproduction_command_keeps_what_shapes_the_model():
     argv = ["--out", "evaluation/models/x", "--heads", "4", "--checkpoint-dir", "/tmp/c", "--threads=2",
-            "--tasks", "dense_kv", "niah_single", "--stop-after", "300"]
+            "--until-trained", "--tasks", "dense_kv", "niah_single", "--stop-after", "300"]
     assert reproduction_arguments(argv) == "--out evaluation/models/x --heads 4 --tasks dense_kv niah_single "
     assert reproduction_arguments([]) == ""
 
@@ -129,3 +129,22 @@ def test_training_batches_draw_only_the_given_tasks():
     assert rows_with_questions  # the rest are recall rows
     # dense_multivalue asks four questions per context; no base task asks four
     assert all(row.count(token_ids["?"]) == 4 for row in rows_with_questions)
+
+
+def test_until_trained_stops_at_the_first_evaluation_passing_every_task_at_the_last_length(tmp_path, monkeypatch):
+    from evaluation import train_model
+
+    monkeypatch.setattr(train_model, "CURRICULUM", [64])  # one stage: it is the last
+    scores = iter([0.5, 1.0, 1.0])  # the first evaluation fails one task, the second passes all
+    monkeypatch.setattr(train_model, "answer_accuracy",
+                        lambda *args: {"niah_single": next(scores), "niah_multikey": 1.0})
+    out, checkpoints = tmp_path / "model", tmp_path / "checkpoints"
+    train_model.main(["--out", str(out), "--checkpoint-dir", str(checkpoints), "--max-steps", "10",
+                      "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "100", "--until-trained"])
+    log = [json.loads(line) for line in (checkpoints / "log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in log] == [1, 2, 3, 4] and log[-1]["trained"] is True
+    assert "trained" not in log[1]  # step 2: a task under 95%
+    card = (out / "README.md").read_text()
+    assert "Trained: every task reached 95% at 64 words at step 4." in card
+    assert "--until-trained" not in card and "--stop-after 4" in card
+    assert torch.load(checkpoints / "last.pt", weights_only=False)["state"]["step"] == 4
