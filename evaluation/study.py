@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 from pathlib import Path
 
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> Path:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not all(0 < ratio < 1 for ratio in args.ratios + args.claim_ratios):
         parser.error("--ratios and --claim-ratios must be in (0, 1)")
-    model = args.model or str(STUDY_MODEL)
+    model = args.model or os.path.relpath(STUDY_MODEL)  # relative: the run folders' names do not depend on the checkout
     if args.model is None and not (STUDY_MODEL / "config.json").is_file():
         sys.exit(f"error: no model in {STUDY_MODEL}: train it (see its README) or pass --model")
     torch.set_num_threads(args.threads)
