@@ -106,10 +106,11 @@ def by_ratio(table: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def intervals_by_ratio(table: pd.DataFrame) -> pd.DataFrame:
-    """Each run's average with its 95% bootstrap interval, as ``avg [low, high]`` text."""
+    """Each run's average with its 95% bootstrap interval, as ``avg [low, high]`` text (``failed`` for a run whose
+    press raised)."""
     text = table.assign(cell=[
-        "" if np.isnan(avg) else f"{avg:.4g} [{low:.4g}, {high:.4g}]"
-        for avg, low, high in zip(table["average"], table["ci_low"], table["ci_high"])
+        "failed" if status != "ok" else "" if np.isnan(avg) else f"{avg:.4g} [{low:.4g}, {high:.4g}]"
+        for avg, low, high, status in zip(table["average"], table["ci_low"], table["ci_high"], table["status"])
     ])
     wide = text.pivot_table(index="press", columns="ratio", values="cell", aggfunc="first", sort=False)
     wide = wide.reindex(table["press"].unique()).fillna("")

@@ -414,3 +414,12 @@ def test_benchmark_names_an_unknown_method(capsys):
     with pytest.raises(SystemExit):
         bench_speed.main(["--methods", "compose[replay]", "replay"])
     assert "--methods: unknown ['replay']" in capsys.readouterr().err
+
+
+def test_interval_tables_mark_failed_runs():
+    from evaluation.sweep import intervals_by_ratio
+
+    table = pd.DataFrame({"press": ["a", "b"], "ratio": [0.5, 0.5], "status": ["ok", "failed"],
+                          "average": [50.0, float("nan")], "ci_low": [40.0, float("nan")],
+                          "ci_high": [60.0, float("nan")]})
+    assert intervals_by_ratio(table)["0.50"].tolist() == ["50 [40, 60]", "failed"]
