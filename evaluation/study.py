@@ -8,7 +8,9 @@ ratios where presses differ (``--claim-ratios``, 0.75 / 0.9 / 0.95) on ``--conte
 every press of the registry, the leaders included, runs at every ratio (0.25 to 0.95) on
 ``--field-contexts`` (4). Runs go under ``--out/study__<data>/contexts-<n>/`` and a run already there is
 skipped, so an interrupted study resumes where it stopped; ``--tier claims`` and ``--tier field`` in two
-processes share two cores. ``--docs`` receives:
+processes share two cores. Every finished run is also copied to ``--docs``/runs/ (metrics, and predictions with
+each context as a hash): committed, it lets a later checkout resume the study and rebuild its report without the
+results folder. ``--docs`` receives:
 
 - ``summary.md``: the leaders' accuracy with 95% bootstrap intervals, per task at the highest ratios, paired
   differences (``A - B`` with its paired interval; "A beats B" only where it excludes 0), the memory held,
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,6 +44,7 @@ from .synthetic_tasks import TASKS
 
 STUDY_MODEL = Path(__file__).parent / "models" / "retrieval-llama-gqa"
 STUDY_SEED = 2026
+ARCHIVE = "runs"  # under the report's folder: a copy of every finished run, from which a later study resumes
 RATIOS = (0.25, 0.5, 0.75, 0.9, 0.95)
 CLAIM_RATIOS = (0.75, 0.9, 0.95)
 LEADERS = (
@@ -100,6 +105,35 @@ def run_table(configs: list[RunConfig]) -> pd.DataFrame:
     """One summary row per finished run (see :func:`evaluation.sweep.run_summary`), with its contexts per task."""
     rows = [run_summary(config.results_dir()) | {"contexts": config.max_contexts} for config in done(configs)]
     return pd.DataFrame(rows)
+
+
+def archived(config: RunConfig, docs: Path) -> Path:
+    """Where ``docs`` keeps a copy of a run (``runs/<tier folder>/<run folder>``)."""
+    results_dir = config.results_dir()
+    return docs / ARCHIVE / results_dir.parent.name / results_dir.name
+
+
+def archive_run(config: RunConfig, docs: Path) -> None:
+    """Copy a finished run into ``docs``, small enough to commit: ``metrics.json``, ``config.yaml`` and the
+    predictions with each context replaced by a short hash (enough to pair presses' answers)."""
+    source, target = config.results_dir(), archived(config, docs)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.json", "config.yaml"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+    if (source / "predictions.csv").is_file():
+        frame = pd.read_csv(source / "predictions.csv", keep_default_na=False)
+        frame["context"] = frame["context"].map(lambda text: hashlib.sha1(text.encode()).hexdigest()[:12])
+        frame[["task", "context", "question", "answer", "predicted_answer"]].to_csv(target / "predictions.csv",
+                                                                                  index=False)
+
+
+def restore_run(config: RunConfig, docs: Path) -> None:
+    """A run archived in ``docs`` but missing from the results folder (results do not survive everywhere) is put
+    back, so that the study skips it and the report reads it."""
+    source, target = archived(config, docs), config.results_dir()
+    if (source / "metrics.json").is_file() and not (target / "metrics.json").is_file():
+        shutil.copytree(source, target, dirs_exist_ok=True)
 
 
 def predictions(config: RunConfig) -> pd.DataFrame | None:
@@ -253,17 +287,24 @@ def main(argv: list[str] | None = None) -> Path:
                           tuple(args.claim_ratios), tuple(args.ratios), args.field_presses)
     except ValueError as error:
         parser.error(str(error))
+    docs = args.docs or Path("docs") / f"study-{args.words}"
+    every_run = plan["claims"] + plan["field"]
+    for config in every_run:
+        restore_run(config, docs)
     if not args.report_only:
         tiers = ["claims", "field"] if args.tier == "all" else [args.tier]
         for config in tqdm([config for tier in tiers for config in plan[tier]], desc="study runs"):
             run(config)
+            archive_run(config, docs)
+    for config in done(every_run):  # runs made by other processes too
+        archive_run(config, docs)
     overlap_text = None
     if args.overlap_contexts:
         pipe = load_pipeline(model)
         contexts = head_overlap.context_ids(pipe, data_dir, args.overlap_contexts)
         overlap_text = head_overlap.report(head_overlap.overlap_table(pipe.model, contexts), model, data_dir,
                                            len(contexts))
-    report = write_report(plan, args.docs or Path("docs") / f"study-{args.words}", overlap_text)
+    report = write_report(plan, docs, overlap_text)
     print(f"report: {report}")
     return report
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pandas as pd
 import pytest
@@ -96,6 +97,14 @@ def test_study_runs_both_tiers_and_writes_the_report(tmp_path, capsys):
     capsys.readouterr()
     study.main(argv)  # every run done: the study resumes by skipping them all
     assert capsys.readouterr().out.count("skip ") == len(study.LEADERS) + 2
+    # a checkout without the results folder resumes from the runs archived with the report
+    archived = pd.read_csv(next((docs / "runs").glob("contexts-2/*__kvzip__0.90")) / "predictions.csv")
+    assert list(archived.columns) == ["task", "context", "question", "answer", "predicted_answer"]
+    assert archived["context"].str.fullmatch("[0-9a-f]{12}").all()
+    shutil.rmtree(tmp_path / "results")
+    study.main(argv)
+    assert capsys.readouterr().out.count("skip ") == len(study.LEADERS) + 2
+    assert report.read_text() == text
 
 
 def test_study_refuses_data_with_too_few_contexts(tmp_path, capsys):
