@@ -115,29 +115,35 @@ def archived(config: RunConfig, docs: Path) -> Path:
 
 def archive_run(config: RunConfig, docs: Path) -> None:
     """Copy a finished run into ``docs``, small enough to commit: ``metrics.json``, ``config.yaml`` and the
-    predictions with each context replaced by a short hash (enough to pair presses' answers)."""
+    predictions with each context replaced by a short hash (enough to pair presses' answers). A run archived
+    already is left as it is (its predictions are read only once)."""
     source, target = config.results_dir(), archived(config, docs)
+    metrics = (source / "metrics.json").read_bytes()
+    if (target / "metrics.json").is_file() and (target / "metrics.json").read_bytes() == metrics:
+        return
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.json", "config.yaml"):
-        if (source / name).is_file():
-            shutil.copyfile(source / name, target / name)
     if (source / "predictions.csv").is_file():
         frame = pd.read_csv(source / "predictions.csv", keep_default_na=False)
         frame["context"] = frame["context"].map(lambda text: hashlib.sha1(text.encode()).hexdigest()[:12])
         frame[["task", "context", "question", "answer", "predicted_answer"]].to_csv(target / "predictions.csv",
                                                                                   index=False)
+    shutil.copyfile(source / "config.yaml", target / "config.yaml")
+    (target / "metrics.json").write_bytes(metrics)  # last: a run is archived once its metrics are
 
 
 def restore_run(config: RunConfig, docs: Path) -> None:
-    """A run archived in ``docs`` but missing from the results folder (results do not survive everywhere) is put
-    back, so that the study skips it and the report reads it."""
+    """A run archived in ``docs`` but missing from the results folder (results do not survive everywhere) gets
+    its metrics back there, so that the study skips it; the report reads every run's predictions from ``docs``."""
     source, target = archived(config, docs), config.results_dir()
     if (source / "metrics.json").is_file() and not (target / "metrics.json").is_file():
-        shutil.copytree(source, target, dirs_exist_ok=True)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "metrics.json"):
+            shutil.copyfile(source / name, target / name)
 
 
-def predictions(config: RunConfig) -> pd.DataFrame | None:
-    path = config.results_dir() / "predictions.csv"
+def predictions(config: RunConfig, docs: Path) -> pd.DataFrame | None:
+    """A run's archived predictions (contexts as hashes, the same for every run), or None."""
+    path = archived(config, docs) / "predictions.csv"
     if not path.is_file():
         return None
     frame = pd.read_csv(path, keep_default_na=False)
@@ -150,14 +156,15 @@ def parse_answer(text):
     return ast.literal_eval(text) if isinstance(text, str) and text.startswith("[") else text
 
 
-def paired_table(configs: list[RunConfig]) -> pd.DataFrame:
+def paired_table(configs: list[RunConfig], docs: Path) -> pd.DataFrame:
     """Each comparison of :data:`COMPARISONS` at each ratio both presses ran: the difference in average accuracy
     (points) with its paired 95% bootstrap interval and a verdict."""
     by_run = {(config.press_name, config.compression_ratio): config for config in configs}
     rows = []
     for a, b, meaning in COMPARISONS:
         for ratio in sorted({ratio for press, ratio in by_run if press == a}):
-            frames = [predictions(by_run[(press, ratio)]) if (press, ratio) in by_run else None for press in (a, b)]
+            frames = [predictions(by_run[(press, ratio)], docs) if (press, ratio) in by_run else None
+                      for press in (a, b)]
             if any(frame is None for frame in frames):
                 continue
             difference, low, high = paired_difference(*frames)
@@ -231,7 +238,7 @@ def leaders_sections(claims: pd.DataFrame, configs: list[RunConfig], docs: Path,
     per_task = [f"## Per task at {ratio:.2f}, {n_contexts} contexts per task\n\n"
                 f"{markdown(per_task_table(claims, ratio))}" for ratio in sorted(set(claims["ratio"]) - {0.0})[-2:]]
     paired = ("## Paired differences (A - B in points, same questions; a verdict only where the interval "
-              f"excludes 0)\n\n{markdown(paired_table(configs), index=False)}")
+              f"excludes 0)\n\n{markdown(paired_table(configs, docs), index=False)}")
     memory = (f"## Cache memory held (fraction of the full cache)\n\n{markdown(by_ratio(claims, 'memory'))}\n\n"
               "![accuracy against memory held](accuracy_vs_memory.png)")
     return [leaders, *per_task, paired, memory]
