@@ -67,10 +67,19 @@ COMPOSE_PRESSES: dict[str, PressFactory] = {
     "compose_replay_local": lambda ratio: ComposePress(compression_ratio=ratio, query_source="replay_local"),
     "compose_snapkv": lambda ratio: ComposePress(compression_ratio=ratio, scorer=SnapKVPress()),
     "compose_expected_attention": lambda ratio: ComposePress(compression_ratio=ratio, scorer=ExpectedAttentionPress()),
-    "compose_unstructured": lambda ratio: ComposePress(compression_ratio=ratio, structured=False),
-    # the ablations: each part of KVCompose taken away in turn
-    "compose_uniform": lambda ratio: ComposePress(compression_ratio=ratio, layer_allocation="uniform"),
-    "compose_shared_positions": lambda ratio: ComposePress(compression_ratio=ratio, composite_tokens=False),
+    # the ablations: each part of KVCompose taken away in turn, from the paper's replay and from the default
+    "compose_unstructured": lambda ratio: ComposePress(compression_ratio=ratio, query_source="replay",
+                                                       structured=False),
+    "compose_uniform": lambda ratio: ComposePress(compression_ratio=ratio, query_source="replay",
+                                                  layer_allocation="uniform"),
+    "compose_shared_positions": lambda ratio: ComposePress(compression_ratio=ratio, query_source="replay",
+                                                           composite_tokens=False),
+    "compose_bidirectional_unstructured": lambda ratio: ComposePress(compression_ratio=ratio,
+                                                                     query_source="bidirectional", structured=False),
+    "compose_bidirectional_uniform": lambda ratio: ComposePress(compression_ratio=ratio, query_source="bidirectional",
+                                                                layer_allocation="uniform"),
+    "compose_bidirectional_shared_positions": lambda ratio: ComposePress(
+        compression_ratio=ratio, query_source="bidirectional", composite_tokens=False),
 }
 
 # kvpress's presses under the names and with the settings of kvpress's evaluation/evaluate_registry.py

@@ -55,18 +55,26 @@ LEADERS = (
     "compose_unstructured",
     "compose_uniform",
     "compose_shared_positions",
+    "compose_bidirectional_unstructured",
+    "compose_bidirectional_uniform",
+    "compose_bidirectional_shared_positions",
     "kvzip",
 )
 # (a, b, what a - b measures): the paired comparisons the findings rest on
 COMPARISONS = (
-    ("compose_replay", "kvzip", "ComposePress (default) against KVzip"),
+    ("compose_bidirectional", "kvzip", "ComposePress (default, no extra pass) against KVzip"),
+    ("compose_replay", "kvzip", "the paper's replay against KVzip"),
     ("compose_replay_local", "kvzip", "the cheaper replay against KVzip"),
-    ("compose_bidirectional", "kvzip", "bidirectional (no extra pass) against KVzip"),
+    ("compose_bidirectional", "compose_replay", "the default source against the paper's replay"),
     ("compose_replay_local", "compose_replay", "cheaper replay against exact replay"),
-    ("compose_bidirectional", "compose_replay", "bidirectional against replay"),
-    ("compose_replay", "compose_unstructured", "what the dense structure costs (unstructured frees no memory)"),
-    ("compose_replay", "compose_uniform", "what global layer allocation adds"),
-    ("compose_replay", "compose_shared_positions", "what composite tokens add (over one position set per layer)"),
+    ("compose_bidirectional", "compose_bidirectional_unstructured",
+     "what the dense structure costs (unstructured frees no memory)"),
+    ("compose_bidirectional", "compose_bidirectional_uniform", "what global layer allocation adds"),
+    ("compose_bidirectional", "compose_bidirectional_shared_positions",
+     "what composite tokens add (over one position set per layer)"),
+    ("compose_replay", "compose_unstructured", "what the dense structure costs, under replay"),
+    ("compose_replay", "compose_uniform", "what global layer allocation adds, under replay"),
+    ("compose_replay", "compose_shared_positions", "what composite tokens add, under replay"),
 )
 
 

@@ -49,14 +49,15 @@ class ComposePress(BasePress):
     ----------
     compression_ratio : float, default=0.0
         Fraction of the model's context KV entries to remove, in [0, 1); checked whenever it is set.
-    query_source : str, default="replay"
+    query_source : str, default="bidirectional"
         Which queries score the context (one class each in :mod:`kvpress_compose.query_sources`). "prefill":
-        the prefill's own queries, causal (no extra pass). "bidirectional": the prefill's queries attending to
-        every context key (no extra pass). "replay": the paper's, the context re-fed after itself in a second
-        forward pass, whose attention covers three times the prefill's (query, key) pairs; the cache never
-        keeps the re-fed tokens. "replay_local": the replay with KVzip's cheaper attention, each re-fed chunk
-        attending to the context and its own tokens only. Ignored when ``scorer`` is given. On CPU with sdpa, scoring reuses the
-        log-sum-exp of the model's own attention.
+        the prefill's own queries, causal (no extra pass). "bidirectional" (the default, chosen by the study in
+        the README): the prefill's queries attending to every context key (no extra pass). "replay": the
+        paper's, the context re-fed after itself in a second forward pass, whose attention covers three times
+        the prefill's (query, key) pairs; the cache never keeps the re-fed tokens. "replay_local": the replay
+        with KVzip's cheaper attention, each re-fed chunk attending to the context and its own tokens only.
+        Ignored when ``scorer`` is given. On CPU with sdpa, scoring reuses the log-sum-exp of the model's own
+        attention.
     structured : bool, default=True
         False gives the unstructured upper bound: per-(layer, head) budgets applied with kvpress's head-wise
         masking. That saves no memory (evicted entries are masked, not removed) and needs sdpa or flash.
@@ -89,7 +90,7 @@ class ComposePress(BasePress):
     """
 
     compression_ratio: float = 0.0
-    query_source: str = "replay"
+    query_source: str = "bidirectional"
     structured: bool = True
     layer_allocation: str = "global"
     composite_tokens: bool = True

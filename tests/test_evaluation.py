@@ -23,6 +23,7 @@ from evaluation.run import RunConfig, evaluate, load_pipeline
 from evaluation.sweep import accuracy_by_ratio, plot, trapezoid_area
 from evaluation.synthetic_tasks import BASE_TASKS as TASKS
 from evaluation.synthetic_tasks import DENSE_TASKS, VALUES, build_tokenizer, vocabulary
+from kvpress_compose import ComposePress
 
 KVPRESS_COLUMNS = ["context", "question", "answer_prefix", "answer", "max_new_tokens", "task"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -170,10 +171,22 @@ def test_kvpress_names_mean_kvpress_presses_with_kvpress_settings():
     assert not set(registry.PRESS_REGISTRY) & {name for names in registry.LEFT_OUT for name in names.split(", ")}
 
 
-@pytest.mark.parametrize(("name", "option", "value"), [("compose_uniform", "layer_allocation", "uniform"),
-                                                       ("compose_shared_positions", "composite_tokens", False)])
-def test_ablations_are_registered(name, option, value):
-    assert getattr(registry.make_press(name, 0.5), option) == value
+@pytest.mark.parametrize(("name", "source", "option", "value"), [
+    ("compose_uniform", "replay", "layer_allocation", "uniform"),
+    ("compose_shared_positions", "replay", "composite_tokens", False),
+    ("compose_unstructured", "replay", "structured", False),
+    ("compose_bidirectional_uniform", "bidirectional", "layer_allocation", "uniform"),
+    ("compose_bidirectional_shared_positions", "bidirectional", "composite_tokens", False),
+    ("compose_bidirectional_unstructured", "bidirectional", "structured", False),
+])
+def test_ablations_are_registered(name, source, option, value):
+    press = registry.make_press(name, 0.5)
+    assert (press.query_source, getattr(press, option)) == (source, value)
+
+
+def test_the_default_query_source_is_the_one_the_study_chose():
+    assert ComposePress().query_source == "bidirectional"
+    assert registry.make_press("compose", 0.5).query_source == "bidirectional"
 
 
 def test_unknown_press_lists_the_known_ones():
