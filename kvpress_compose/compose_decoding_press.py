@@ -15,7 +15,7 @@ from kvpress_compose.allocation import stack_layer_scores
 from kvpress_compose.attention_scores import attention_statistics, finish_scores, query_blocks
 from kvpress_compose.cache_gather import full_cache_bytes, layer_states
 from kvpress_compose.compose_press import ComposePress, language_model_of
-from kvpress_compose.query_sources import SCORE_BLOCK_FRACTION
+from kvpress_compose.query_sources import SCORE_BLOCK_FRACTION, on_one_scale
 from kvpress_compose.replay import ReplayCache
 
 
@@ -166,7 +166,8 @@ class ComposeDecodingPress(DecodingPress):
         key_valid = run.key_valid[layer].to(keys.device)
         if press.scorer is not None:
             kwargs = {"hidden_states": hidden_states, "position_embeddings": (cos, sin), "past_key_values": cache}
-            scores = press.scorer.score(module, hidden_states, keys, values, None, kwargs).float()
+            scores = on_one_scale(press.scorer.score(module, hidden_states, keys, values, None, kwargs).float(),
+                                  key_valid)
         else:
             queries = query_blocks(module, hidden_states, (cos, sin))
             query_valid = torch.ones(keys.shape[0], n_queries, dtype=torch.bool, device=keys.device)

@@ -147,17 +147,33 @@ class LocalReplay(Replay):
 
 
 class Scorer(QuerySource):
-    """Any kvpress ``ScorerPress`` (SnapKV, ExpectedAttention, Knorm, TOVA, ...) as the token scores."""
+    """Any kvpress ``ScorerPress`` (SnapKV, ExpectedAttention, Knorm, TOVA, ...) as the token scores, put on
+    one scale in every layer (:func:`on_one_scale`) so that global allocation can compare layers."""
 
     def __init__(self, scorer: ScorerPress):
         self.scorer = scorer
 
     def score_layer(self, run, module, keys, values, attentions, kwargs):
         scores = self.scorer.score(module, kwargs["hidden_states"], keys, values, attentions, kwargs)
-        run.scores[module.layer_idx] = scores.float()
+        run.scores[module.layer_idx] = on_one_scale(scores.float(), run.inputs.valid)
 
     def layer_scores(self, run, layer_idx):
         return run.scores[layer_idx]
+
+
+def on_one_scale(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(batch, kv_heads, n)`` scores shifted to a minimum of 0 and scaled to sum to 1 over each row's valid
+    tokens, per head: a share of the head's total, as attention probabilities are. A scorer's scale may differ by
+    layer (ExpectedAttention multiplies by value norms, Knorm is a negative norm), and global allocation compares
+    layers: unscaled, one layer of a GQA model kept 125 of 4096 tokens at ratio 0.25. The order within a head
+    is unchanged."""
+    if valid.shape[1] == scores.shape[2]:
+        valid = valid[:, None].to(scores.device)  # (batch, 1, n)
+    else:  # an earlier press pruned this layer: its positions are unknown, every entry counts
+        valid = torch.ones_like(scores, dtype=torch.bool)
+    lowest = scores.masked_fill(~valid, float("inf")).amin(dim=-1, keepdim=True)
+    shifted = (scores - lowest).masked_fill(~valid, 0.0)
+    return shifted / shifted.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(shifted.dtype).tiny)
 
 
 QUERY_SOURCES: dict[str, type[QuerySource]] = {

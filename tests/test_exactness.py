@@ -31,14 +31,16 @@ def test_question_and_greedy_decode_match_masked_reference(attn, query_source):
 
 @dataclass
 class LayerRankedScorer(ScorerPress):
-    """Deterministic scores whose scale grows (or shrinks) with depth, to force layer 0's budget."""
+    """Deterministic scores more peaked in some layers, to force layer 0's budget: ComposePress puts a scorer's
+    scores on one scale per layer (shares of each head's total), so a more peaked layer keeps fewer tokens."""
 
     layer0_shortest: bool = True
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs):
-        generator = torch.Generator().manual_seed(0)  # same base scores in every layer: only the scale differs
-        depth = module.layer_idx + 1 if self.layer0_shortest else 10 - module.layer_idx
-        return torch.rand(keys.shape[:3], generator=generator) * depth
+        generator = torch.Generator().manual_seed(0)  # same base scores in every layer: only the peak differs
+        layers = module.config.num_hidden_layers
+        rank = layers - 1 - module.layer_idx if self.layer0_shortest else module.layer_idx
+        return torch.rand(keys.shape[:3], generator=generator) ** (2.0**rank)
 
 
 @pytest.mark.parametrize("attn", ATTENTION)

@@ -67,14 +67,33 @@ def test_allocation_follows_the_scores():
     assert lengths == sorted(lengths) and lengths[-1] > lengths[0], lengths  # deeper layers score higher
 
 
-def test_scorer_scores_are_used_as_token_scores():
+def test_scorer_scores_are_the_token_scores_on_one_scale_per_layer():
     model = tiny_model(layers=3)
     ids = random_ids(1, 40)
     full = prefill(model, ids)
     press = ComposePress(compression_ratio=0.5, scorer=KnormPress(), add_mean_across_heads=False)
     prefill(model, ids, press)
-    expected = torch.stack([-layer.keys.norm(dim=-1) for layer in full.layers])
-    torch.testing.assert_close(press.last_scores, expected)
+    knorm = torch.stack([-layer.keys.norm(dim=-1) for layer in full.layers])  # (layers, batch, heads, n)
+    shifted = knorm - knorm.amin(dim=-1, keepdim=True)
+    torch.testing.assert_close(press.last_scores, shifted / shifted.sum(dim=-1, keepdim=True))
+
+
+def test_a_scorer_scaled_differently_per_layer_gets_the_same_budgets():
+    """Global allocation compares layers: a scorer whose scale alone differs by layer (as ExpectedAttention's
+    value norms do) must not move the budget between layers."""
+
+    class ScaledByLayer(KnormPress):
+        def score(self, module, hidden_states, keys, values, attentions, kwargs):
+            return super().score(module, hidden_states, keys, values, attentions, kwargs) * 1000.0**module.layer_idx
+
+    model = tiny_model(layers=3)
+    ids = random_ids(1, 40)
+    plain = ComposePress(compression_ratio=0.5, scorer=KnormPress())
+    scaled = ComposePress(compression_ratio=0.5, scorer=ScaledByLayer())
+    prefill(model, ids, plain)
+    prefill(model, ids, scaled)
+    assert scaled.last_budgets.tolist() == plain.last_budgets.tolist()
+    torch.testing.assert_close(scaled.last_scores, plain.last_scores)
 
 
 @pytest.mark.parametrize(
