@@ -67,6 +67,10 @@ COMPOSE_PRESSES: dict[str, PressFactory] = {
     "compose_replay_local": lambda ratio: ComposePress(compression_ratio=ratio, query_source="replay_local"),
     "compose_snapkv": lambda ratio: ComposePress(compression_ratio=ratio, scorer=SnapKVPress()),
     "compose_expected_attention": lambda ratio: ComposePress(compression_ratio=ratio, scorer=ExpectedAttentionPress()),
+    # its sinks' scores (max + 1) dwarf the rest of a layer where expected attention is peaked: global allocation
+    # then empties that layer (README, "Findings"); one budget per layer cannot
+    "compose_expected_attention_uniform": lambda ratio: ComposePress(
+        compression_ratio=ratio, scorer=ExpectedAttentionPress(), layer_allocation="uniform"),
     # the ablations: each part of KVCompose taken away in turn, from the paper's replay and from the default
     "compose_unstructured": lambda ratio: ComposePress(compression_ratio=ratio, query_source="replay",
                                                        structured=False),
