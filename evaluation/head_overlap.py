@@ -5,8 +5,8 @@
 
 Composite tokens only matter when the KV heads of a layer want different tokens: with one KV head, or heads
 that rank tokens alike, each composite token is one position shared by every head. For every context, each
-layer's per-head scores come from ComposePress's default query source (``replay``, without the mean over
-heads that the press adds before ranking), and each head's top ``k = (1 - ratio) x n`` tokens are compared
+layer's per-head scores come from ComposePress's default query source (``bidirectional``, without the mean
+over heads that the press adds before ranking), and each head's top ``k = (1 - ratio) x n`` tokens are compared
 head against head: ``overlap`` is the mean over head pairs of ``|top_k(a) & top_k(b)| / k``. Identical
 rankings give 1; independent ones give ``k / n`` (``chance``).
 """
@@ -47,8 +47,8 @@ def top_k_overlap(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def head_scores(model, context_ids: torch.Tensor) -> torch.Tensor:
-    """``(layers, kv_heads, n)`` replay scores of one context (batch 1), as ComposePress ranks them before it
-    adds the mean over heads."""
+    """``(layers, kv_heads, n)`` scores of one context (batch 1) from ComposePress's default query source, as
+    the press ranks them before it adds the mean over heads."""
     press = ComposePress(compression_ratio=0.5, add_mean_across_heads=False)
     prefill(model, context_ids, press)
     return press.last_scores[:, 0].float()
@@ -80,7 +80,7 @@ def report(table: pd.DataFrame, model: str, data_dir: str | Path, n_contexts: in
     cells = table.assign(cell=[f"{o:.2f} ({c:.2f})" for o, c in zip(table["overlap"], table["chance"])])
     wide = cells.pivot(index="layer", columns="ratio", values="cell")
     wide.columns = [f"keep {1 - ratio:.0%}" for ratio in wide.columns]
-    return (f"Top-k overlap between KV heads (replay scores; 1 = the heads keep the same tokens, chance in "
+    return (f"Top-k overlap between KV heads ({ComposePress().query_source} scores; 1 = the heads keep the same tokens, chance in "
             f"brackets), {n_contexts} contexts of `{Path(data_dir).name}`, model `{model}`:\n\n"
             f"{markdown(wide)}\n")
 
