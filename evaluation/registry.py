@@ -59,12 +59,17 @@ def at_ratio(press: BasePress, ratio: float) -> BasePress:
     return press
 
 
+def compose_press(**settings) -> PressFactory:
+    """A ComposePress at the given ratio with ``settings`` (plain values only: a scorer must be built per press)."""
+    return lambda ratio: ComposePress(compression_ratio=ratio, **settings)
+
+
 COMPOSE_PRESSES: dict[str, PressFactory] = {
-    "compose": lambda ratio: ComposePress(compression_ratio=ratio),
-    "compose_prefill": lambda ratio: ComposePress(compression_ratio=ratio, query_source="prefill"),
-    "compose_bidirectional": lambda ratio: ComposePress(compression_ratio=ratio, query_source="bidirectional"),
-    "compose_replay": lambda ratio: ComposePress(compression_ratio=ratio, query_source="replay"),
-    "compose_replay_local": lambda ratio: ComposePress(compression_ratio=ratio, query_source="replay_local"),
+    "compose": compose_press(),
+    "compose_prefill": compose_press(query_source="prefill"),
+    "compose_bidirectional": compose_press(query_source="bidirectional"),
+    "compose_replay": compose_press(query_source="replay"),
+    "compose_replay_local": compose_press(query_source="replay_local"),
     "compose_snapkv": lambda ratio: ComposePress(compression_ratio=ratio, scorer=SnapKVPress()),
     "compose_expected_attention": lambda ratio: ComposePress(compression_ratio=ratio, scorer=ExpectedAttentionPress()),
     # its sinks' scores (max + 1) dwarf the rest of a layer where expected attention is peaked: global allocation
@@ -72,18 +77,12 @@ COMPOSE_PRESSES: dict[str, PressFactory] = {
     "compose_expected_attention_uniform": lambda ratio: ComposePress(
         compression_ratio=ratio, scorer=ExpectedAttentionPress(), layer_allocation="uniform"),
     # the ablations: each part of KVCompose taken away in turn, from the paper's replay and from the default
-    "compose_unstructured": lambda ratio: ComposePress(compression_ratio=ratio, query_source="replay",
-                                                       structured=False),
-    "compose_uniform": lambda ratio: ComposePress(compression_ratio=ratio, query_source="replay",
-                                                  layer_allocation="uniform"),
-    "compose_shared_positions": lambda ratio: ComposePress(compression_ratio=ratio, query_source="replay",
-                                                           composite_tokens=False),
-    "compose_bidirectional_unstructured": lambda ratio: ComposePress(compression_ratio=ratio,
-                                                                     query_source="bidirectional", structured=False),
-    "compose_bidirectional_uniform": lambda ratio: ComposePress(compression_ratio=ratio, query_source="bidirectional",
-                                                                layer_allocation="uniform"),
-    "compose_bidirectional_shared_positions": lambda ratio: ComposePress(
-        compression_ratio=ratio, query_source="bidirectional", composite_tokens=False),
+    "compose_unstructured": compose_press(query_source="replay", structured=False),
+    "compose_uniform": compose_press(query_source="replay", layer_allocation="uniform"),
+    "compose_shared_positions": compose_press(query_source="replay", composite_tokens=False),
+    "compose_bidirectional_unstructured": compose_press(query_source="bidirectional", structured=False),
+    "compose_bidirectional_uniform": compose_press(query_source="bidirectional", layer_allocation="uniform"),
+    "compose_bidirectional_shared_positions": compose_press(query_source="bidirectional", composite_tokens=False),
 }
 
 # kvpress's presses under the names and with the settings of kvpress's evaluation/evaluate_registry.py

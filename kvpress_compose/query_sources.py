@@ -165,8 +165,9 @@ def on_one_scale(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``(batch, kv_heads, n)`` scores shifted to a minimum of 0 and scaled to sum to 1 over each row's valid
     tokens, per head: a share of the head's total, as attention probabilities are. A scorer's scale may differ by
     layer (ExpectedAttention multiplies by value norms, Knorm is a negative norm), and global allocation compares
-    layers: unscaled, one layer of a GQA model kept 125 of 4096 tokens at ratio 0.25. The order within a head
-    is unchanged."""
+    layers, so a scale alone must not move budgets between them. It does not make every scorer suit global
+    allocation: a layer whose scores sit on a few tokens still loses the rest (README, "Findings"). The order
+    within a head is unchanged."""
     if valid.shape[1] == scores.shape[2]:
         valid = valid[:, None].to(scores.device)  # (batch, 1, n)
     else:  # an earlier press pruned this layer: its positions are unknown, every entry counts
