@@ -184,6 +184,12 @@ def test_ablations_are_registered(name, source, option, value):
     assert (press.query_source, getattr(press, option)) == (source, value)
 
 
+def test_expected_attention_with_uniform_allocation_is_registered():
+    press = registry.make_press("compose_expected_attention_uniform", 0.5)
+    assert isinstance(press.scorer, ExpectedAttentionPress) and press.layer_allocation == "uniform"
+    assert press.scorer is not registry.make_press("compose_expected_attention_uniform", 0.5).scorer  # built per press
+
+
 def test_the_default_query_source_is_the_one_the_study_chose():
     assert ComposePress().query_source == "bidirectional"
     assert registry.make_press("compose", 0.5).query_source == "bidirectional"
