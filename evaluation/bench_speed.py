@@ -89,7 +89,8 @@ def flop_floors(config: dict, n: int, bytes_per_value: int = 4) -> dict[str, flo
     pair = 2 * q_heads * d  # one (query, key) product over every query head
     plain = linear + 2 * pair * n * n / 2  # QK and AV over the causal pairs
     replay_forward = linear - mlp / layers  # per layer, on average: the last layer's MLP is skipped
-    chunk = replay_chunk_size(layers * 2 * kv_heads * n * d * bytes_per_value, n)
+    # the chunks the replay takes on CPU, where no mask is built: bounded by one layer's activations
+    chunk = replay_chunk_size(layers * 2 * kv_heads * n * d * bytes_per_value, n, (3 * inter + 4 * h) * bytes_per_value)
     extra = {
         "compose[prefill]": pair * n * n / 2,
         "compose[bidirectional]": 2 * pair * n * n / 2 + pair * n * n,

@@ -2,15 +2,16 @@
 
 :class:`ReplayCache` stands in for the real cache during the second pass: each layer attends to the
 original context entries plus the re-fed tokens seen so far, which only the replay cache holds, so the real
-cache never keeps them. The context is re-fed in chunks, so attention masks are O(chunk x context), not
-O(context^2), and the re-fed keys and values of earlier chunks (as large as the cache, by the last chunk) are
-kept for the later ones. Where attention is sure to run as the unmasked split of
-:mod:`kvpress_compose.attention_lse` (sdpa on CPU, no padding) and the KV cache outweighs one layer's
-activations (:func:`single_pass_saves_memory`), the context is re-fed in one pass instead: no mask is built (a
-zero-size placeholder stands in for transformers' own), and each layer's re-fed keys and values are dropped as
-soon as that layer has attended, so the replay adds one layer's forward over the context instead. Either way
-each forward stops once the last layer's attention has run (:class:`ReplayScored`): what follows it (that
-layer's output projection is part of the attention module, but its MLP, and the final norm) is never read.
+cache never keeps them. The context is re-fed in chunks, and the re-fed keys and values of earlier chunks (as
+large as the cache, by the last chunk) are kept for the later ones. Where attention is sure to run as the
+unmasked split of :mod:`kvpress_compose.attention_lse` (sdpa on CPU, no padding), no mask is built (a zero-size
+placeholder stands in for transformers' own), so a chunk is bounded by one layer's activations over it, not by
+its O(chunk x context) mask: fewer, larger chunks, each of which re-copies the context keys. Where moreover the
+KV cache outweighs one layer's activations (:func:`single_pass_saves_memory`), the context is re-fed in one
+pass, and each layer's re-fed keys and values are dropped as soon as that layer has attended, so the replay
+adds one layer's forward over the context instead. Either way each forward stops once the last layer's
+attention has run (:class:`ReplayScored`): what follows it (that layer's output projection is part of the
+attention module, but its MLP, and the final norm) is never read.
 """
 
 from __future__ import annotations
@@ -89,13 +90,14 @@ def stopped_after(last_attention: nn.Module):
         handle.remove()
 
 
-def refed_attention_mask(inputs: PrefillInputs, start: int, end: int, refed_start: int, single_pass: bool):
+def refed_attention_mask(inputs: PrefillInputs, start: int, end: int, refed_start: int, mask_unread: bool):
     """The mask of re-fed tokens ``[start, end)``, which attend to the context and the re-fed tokens from
-    ``refed_start``: the context's own (2D) mask extended over them, a placeholder in one pass, or None."""
-    if single_pass:  # (batch, 1, n, 2n) of one stored element: transformers uses a 4D mask as it is
+    ``refed_start``: a placeholder where attention never reads it, else the context's own (2D) mask extended over
+    them, or None."""
+    if mask_unread:  # (batch, 1, chunk, keys) of one stored element: transformers uses a 4D mask as it is
         batch = inputs.position_ids.shape[0]
         placeholder = torch.ones((), dtype=torch.bool, device=inputs.position_ids.device)
-        return placeholder.expand(batch, 1, end, inputs.length + end)
+        return placeholder.expand(batch, 1, end - start, inputs.length + end - refed_start)
     if inputs.attention_mask is None:
         return None
     return torch.cat([inputs.attention_mask, inputs.attention_mask[:, refed_start:end]], dim=-1)
@@ -106,21 +108,30 @@ def replay_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return position_ids + position_ids.amax(dim=-1, keepdim=True) + 1
 
 
-def replay_chunk_size(cache_bytes: int, context_length: int) -> int:
-    """Re-fed tokens per chunk: a chunk's (chunk x 2 context) attention mask stays near a quarter of the cache."""
+def activation_values_per_token(config) -> int | None:
+    """Values one layer's forward holds per token (about ``3 x intermediate + 4 x hidden``: the MLP and the
+    hidden states), or None where the config does not say."""
+    intermediate, hidden = getattr(config, "intermediate_size", None), getattr(config, "hidden_size", None)
+    if not isinstance(intermediate, int) or not isinstance(hidden, int):
+        return None
+    return 3 * intermediate + 4 * hidden
+
+
+def replay_chunk_size(cache_bytes: int, context_length: int, activation_bytes_per_token: int | None = None) -> int:
+    """Re-fed tokens per chunk, so that what a chunk adds stays near a quarter of the cache (``cache_bytes``,
+    one batch row's): its (chunk x 2 context) attention mask where one is built (``activation_bytes_per_token``
+    None), else one layer's activations over it."""
     mask_bytes_per_token = 5 * 2 * context_length  # boolean mask, and the float copy attention may make of it
-    return max(MIN_REPLAY_CHUNK, min(MAX_REPLAY_CHUNK, cache_bytes // (4 * mask_bytes_per_token)))
+    bytes_per_token = activation_bytes_per_token or mask_bytes_per_token
+    return max(MIN_REPLAY_CHUNK, min(MAX_REPLAY_CHUNK, cache_bytes // (4 * bytes_per_token)))
 
 
 def single_pass_saves_memory(config, kv_values_per_token: int) -> bool:
-    """One pass holds one layer's activations over the whole re-fed context (about ``3 x intermediate + 4 x
-    hidden`` values per token: the MLP and the hidden states); chunks hold every layer's re-fed keys and values
-    (``kv_values_per_token``, the cache's size by the last chunk). One pass wins where the KV cache is heavier:
-    Llama-3.1-8B (65536 against 59392), MHA models; not the tiny or medium benchmark models."""
-    intermediate, hidden = getattr(config, "intermediate_size", None), getattr(config, "hidden_size", None)
-    if not isinstance(intermediate, int) or not isinstance(hidden, int):
-        return False
-    return kv_values_per_token > 3 * intermediate + 4 * hidden
+    """One pass holds one layer's activations over the whole re-fed context; chunks hold every layer's re-fed
+    keys and values (``kv_values_per_token``, the cache's size by the last chunk). One pass wins where the KV
+    cache is heavier: Llama-3.1-8B (65536 against 59392), MHA models; not the tiny or medium benchmark models."""
+    activation_values = activation_values_per_token(config)
+    return activation_values is not None and kv_values_per_token > activation_values
 
 
 @contextmanager
@@ -177,19 +188,20 @@ def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache,
     it was before."""
     positions = replay_position_ids(inputs.position_ids)
     attention_modules = [layer.self_attn for layer in language_model.layers]
-    unpadded = bool(inputs.valid.all())
     keys = layer_states(replay_cache.source, 0)[0]  # (batch, kv_heads, n, head_dim)
+    unpadded = bool(inputs.valid.all())
+    mask_unread = unpadded and capture is not None and all(map(capture.split_possible, attention_modules))
     kv_values_per_token = 2 * len(attention_modules) * keys.shape[1] * keys.shape[3]
-    single_pass = (
-        unpadded
-        and capture is not None
-        and all(capture.split_possible(module) for module in attention_modules)
-        and single_pass_saves_memory(language_model.config, kv_values_per_token)
-        and not replay_cache.chunk_local
-    )
+    single_pass = (mask_unread and not replay_cache.chunk_local
+                   and single_pass_saves_memory(language_model.config, kv_values_per_token))
     replay_cache.keep_refed = not (single_pass or replay_cache.chunk_local)
-    cache_bytes = full_cache_bytes(keys, len(attention_modules))
-    chunk_size = inputs.length if single_pass else replay_chunk_size(cache_bytes, inputs.length)
+    if single_pass:
+        chunk_size = inputs.length
+    else:
+        activation_values = activation_values_per_token(language_model.config) if mask_unread else None
+        activation_bytes = activation_values * keys.element_size() if activation_values else None
+        row_cache_bytes = full_cache_bytes(keys, len(attention_modules)) // keys.shape[0]
+        chunk_size = replay_chunk_size(row_cache_bytes, inputs.length, activation_bytes)
     rotary_emb = language_model.rotary_emb
     with (torch.no_grad(), preserved_state(rotary_emb), prefill_frequencies(rotary_emb),
           stopped_after(attention_modules[-1])):
@@ -199,12 +211,12 @@ def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache,
             refed_start = start if replay_cache.chunk_local else 0
             if capture is not None:
                 capture.declare_visible_prefix(inputs.length + start - refed_start if unpadded else None,
-                                               mask_ignored=single_pass)
+                                               mask_ignored=mask_unread)
             with suppress(ReplayScored):
                 language_model(
                     input_ids=None if inputs.input_ids is None else inputs.input_ids[:, start:end],
                     inputs_embeds=None if inputs.inputs_embeds is None else inputs.inputs_embeds[:, start:end],
-                    attention_mask=refed_attention_mask(inputs, start, end, refed_start, single_pass),
+                    attention_mask=refed_attention_mask(inputs, start, end, refed_start, mask_unread),
                     position_ids=positions[:, start:end],
                     past_key_values=replay_cache,
                     use_cache=True,

@@ -224,6 +224,38 @@ def test_replay_keeps_re_fed_tokens_only_when_it_runs_in_chunks(attn, padded, sh
     assert max(kept) == (0 if single_pass else layers)
 
 
+def test_replay_chunks_are_bounded_by_activations_where_no_mask_is_built():
+    """A built mask is (chunk x 2 context): at 32k tokens a quarter of a 64 MiB cache allows the smallest chunk.
+    Without one, a chunk is bounded by one layer's activations (8 KiB a token: 2048 tokens per 16 MiB)."""
+    from kvpress_compose.replay import MAX_REPLAY_CHUNK, MIN_REPLAY_CHUNK, replay_chunk_size
+
+    assert replay_chunk_size(64 * 2**20, 32768) == MIN_REPLAY_CHUNK
+    assert replay_chunk_size(64 * 2**20, 32768, 8192) == 2048
+    assert replay_chunk_size(64 * 2**20, 32768, 1024) == MAX_REPLAY_CHUNK
+    assert replay_chunk_size(2**20, 32768, 8192) == MIN_REPLAY_CHUNK
+
+
+@pytest.mark.parametrize(("attn", "padded"), [("sdpa", False), ("sdpa", True), ("eager", False)])
+def test_chunked_replay_builds_a_mask_only_where_attention_reads_it(attn, padded):
+    """Chunks whose attention takes the unmasked split (sdpa on CPU, no padding) get a one-element placeholder
+    mask; padding, or attention that reads masks, gets the context's mask extended over the chunk."""
+    model = tiny_model(attn=attn, layers=3)
+    masks = []
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")),
+                                          with_kwargs=True)
+    attention_mask = torch.ones(1, 600, dtype=torch.long)
+    attention_mask[0, :3] = 0 if padded else 1
+    prefill(model, random_ids(1, 600), ComposePress(0.5, query_source="replay"), attention_mask=attention_mask)
+    replay_masks = masks[1:]
+    assert len(replay_masks) == 3  # chunks of 256 re-fed tokens
+    for start, mask in zip(range(0, 600, 256), replay_masks):
+        end = min(start + 256, 600)
+        if attn == "sdpa" and not padded:
+            assert mask.shape == (1, 1, end - start, 600 + end) and mask.untyped_storage().nbytes() == 1
+        else:
+            assert torch.equal(mask, torch.cat([attention_mask, attention_mask[:, :end]], dim=-1))
+
+
 @pytest.mark.parametrize("agg_task", ["max", "mean"])
 def test_single_pass_replay_scores_equal_softmax_scores(agg_task, monkeypatch):
     ids = random_ids(2, 600)
