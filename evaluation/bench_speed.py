@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from kvpress import KVComposePress, KVzipPress, SnapKVPress
@@ -34,7 +35,7 @@ from matplotlib.figure import Figure
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvpress_compose import QUERY_SOURCES, ComposePress
-from kvpress_compose.replay import replay_chunk_size
+from kvpress_compose.replay import activation_values_per_token, replay_chunk_size
 
 from .fidelity import prefill
 
@@ -90,7 +91,8 @@ def flop_floors(config: dict, n: int, bytes_per_value: int = 4) -> dict[str, flo
     plain = linear + 2 * pair * n * n / 2  # QK and AV over the causal pairs
     replay_forward = linear - mlp / layers  # per layer, on average: the last layer's MLP is skipped
     # the chunks the replay takes on CPU, where no mask is built: bounded by one layer's activations
-    chunk = replay_chunk_size(layers * 2 * kv_heads * n * d * bytes_per_value, n, (3 * inter + 4 * h) * bytes_per_value)
+    activation_bytes = activation_values_per_token(SimpleNamespace(**config)) * bytes_per_value
+    chunk = replay_chunk_size(layers * 2 * kv_heads * n * d * bytes_per_value, n, activation_bytes)
     extra = {
         "compose[prefill]": pair * n * n / 2,
         "compose[bidirectional]": 2 * pair * n * n / 2 + pair * n * n,
