@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from kvpress_compose import ComposeDecodingPress, ComposePress
 
+from .real_models import resolve_model
 from .synthetic_tasks import make_sample
 
 SHIPPED_MODEL = Path(__file__).parent / "models" / "retrieval-llama"
@@ -72,8 +73,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    path = resolve_model(args.model)  # a real model's short name (evaluation.real_models) or a folder / hub id
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
     rng = random.Random(0)
     def encode(text: str) -> torch.Tensor:
         return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids

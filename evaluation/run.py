@@ -38,6 +38,7 @@ from transformers.utils import logging as transformers_logging
 from .data import load_rows
 from .fidelity import fidelity, summarize
 from .metrics import average, bootstrap_interval, task_scores
+from .real_models import resolve_model
 from .registry import EAGER_PRESSES, check_press_name, make_press, reset_press_state
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -100,8 +101,9 @@ class RunConfig:
 def load_pipeline(model: str, device: str = "cpu", attn_implementation: str = "sdpa") -> Pipeline:
     """kvpress's text-generation pipeline for ``model`` (a hub id or a local folder); the last one is cached."""
     transformers_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    language_model = AutoModelForCausalLM.from_pretrained(model, dtype="auto", attn_implementation=attn_implementation)
+    path = resolve_model(model)  # a real model's short name becomes its converted folder
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    language_model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", attn_implementation=attn_implementation)
     return pipeline("kv-press-text-generation", model=language_model.eval(), tokenizer=tokenizer, device=device)
 
 
