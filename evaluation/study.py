@@ -2,6 +2,7 @@
 
     python -m evaluation.study                  # GQA model, 4096-word contexts of all 7 tasks -> docs/study-4096/
     python -m evaluation.study --words 2048 --model <folder> --docs docs/study-2048
+    python -m evaluation.study --model smollm2-135m   # a real model: see evaluation.real_study (its own options)
 
 Compute goes where the claims are. The leaders (ComposePress's query sources and ablations, KVzip) run at the
 ratios where presses differ (``--claim-ratios``, 0.75 / 0.9 / 0.95) on ``--contexts`` contexts per task (20);
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from . import data, head_overlap
 from .metrics import paired_difference
+from .real_models import REAL_MODELS
 from .registry import KVPRESS_PRESSES, PRESS_REGISTRY
 from .run import RunConfig, load_pipeline, run
 from .sweep import BASELINE, by_ratio, intervals_by_ratio, markdown, plot, run_summary
@@ -86,12 +88,13 @@ def field_presses() -> list[str]:
 
 
 def study_plan(model: str, data_dir: Path, out: Path, contexts: int, field_contexts: int,
-               claim_ratios=CLAIM_RATIOS, ratios=RATIOS, field: list[str] | None = None) -> dict[str, list[RunConfig]]:
+               claim_ratios=CLAIM_RATIOS, ratios=RATIOS, field: list[str] | None = None,
+               leaders: tuple[str, ...] = LEADERS) -> dict[str, list[RunConfig]]:
     """``{"claims": ..., "field": ...}`` run configurations (``field``: the field's presses, by default
     :func:`field_presses`); each tier writes under its own folder."""
     if field_contexts > contexts:
         raise ValueError(f"field_contexts ({field_contexts}) must not exceed contexts ({contexts})")
-    tiers = {"claims": (list(LEADERS), claim_ratios, contexts),
+    tiers = {"claims": (list(leaders), claim_ratios, contexts),
              "field": (field or field_presses(), ratios, field_contexts)}
     plan = {}
     for tier, (presses, tier_ratios, n_contexts) in tiers.items():
@@ -164,12 +167,12 @@ def parse_answer(text):
     return ast.literal_eval(text) if isinstance(text, str) and text.startswith("[") else text
 
 
-def paired_table(configs: list[RunConfig], docs: Path) -> pd.DataFrame:
-    """Each comparison of :data:`COMPARISONS` at each ratio both presses ran: the difference in average accuracy
-    (points) with its paired 95% bootstrap interval and a verdict."""
+def paired_table(configs: list[RunConfig], docs: Path, comparisons=COMPARISONS) -> pd.DataFrame:
+    """Each of ``comparisons`` (``(a, b, meaning)``) at each ratio both presses ran: the difference in average
+    accuracy (points) with its paired 95% bootstrap interval and a verdict."""
     by_run = {(config.press_name, config.compression_ratio): config for config in configs}
     rows = []
-    for a, b, meaning in COMPARISONS:
+    for a, b, meaning in comparisons:
         for ratio in sorted({ratio for press, ratio in by_run if press == a}):
             frames = [predictions(by_run[(press, ratio)], docs) if (press, ratio) in by_run else None
                       for press in (a, b)]
@@ -182,10 +185,10 @@ def paired_table(configs: list[RunConfig], docs: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def per_task_table(table: pd.DataFrame, ratio: float) -> pd.DataFrame:
+def per_task_table(table: pd.DataFrame, ratio: float, tasks=TASKS) -> pd.DataFrame:
     """Accuracy per task of every run at ``ratio`` (and ``no_press``)."""
     rows = table[(table["ratio"] == ratio) | (table["press"] == BASELINE)]
-    columns = [task for task in TASKS if task in rows]
+    columns = [task for task in tasks if task in rows]
     return rows.set_index("press")[columns + ["average"]]
 
 
@@ -209,9 +212,11 @@ def plot_accuracy_vs_memory(table: pd.DataFrame, path: Path, title: str) -> Path
     return path
 
 
-def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str | None) -> Path:
+def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str | None, tasks=TASKS,
+                 comparisons=COMPARISONS, preface: str = "") -> Path:
     """``summary.md``, ``summary.csv`` and the plots in ``docs`` from the finished runs of ``plan`` (a study
-    still under way is reported as far as it got, and says so)."""
+    still under way is reported as far as it got, and says so) over ``tasks``; ``preface`` (markdown) follows the
+    title."""
     docs.mkdir(parents=True, exist_ok=True)
     claims, field = run_table(plan["claims"]), run_table(plan["field"])
     n_claims, n_field = plan["claims"][0].max_contexts, plan["field"][0].max_contexts
@@ -220,11 +225,12 @@ def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str
     n_runs, n_done = sum(map(len, plan.values())), len(claims) + len(field)
     progress = "" if n_done == n_runs else (f" **{n_done} of {n_runs} runs done**: the tables hold those; rerun "
                                             "the command to finish the rest.")
-    sections = [(f"# Study: {setting}\n\nWritten by `python -m evaluation.study`. Sample: {len(TASKS)} tasks; the "
+    sections = [(f"# Study: {setting}\n\nWritten by `python -m evaluation.study`. Sample: {len(tasks)} tasks; the "
                 f"leaders on {n_claims} contexts per task, the field on {n_field}. Accuracy in %, 95% bootstrap "
                 f"intervals over contexts (resampled within each task).{progress}")]
+    sections += [preface] if preface else []
     if len(claims):
-        sections += leaders_sections(claims, plan["claims"], docs, setting, n_claims)
+        sections += leaders_sections(claims, plan["claims"], docs, setting, n_claims, tasks, comparisons)
     if len(field):
         plot(field, docs / "field_accuracy_vs_ratio.png", f"{setting}: every press, {n_field} contexts per task")
         sections.append(f"## Every press: average accuracy [95% interval], {n_field} contexts per task\n\n"
@@ -236,7 +242,7 @@ def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str
 
 
 def leaders_sections(claims: pd.DataFrame, configs: list[RunConfig], docs: Path, setting: str,
-                     n_contexts: int) -> list[str]:
+                     n_contexts: int, tasks=TASKS, comparisons=COMPARISONS) -> list[str]:
     """The leaders' part of the report: intervals, per task at the two highest ratios, paired differences,
     memory held; with their plots."""
     plot(claims, docs / "leaders_accuracy_vs_ratio.png", f"{setting}: leaders, {n_contexts} contexts per task")
@@ -244,9 +250,9 @@ def leaders_sections(claims: pd.DataFrame, configs: list[RunConfig], docs: Path,
     leaders = (f"## Leaders: average accuracy [95% interval], {n_contexts} contexts per task\n\n"
                f"{markdown(intervals_by_ratio(claims))}\n\n![leaders](leaders_accuracy_vs_ratio.png)")
     per_task = [f"## Per task at {ratio:.2f}, {n_contexts} contexts per task\n\n"
-                f"{markdown(per_task_table(claims, ratio))}" for ratio in sorted(set(claims["ratio"]) - {0.0})[-2:]]
+                f"{markdown(per_task_table(claims, ratio, tasks))}" for ratio in sorted(set(claims["ratio"]) - {0.0})[-2:]]
     paired = ("## Paired differences (A - B in points, same questions; a verdict only where the interval "
-              f"excludes 0)\n\n{markdown(paired_table(configs, docs), index=False)}")
+              f"excludes 0)\n\n{markdown(paired_table(configs, docs, comparisons), index=False)}")
     memory = (f"## Cache memory held (fraction of the full cache)\n\n{markdown(by_ratio(claims, 'memory'))}\n\n"
               "![accuracy against memory held](accuracy_vs_memory.png)")
     return [leaders, *per_task, paired, memory]
@@ -277,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    argv = sys.argv[1:] if argv is None else argv
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--model")
+    if peek.parse_known_args(argv)[0].model in REAL_MODELS:  # RULER's tasks in the model's tokens
+        from .real_study import main as real_model_study
+
+        return real_model_study(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("contexts", "field_contexts", "words", "threads"):

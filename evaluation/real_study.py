@@ -1,0 +1,241 @@
+"""The study on a real pretrained model: RULER's tasks, written in the model's own tokens.
+
+    python -m evaluation.study --model smollm2-135m                       # 2048 tokens -> docs/study-smollm2-135m-2048/
+    python -m evaluation.study --model smollm2-135m --tier screen         # step 2 only
+    python -m evaluation.study --model smollm2-135m --tier claims &       # two processes share two cores:
+    python -m evaluation.study --model smollm2-135m --tier claims &       # each claims the next run not taken
+    python -m evaluation.study --model smollm2-135m --tokens 4096 --contexts 5    # the leaders at 4096, smaller
+
+1. **Data**: RULER's synthetic tasks (:mod:`evaluation.ruler`) of ``--tokens`` tokens of the model's tokenizer,
+   ``--contexts`` contexts per task, seed :data:`STUDY_SEED`, in ``evaluation/data/ruler-<model>-<tokens>/``.
+2. **Screening**: ``no_press`` on the first ``--screen-contexts`` contexts of every task. A task where the
+   uncompressed model scores under ``--min-accuracy`` (40%) cannot tell presses apart: it is shown in the report
+   and left out of every average; the tiers run on a copy of the dataset holding the other tasks
+   (``ruler-<model>-<tokens>-eligible``).
+3. **Claims tier**: the leaders (:data:`REAL_LEADERS`) at ``--claim-ratios`` (0.5 / 0.75 / 0.9) on ``--contexts``
+   contexts per task, run in :func:`priority` order (0.75 first) so a study cut short has the cells that matter.
+   **Field tier**: every press of the registry at ``--ratios`` on ``--field-contexts`` contexts per task.
+
+Runs are resumable and archived exactly as :mod:`evaluation.study`'s (``--docs``/runs/); the report is rewritten
+after every run, so it always shows what has finished. Several processes may run the same tiers at once: each takes
+the next run that no live process has claimed (a ``.claimed`` file holding its process id, in the run's folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import data
+from .real_models import REAL_MODELS
+from .run import RunConfig, run
+from .study import (
+    STUDY_SEED,
+    archive_run,
+    done,
+    field_presses,
+    restore_run,
+    study_plan,
+    write_report,
+)
+from .sweep import BASELINE, markdown
+
+CLAIM_RATIOS = (0.5, 0.75, 0.9)
+FIELD_RATIOS = (0.25, 0.5, 0.75, 0.9)
+RATIO_PRIORITY = (0.75, 0.9, 0.5, 0.25)  # the ratio where presses part first, then the harder one
+# the default candidates against KVzip, with SnapKV as the floor, in the order they run at each ratio
+REAL_LEADERS = (
+    BASELINE,
+    "compose_replay",
+    "kvzip",
+    "compose_uniform",
+    "compose_bidirectional",
+    "snapkv",
+    "compose_replay_local",
+)
+REAL_COMPARISONS = (
+    ("compose_replay", "kvzip", "the paper's replay against KVzip"),
+    ("compose_uniform", "kvzip", "replay with uniform allocation against KVzip"),
+    ("compose_uniform", "compose_replay", "uniform against the paper's global allocation, under replay"),
+    ("compose_bidirectional", "compose_replay", "the no-extra-pass source against replay"),
+    ("compose_replay_local", "compose_replay", "KVzip's cheaper chunk attention against exact replay"),
+    ("compose_replay", "snapkv", "replay against SnapKV (frees memory, no extra pass)"),
+)
+MIN_ACCURACY = 40.0
+
+
+def dataset_dir(model: str, n_tokens: int) -> Path:
+    return data.DEFAULT_DATA_ROOT / f"ruler-{model}-{n_tokens}"
+
+
+def write_data(model: str, data_dir: Path, n_tokens: int, n_contexts: int) -> None:
+    """RULER's tasks for ``model`` in ``data_dir`` unless a dataset with enough contexts per task is there."""
+    if data.has_dataset(data_dir):
+        available = data.load_rows(data_dir).groupby("task")["context"].nunique()
+        if available.min() >= n_contexts:
+            return
+        raise SystemExit(f"error: {data_dir} holds {available.min()} contexts per task, fewer than --contexts "
+                         f"{n_contexts}: remove it (it is regenerated) or lower --contexts")
+    from transformers import AutoTokenizer
+
+    from .real_models import resolve_model
+    from .ruler import write_ruler_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    write_ruler_dataset(data_dir, tokenizer, n_tokens, n_contexts, seed=STUDY_SEED)
+
+
+def screening_config(model: str, data_dir: Path, out: Path, n_contexts: int) -> RunConfig:
+    """``no_press`` on the first ``n_contexts`` contexts of every task."""
+    return RunConfig(model, str(data_dir), BASELINE, 0.0, output_dir=str(out / f"study__{data_dir.name}" /
+                     f"screen-{n_contexts}"), max_contexts=n_contexts)
+
+
+def screening(config: RunConfig, min_accuracy: float) -> tuple[dict[str, float], list[str]]:
+    """The uncompressed model's accuracy per task, and the tasks at or above ``min_accuracy``."""
+    scores = json.loads((config.results_dir() / "metrics.json").read_text())["scores"]
+    return scores, [task for task, score in scores.items() if score >= min_accuracy]
+
+
+def eligible_dataset(data_dir: Path, tasks: list[str]) -> Path:
+    """A copy of ``data_dir`` holding ``tasks`` only (their files, byte for byte), beside it."""
+    target = data_dir.with_name(f"{data_dir.name}-eligible")
+    wanted = {data.task_file(target, task).name for task in tasks}
+    target.mkdir(parents=True, exist_ok=True)
+    for stale in target.glob("test-*.jsonl"):
+        if stale.name not in wanted:
+            stale.unlink()
+    for task in tasks:
+        source = data.task_file(data_dir, task)
+        if not data.task_file(target, task).is_file() or \
+                data.task_file(target, task).read_bytes() != source.read_bytes():
+            shutil.copyfile(source, data.task_file(target, task))
+    return target
+
+
+def priority(configs: list[RunConfig], leaders: tuple[str, ...] = REAL_LEADERS) -> list[RunConfig]:
+    """``configs`` in run order: the baseline, then ratio by :data:`RATIO_PRIORITY`, then press by ``leaders``."""
+    def key(config):
+        ratio_rank = RATIO_PRIORITY.index(config.compression_ratio) if config.compression_ratio in RATIO_PRIORITY \
+            else len(RATIO_PRIORITY)
+        press_rank = leaders.index(config.press_name) if config.press_name in leaders else len(leaders)
+        return (config.press_name != BASELINE, ratio_rank, press_rank)
+
+    return sorted(configs, key=key)
+
+
+def claim(config: RunConfig) -> bool:
+    """Whether this process may run ``config``: it writes its process id to the run's ``.claimed`` file unless a
+    live process holds it (a claim left by a process that died is taken over)."""
+    folder = config.results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".claimed"
+    try:
+        holder = int(path.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        holder = 0
+    if holder and holder != os.getpid() and process_alive(holder):
+        return False
+    path.write_text(str(os.getpid()))
+    return int(path.read_text()) == os.getpid()  # two takers at once: the last writer wins, the other skips
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def screening_section(scores: dict[str, float], eligible: list[str], n_contexts: int, min_accuracy: float) -> str:
+    table = pd.DataFrame({"uncompressed accuracy": scores}).rename_axis("task")
+    table["in averages"] = ["yes" if task in eligible else "no" for task in table.index]
+    left_out = sorted(set(scores) - set(eligible))
+    said = f"Left out of every average (under {min_accuracy:g}): {', '.join(left_out)}." if left_out else \
+        "Every task passes."
+    return (f"## Screening: the uncompressed model per task ({n_contexts} contexts per task)\n\n"
+            f"{markdown(table)}\n\n{said}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.study --model <real model>", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=sorted(REAL_MODELS))
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per context, in the model's tokenizer")
+    parser.add_argument("--contexts", type=int, default=15, help="contexts per task for the leaders' claims")
+    parser.add_argument("--field-contexts", type=int, default=3, help="contexts per task for every press")
+    parser.add_argument("--screen-contexts", type=int, default=5, help="contexts per task for the screening")
+    parser.add_argument("--min-accuracy", type=float, default=MIN_ACCURACY,
+                        help="uncompressed accuracy a task needs to count in averages")
+    parser.add_argument("--claim-ratios", type=float, nargs="+", default=list(CLAIM_RATIOS))
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(FIELD_RATIOS), help="the field's ratios")
+    parser.add_argument("--leaders", nargs="+", default=list(REAL_LEADERS), help="the claims tier's presses")
+    parser.add_argument("--field-presses", nargs="+", default=None, help="default: every press of the registry")
+    parser.add_argument("--tier", choices=["all", "screen", "claims", "field"], default="all")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder")
+    parser.add_argument("--docs", type=Path, default=None, help="report folder (default: docs/study-<model>-<tokens>)")
+    parser.add_argument("--report-only", action="store_true", help="run nothing: report the runs already there")
+    parser.add_argument("--threads", type=int, default=1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("tokens", "contexts", "field_contexts", "screen_contexts", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not all(0 < ratio < 1 for ratio in args.ratios + args.claim_ratios):
+        parser.error("--ratios and --claim-ratios must be in (0, 1)")
+    torch.set_num_threads(args.threads)
+    docs = args.docs or Path("docs") / f"study-{args.model}-{args.tokens}"
+    data_dir = dataset_dir(args.model, args.tokens)
+    write_data(args.model, data_dir, args.tokens, max(args.contexts, args.screen_contexts, args.field_contexts))
+
+    screen = screening_config(args.model, data_dir, args.out, args.screen_contexts)
+    restore_run(screen, docs)
+    if not done([screen]):
+        if args.report_only or args.tier not in ("all", "screen"):
+            raise SystemExit("error: the screening has not run: run `--tier screen` first (or `--tier all`)")
+        run(screen)
+    archive_run(screen, docs)
+    scores, eligible = screening(screen, args.min_accuracy)
+    if not eligible:
+        raise SystemExit(f"error: no task reaches {args.min_accuracy}% uncompressed: {scores}")
+    preface = screening_section(scores, eligible, args.screen_contexts, args.min_accuracy)
+    eligible_dir = eligible_dataset(data_dir, eligible)
+
+    plan = study_plan(args.model, eligible_dir, args.out, args.contexts, args.field_contexts,
+                      tuple(args.claim_ratios), tuple(args.ratios), args.field_presses or field_presses(),
+                      leaders=tuple(args.leaders))
+    plan = {tier: priority(configs, tuple(args.leaders)) for tier, configs in plan.items()}
+    every_run = plan["claims"] + plan["field"]
+    for config in every_run:
+        restore_run(config, docs)
+
+    def report() -> Path:
+        for config in done(every_run):  # runs made by other processes too
+            archive_run(config, docs)
+        return write_report(plan, docs, None, tasks=eligible, comparisons=REAL_COMPARISONS, preface=preface)
+
+    if not args.report_only and args.tier != "screen":
+        tiers = ["claims", "field"] if args.tier == "all" else [args.tier]
+        for config in tqdm([config for tier in tiers for config in plan[tier]], desc="study runs"):
+            if done([config]) or not claim(config):
+                continue
+            run(config)
+            archive_run(config, docs)
+            report()
+    path = report()
+    print(f"report: {path}")
+    return path
