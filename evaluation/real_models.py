@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -98,6 +99,42 @@ def import_package(model: RealModel):
         return SimpleNamespace(__file__=str(folder / "__init__.py"))
 
 
+def gguf_tokenizer(gguf_path: Path, tokenizer):
+    """``tokenizer``, as transformers converted it from ``gguf_path``, rebuilt to agree with the file's metadata.
+
+    transformers names the BOS token as EOS too (SmolLM2's came out with ``<|im_start|>`` for both), prepends BOS
+    whatever ``tokenizer.ggml.add_bos_token`` says, and gives a ``llama`` GGUF CodeLlama's tokenizer class, which
+    appends five infilling tokens (``<FILL_ME>``...) whose ids lie past the model's embedding rows. The rebuilt
+    tokenizer keeps the converted vocabulary, merges and pre-tokenizer, drops added tokens outside the GGUF's
+    vocabulary, and takes its special tokens and BOS prepending from the file.
+    """
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    fields = GGUFReader(gguf_path).fields
+
+    def value(key: str):
+        return fields[key].contents() if key in fields else None
+
+    tokens = value("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ValueError(f"gguf_path {gguf_path} has no tokenizer.ggml.tokens: expected a GGUF with its vocabulary")
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    backend["added_tokens"] = [token for token in backend["added_tokens"] if token["id"] < len(tokens)]
+    special = {}
+    for attribute, key in (("unk_token", "unknown_token_id"), ("bos_token", "bos_token_id"),
+                           ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id")):
+        token_id = value(f"tokenizer.ggml.{key}")
+        special[attribute] = tokens[token_id] if token_id is not None else getattr(tokenizer, attribute)
+    rebuilt = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(backend)),
+                                      chat_template=tokenizer.chat_template, **special)
+    add_bos = value("tokenizer.ggml.add_bos_token")
+    if add_bos is not None:
+        rebuilt.add_bos_token = bool(add_bos)  # rewrites the post-processor: BOS prepended or not
+    return rebuilt
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path, fix_tokenizer: Callable[[object], object] | None = None) -> Path:
     """Load a GGUF file with transformers (dequantized to float32) and save it as a model folder at ``out_dir``.
 
@@ -111,7 +148,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, fix_tokenizer: Callable[[object
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = gguf_tokenizer(gguf_path, AutoTokenizer.from_pretrained(folder, gguf_file=name))
     if fix_tokenizer is not None:
         tokenizer = fix_tokenizer(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
