@@ -13,6 +13,14 @@ from kvpress.utils import extract_keys_and_values
 from transformers import Cache, QuantizedCache
 
 CONTEXT_LENGTH_ATTRIBUTE = "compose_context_length"
+ORIGINAL_LENGTH_ATTRIBUTE = "compose_original_length"  # positions the layer had processed when last compressed
+
+
+def processed_positions(layer) -> int:
+    """Positions a cache layer has processed: its length, plus what ComposePress removed from it."""
+    length = layer.get_seq_length()
+    context, original = (getattr(layer, name, None) for name in (CONTEXT_LENGTH_ATTRIBUTE, ORIGINAL_LENGTH_ATTRIBUTE))
+    return length if context is None or original is None else original + length - context
 
 
 def gather_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -34,6 +42,7 @@ def full_cache_bytes(layer_keys: torch.Tensor, n_layers: int) -> int:
 def write_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Replace a layer's cache content by ``keys``/``values`` and record its context length."""
     layer = cache.layers[layer_idx]
+    processed = processed_positions(layer)
     if isinstance(cache, QuantizedCache):
         layer._quantized_keys = layer._quantize(keys.contiguous(), axis=layer.axis_key)
         layer._quantized_values = layer._quantize(values.contiguous(), axis=layer.axis_value)
@@ -45,6 +54,7 @@ def write_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.
         if hasattr(layer, "cumulative_length"):  # sliding-window layers count their length separately
             layer.cumulative_length = keys.shape[2]
     setattr(layer, CONTEXT_LENGTH_ATTRIBUTE, keys.shape[2])
+    setattr(layer, ORIGINAL_LENGTH_ATTRIBUTE, processed)
 
 
 def compress_layer(cache: Cache, layer_idx: int, positions: torch.Tensor) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import numbers
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -14,8 +14,8 @@ from transformers import DynamicCache, PreTrainedModel, QuantizedCache
 from kvpress_compose.allocation import stack_layer_scores
 from kvpress_compose.attention_scores import attention_statistics, finish_scores, query_blocks
 from kvpress_compose.cache_gather import full_cache_bytes, layer_states
-from kvpress_compose.compose_press import ComposePress, language_model_of
-from kvpress_compose.query_sources import SCORE_BLOCK_FRACTION, on_one_scale
+from kvpress_compose.compose_press import ComposePress, language_model_of, positive_int_setting
+from kvpress_compose.query_sources import SCORE_BLOCK_FRACTION, checked_scorer_scores, on_one_scale
 from kvpress_compose.replay import ReplayCache
 
 
@@ -38,6 +38,35 @@ class DecodingRun:
         self.hidden_states = {layer: last(chunks) for layer, chunks in self.hidden_states.items()}
         cos, sin = ([p[i] for p in self.position_embeddings] for i in (0, 1))
         self.position_embeddings = list(zip(last(cos), last(sin)))
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Row ``i`` becomes row ``beam_idx[i]``, as beam search reorders the cache."""
+        def rows(states: torch.Tensor) -> torch.Tensor:
+            return states.index_select(0, beam_idx.to(states.device))
+
+        self.hidden_states = {layer: [rows(chunk) for chunk in chunks] for layer, chunks in self.hidden_states.items()}
+        self.position_embeddings = [(rows(cos), rows(sin)) for cos, sin in self.position_embeddings]
+        self.key_valid = {layer: rows(valid) for layer, valid in self.key_valid.items()}
+
+
+class FollowReordering:
+    """A cache's ``reorder_cache`` (beam search calls it with the beams kept) that reorders a generation's
+    buffered rows too; it holds the generation weakly."""
+
+    def __init__(self, reorder_cache, run: DecodingRun):
+        self.reorder_cache, self.run = reorder_cache, weakref.ref(run)
+
+    def __call__(self, beam_idx: torch.Tensor):
+        self.reorder_cache(beam_idx)
+        run = self.run()
+        if run is not None:
+            run.reorder(beam_idx)
+
+
+def follow_reordering(cache, run: DecodingRun) -> None:
+    """Make ``cache.reorder_cache`` reorder ``run``'s buffered rows as well (replacing an earlier generation's)."""
+    current = cache.reorder_cache
+    cache.reorder_cache = FollowReordering(getattr(current, "reorder_cache", current), run)
 
 
 @dataclass
@@ -72,6 +101,9 @@ class ComposeDecodingPress(DecodingPress):
         Entries per layer and KV head on average after a compression (the total is ``n_layers x target_size``).
     hidden_states_buffer_size : int, default=256
         Recent generated tokens whose queries score the cache (at most those since the last compression).
+
+    Settings are checked whenever they are set, at construction or later. Beam search works: when ``generate``
+    reorders the cache's rows (``cache.reorder_cache``), the buffered tokens are reordered with them.
     """
 
     base_press: ComposePress = field(default_factory=ComposePress)
@@ -79,16 +111,12 @@ class ComposeDecodingPress(DecodingPress):
     target_size: int = 2048
     hidden_states_buffer_size: int = 256
 
+    def __setattr__(self, name, value):
+        """Every setting is checked (and normalised: numpy ints become Python ones) whenever it is set."""
+        validate = DECODING_SETTINGS.get(name)
+        super().__setattr__(name, value if validate is None else validate(name, value))
+
     def __post_init__(self):
-        if not isinstance(self.base_press, ComposePress):
-            raise TypeError(f"base_press must be a ComposePress, got {type(self.base_press).__name__}")
-        if not self.base_press.structured:
-            raise ValueError("base_press must be structured (structured=False masks entries and frees no memory)")
-        for name, low in (("compression_interval", 1), ("target_size", 1), ("hidden_states_buffer_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-            setattr(self, name, int(value))
         self._generation: DecodingRun | None = None
 
     @property
@@ -121,7 +149,10 @@ class ComposeDecodingPress(DecodingPress):
             return output
         check_compressible(cache)
         n_layers = len(self._language_model.layers)
-        run = self._generation = self._generation or DecodingRun()
+        if self._generation is None:
+            self._generation = DecodingRun()
+            follow_reordering(cache, self._generation)
+        run = self._generation
         with torch.no_grad():
             self._buffer(run, module, kwargs)
             if module.layer_idx == n_layers - 1:
@@ -166,8 +197,8 @@ class ComposeDecodingPress(DecodingPress):
         key_valid = run.key_valid[layer].to(keys.device)
         if press.scorer is not None:
             kwargs = {"hidden_states": hidden_states, "position_embeddings": (cos, sin), "past_key_values": cache}
-            scores = on_one_scale(press.scorer.score(module, hidden_states, keys, values, None, kwargs).float(),
-                                  key_valid)
+            scores = on_one_scale(checked_scorer_scores(press.scorer, module, hidden_states, keys, values, None,
+                                                        kwargs), key_valid)
         else:
             queries = query_blocks(module, hidden_states, (cos, sin))
             query_valid = torch.ones(keys.shape[0], n_queries, dtype=torch.bool, device=keys.device)
@@ -200,3 +231,19 @@ def visible_to_last_query(attention_mask, n_cached: int, batch: int) -> torch.Te
     last_row = attention_mask[:, 0, -1, :n_cached]
     visible = last_row if last_row.dtype == torch.bool else last_row == 0
     return visible.expand(batch, n_cached).cpu()
+
+
+def base_press_setting(name, value):
+    if not isinstance(value, ComposePress):
+        raise TypeError(f"{name} must be a ComposePress, got {type(value).__name__}")
+    if not value.structured:
+        raise ValueError(f"{name} must be structured (structured=False masks entries and frees no memory)")
+    return value
+
+
+DECODING_SETTINGS = {
+    "base_press": base_press_setting,
+    "compression_interval": positive_int_setting,
+    "target_size": positive_int_setting,
+    "hidden_states_buffer_size": positive_int_setting,
+}

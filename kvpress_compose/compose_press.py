@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import numbers
+import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from kvpress import BasePress, ScorerPress
+from kvpress import BasePress, DecodingPress, PrefillDecodingPress, ScorerPress
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, QuantizedCache
 
 from kvpress_compose import attention_lse
 from kvpress_compose.allocation import (
@@ -27,6 +28,7 @@ from kvpress_compose.allocation import (
 )
 from kvpress_compose.attention_scores import AGGREGATIONS, aggregate
 from kvpress_compose.cache_gather import compress_layer, layer_states, mask_evicted_entries
+from kvpress_compose.head_masks import install_head_mask_hooks, remember_masks
 from kvpress_compose.layer_masks import install_layer_mask_hooks
 from kvpress_compose.prefill_inputs import decoder_arguments, prefill_inputs
 from kvpress_compose.prefill_run import PREFILL, SCORED, PrefillRun
@@ -34,6 +36,7 @@ from kvpress_compose.query_sources import QUERY_SOURCES, check_cache_unchanged, 
 
 logger = logging.getLogger(__name__)
 LAYER_ALLOCATIONS = ("global", "uniform")
+START_LOCK = threading.Lock()  # one thread at a time checks for, and starts, a press's prefill
 
 
 @dataclass
@@ -86,7 +89,12 @@ class ComposePress(BasePress):
         in fixed tiles of 256 query columns x 512 keys and does not use it.
 
     After each prefill, ``last_budgets`` holds what each layer kept (``(layers,)`` composite tokens, or
-    ``(batch, layers, kv_heads)`` tokens when ``structured=False``) and ``last_scores`` the scores ranked.
+    ``(batch, layers, kv_heads)`` tokens when ``structured=False``) and ``last_scores`` the scores ranked; they
+    take no part in comparisons (two presses are equal when their settings are).
+
+    One press is used by one ``with`` block at a time, on one model, from one thread: entering it again while it
+    is in use (on the same model or another) raises, and so does a prefill from a second thread while another
+    thread's is under way. Used sequentially, one press serves any number of blocks and models.
     """
 
     compression_ratio: float = 0.0
@@ -102,8 +110,8 @@ class ComposePress(BasePress):
     add_mean_across_heads: bool = True
     min_tokens_per_layer: int = 1
     score_block_size: int | None = None
-    last_budgets: torch.Tensor | None = field(default=None, init=False, repr=False)
-    last_scores: torch.Tensor | None = field(default=None, init=False, repr=False)
+    last_budgets: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    last_scores: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __setattr__(self, name, value):
         """Every documented setting is checked (and normalised: numpy numbers become Python ones) whenever it is
@@ -135,6 +143,7 @@ class ComposePress(BasePress):
     # -- being used on a model ----------------------------------------------------------------------------
 
     def post_init_from_model(self, model: PreTrainedModel):
+        self._refuse_if_in_use()
         language_model = language_model_of(model)
         attention_modules = [layer.self_attn for layer in language_model.layers]
         if not self.structured and model.config._attn_implementation == "eager":
@@ -144,18 +153,36 @@ class ComposePress(BasePress):
             )
         attention_lse.install()
         install_layer_mask_hooks(language_model, attention_modules)
+        if not self.structured:
+            install_head_mask_hooks(attention_modules)
         self._detach()
-        self._attachment = DecoderAttachment(self, language_model, attention_modules)
+        self._attachment = DecoderAttachment(self, language_model, attention_modules, type(model).__name__)
         if self.scorer is not None:
             self.scorer.post_init_from_model(model)
 
     @contextmanager
     def __call__(self, model: PreTrainedModel):
+        self._refuse_if_in_use()  # before the `try`: the block in use keeps its hooks
         try:
             with super().__call__(model):
                 yield
         finally:
             self._detach()
+
+    def _refuse_if_in_use(self):
+        """A press entered while a block that uses it (its own or a wrapper's) is still open would take over
+        that block's hooks: refused. An attachment left by a wrapper that has exited is dropped."""
+        attachment = self._attachment
+        if attachment is None:
+            return
+        if attachment.press_is_hooked():
+            raise RuntimeError(
+                f"this ComposePress is already in use on a {attachment.model_name} (a `with press(model)` block, or "
+                "the block of a press wrapping it, has not exited): a press serves one block on one model at a "
+                "time. Exit that block first, or use another press (copy.deepcopy(press)) for the other model, "
+                "block or thread"
+            )
+        self._detach()
 
     def _detach(self):
         self._end_run()
@@ -187,7 +214,15 @@ class ComposePress(BasePress):
         if not attachment.press_is_hooked():  # the press was used by a wrapper that has exited
             self._detach()
             return
-        arguments = decoder_arguments(decoder, args, kwargs)
+        with START_LOCK:
+            self._start_prefill_locked(attachment, decoder_arguments(decoder, args, kwargs))
+
+    def _start_prefill_locked(self, attachment: DecoderAttachment, arguments: dict) -> None:
+        if self._run is not None and self._run.thread != threading.get_ident():
+            raise RuntimeError(
+                "this ComposePress is compressing a prefill in another thread: a press serves one forward at a time. "
+                "Give each thread its own model and press (copy.deepcopy), or run the forwards one after another"
+            )
         cache = arguments.get("past_key_values")
         fresh = cache is None or cache.get_seq_length() == 0
         if self._run is not None:
@@ -199,8 +234,12 @@ class ComposePress(BasePress):
             return
         if not fresh:
             refuse_more_context(attachment, cache, arguments)
+            if not attachment.hands_later_tokens_to_decoding():
+                refuse_non_empty_cache(cache, arguments)
             return
+        refuse_static_cache(cache)
         inputs = prefill_inputs(arguments)
+        check_context_length(inputs, self.min_tokens_per_layer)
         local_span = attachment.local_span
         if local_span is not None and inputs.length >= local_span:  # caches keep span - 1
             raise ValueError(
@@ -225,7 +264,9 @@ class ComposePress(BasePress):
         prefill has every layer scored, the query source finishes (the replay pass runs here, once the prefill's
         own activations are freed) and the cache is compressed."""
         run = self._run
-        if run is None or run.nested_calls > 0 or run.phase != SCORED:  # nothing scored, or a replay's nested call
+        if run is None or run.thread != threading.get_ident():  # nothing under way here (another thread's is)
+            return
+        if run.nested_calls > 0 or run.phase != SCORED:  # nothing scored, or a replay's nested call
             return
         with torch.no_grad():  # scoring and compression are never differentiated, even if the forward is
             run.source.finish(run, run.cache)
@@ -235,6 +276,8 @@ class ComposePress(BasePress):
     def _end_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
         """Decoder forward hook, run however the forward ends (``always_call``): the prefill's state goes when
         the decoder call that started it ends."""
+        if self._run is not None and self._run.thread != threading.get_ident():  # another thread's prefill
+            return
         if self._run is not None and self._run.nested_calls > 0:  # a replay pass's nested call
             self._run.nested_calls -= 1
             return
@@ -244,7 +287,7 @@ class ComposePress(BasePress):
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
         run = self._run
-        if run is None or run.phase != PREFILL:
+        if run is None or run.phase != PREFILL or run.thread != threading.get_ident():
             return output
         cache = kwargs.get("past_key_values")
         if cache is None:
@@ -274,7 +317,7 @@ class ComposePress(BasePress):
     def _ranked(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each head's scores, enhanced as the settings say, sorted, with the token order (``rank_tokens``)."""
         if self.add_mean_across_heads:
-            scores = scores + scores.mean(dim=2, keepdim=True)
+            scores = scores + mean_of_finite(scores, dim=2)
         if not self.composite_tokens:  # one ranking per layer, shared by every head
             scores = aggregate(scores, self.agg_head, dim=2)[:, :, None].expand_as(scores).contiguous()
         self.last_scores = scores
@@ -299,13 +342,7 @@ class ComposePress(BasePress):
 
     def _stacked_scores(self, run: PrefillRun, cache) -> torch.Tensor:
         """``(layers, batch, kv_heads, n)`` scores on one device; positions a layer lacks are -inf."""
-        row_lengths = run.inputs.valid.sum(dim=1)
-        short_row = int(row_lengths.argmin())
-        if int(row_lengths[short_row]) < self.min_tokens_per_layer:
-            raise ValueError(
-                f"row {short_row} of the batch has {int(row_lengths[short_row])} context tokens (the rest is "
-                f"padding), fewer than min_tokens_per_layer={self.min_tokens_per_layer}"
-            )
+        check_context_length(run.inputs, self.min_tokens_per_layer)
         layer_scores = [self.layer_scores_enhanced(run.source.layer_scores(run, layer_idx), cache, layer_idx,
                                                    run.inputs.valid) for layer_idx in range(run.n_layers)]
         check_cache_unchanged([cache.get_seq_length(i) for i in range(run.n_layers)],
@@ -328,8 +365,9 @@ class ComposePress(BasePress):
             budgets = uniform_budgets(composite, n_kept, self.min_tokens_per_layer)
         if self.layer_allocation == "global" and int(budgets.sum()) < n_kept:
             logger.warning(
-                f"kept {int(budgets.sum())} composite tokens instead of {n_kept}: batch rows share one length per "
-                "layer and padding is never kept, so the shortest row bounds each layer"
+                f"kept {int(budgets.sum())} composite tokens instead of {n_kept}: only that many have a finite score "
+                "in every head and batch row (padding and a scorer's -inf scores are never kept, and batch rows "
+                "share one length per layer, so the shortest row bounds each layer)"
             )
         self.last_budgets = budgets.cpu()
         for layer_idx, budget in enumerate(self.last_budgets.tolist()):
@@ -343,6 +381,7 @@ class ComposePress(BasePress):
         budgets = head_budgets(sorted_scores, self.compression_ratio, self.min_tokens_per_layer)  # (b, L, H)
         self.last_budgets = budgets.cpu()
         mask_evicted_entries(run.attention_modules, token_order, budgets)
+        remember_masks(run.cache, run.attention_modules)
 
 
 class DecoderAttachment:
@@ -356,8 +395,10 @@ class DecoderAttachment:
     ours when that hook goes (a finalizer on it); if the block saw no forward, the pre-hook removes ours at the
     next forward, which it leaves untouched."""
 
-    def __init__(self, press: ComposePress, language_model: nn.Module, attention_modules: list[nn.Module]):
+    def __init__(self, press: ComposePress, language_model: nn.Module, attention_modules: list[nn.Module],
+                 model_name: str = "model"):
         self.press, self.language_model, self.attention_modules = press, language_model, attention_modules
+        self.model_name = model_name  # the class of the model the press was entered on, for errors
         self.local_span = local_attention_span(language_model.config.get_text_config())
         self.compressed = weakref.WeakSet()  # caches this press compressed while attached
         self.watched: set[int] = set()  # ids of the kvpress hooks whose removal removes ours
@@ -377,6 +418,13 @@ class DecoderAttachment:
                 self.watched.add(id(hook))
                 weakref.finalize(hook, self.press._detach_from, self)
         return bool(hooks)
+
+    def hands_later_tokens_to_decoding(self) -> bool:
+        """Whether the press is reached through a kvpress ``PrefillDecodingPress`` or ``DecodingPress``, which
+        hand forwards into a non-empty cache (a question, generated tokens) to their decoding press."""
+        return any(isinstance(getattr(hook, "__self__", None), (PrefillDecodingPress, DecodingPress))
+                   and wraps_press(hook.__self__, self.press)
+                   for module in self.attention_modules for hook in module._forward_hooks.values())
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -410,6 +458,67 @@ def refuse_more_context(attachment: DecoderAttachment, cache, arguments: dict) -
             "be compressed only up to its first chunk. Feed the whole context in one forward; run later tokens "
             "(a question) after the `with press(model)` block, or one at a time"
         )
+
+
+def refuse_non_empty_cache(cache, arguments: dict) -> None:
+    """A prefill of several tokens into a cache that already holds some would not be compressed (as with kvpress's
+    presses, only a prefill into an empty cache is): refused, rather than left uncompressed in silence."""
+    reference = arguments.get("input_ids")
+    reference = reference if reference is not None else arguments.get("inputs_embeds")
+    if reference is not None and reference.shape[1] > 1:
+        raise ValueError(
+            f"a forward of {reference.shape[1]} tokens into a cache that already holds {cache.get_seq_length()} "
+            "tokens, inside `with press(model)`: ComposePress compresses a prefill into an empty cache, so neither "
+            "these tokens nor the cached ones would be compressed. Prefill the whole context in one forward into "
+            "an empty cache (DynamicCache()) inside the block; run later tokens (a question, a next turn) after the "
+            "block, with positions continuing from the original length"
+        )
+
+
+def refuse_static_cache(cache) -> None:
+    """Compression writes each layer's kept entries as a shorter tensor: a cache of fixed-size layers cannot hold
+    them."""
+    if cache is None or isinstance(cache, (DynamicCache, QuantizedCache)):
+        return
+    layer_types = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+    if any("Static" in name for name in layer_types) or "Static" in type(cache).__name__:
+        raise ValueError(
+            f"ComposePress compresses a DynamicCache or QuantizedCache, got a {type(cache).__name__} (layers "
+            f"{layer_types}), whose layers have a fixed length: pass past_key_values=DynamicCache() (with "
+            "model.generate, leave cache_implementation unset)"
+        )
+
+
+def check_context_length(inputs, min_tokens_per_layer: int) -> None:
+    """Every layer keeps at least ``min_tokens_per_layer`` tokens of every row: refused before the forward when
+    a row's context is shorter, worded by its cause (a short context, or a row that is mostly padding)."""
+    row_lengths = inputs.valid.sum(dim=1)
+    short_row = int(row_lengths.argmin())
+    n_tokens = int(row_lengths[short_row])
+    if n_tokens >= min_tokens_per_layer:
+        return
+    if n_tokens == inputs.length:
+        raise ValueError(
+            f"the context has {n_tokens} tokens, fewer than min_tokens_per_layer={min_tokens_per_layer} that every "
+            "layer keeps: lower min_tokens_per_layer or give a longer context"
+        )
+    raise ValueError(
+        f"row {short_row} of the batch has {n_tokens} context tokens (the rest is padding), fewer than "
+        f"min_tokens_per_layer={min_tokens_per_layer}"
+    )
+
+
+def mean_of_finite(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """The mean over ``dim`` (kept) of the finite scores: a head's ``-inf`` (never kept) leaves the other heads'
+    scores alone; ``-inf`` where no score is finite."""
+    finite = torch.isfinite(scores)
+    mean = scores.mean(dim=dim, keepdim=True)
+    if bool(finite.all()):
+        return mean
+    count = finite.sum(dim=dim, keepdim=True)
+    finite_mean = scores.masked_fill(~finite, 0.0).sum(dim=dim, keepdim=True) / count.clamp_min(1)
+    finite_mean = torch.where(count > 0, finite_mean, torch.full_like(mean, float("-inf")))
+    return torch.where(finite.all(dim=dim, keepdim=True), mean, finite_mean)  # unchanged where all are finite
 
 
 def language_model_of(model: PreTrainedModel) -> nn.Module:

@@ -19,7 +19,8 @@ import logging
 import torch
 from torch import nn
 
-from kvpress_compose.cache_gather import CONTEXT_LENGTH_ATTRIBUTE
+from kvpress_compose.cache_gather import CONTEXT_LENGTH_ATTRIBUTE, ORIGINAL_LENGTH_ATTRIBUTE
+from kvpress_compose.positions import warn_if_positions_repeat
 from kvpress_compose.visibility import causally_visible
 
 HOOK_ATTRIBUTE = "_compose_layer_mask_hook"
@@ -44,8 +45,9 @@ def compressed_context_length(layers, layer_idx: int) -> int | None:
     context_length = getattr(layers[layer_idx], CONTEXT_LENGTH_ATTRIBUTE, None)
     if context_length is not None and layers[layer_idx].get_seq_length() < context_length:
         for layer in layers:
-            if hasattr(layer, CONTEXT_LENGTH_ATTRIBUTE):
-                delattr(layer, CONTEXT_LENGTH_ATTRIBUTE)
+            for name in (CONTEXT_LENGTH_ATTRIBUTE, ORIGINAL_LENGTH_ATTRIBUTE):
+                if hasattr(layer, name):
+                    delattr(layer, name)
         return None
     return context_length
 
@@ -58,11 +60,7 @@ def decoder_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     layer0_context = compressed_context_length(layers, 0)
     if layer0_context is None:
         return None
-    if kwargs.get("position_ids") is None and kwargs.get("cache_position") is None:
-        logger.warning_once(
-            "ComposePress: the cache was compressed, so positions counted from its length are wrong: pass "
-            "position_ids continuing from the original context length"
-        )
+    warn_if_positions_repeat(cache, layers[0], layer0_context, kwargs)
     mask = kwargs.get("attention_mask")
     if mask is None or mask.dim() != 2:
         return None

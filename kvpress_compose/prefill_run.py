@@ -7,6 +7,7 @@ resetting is one assignment and nothing of one prefill reaches the next.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,7 @@ class PrefillRun:
     cache: object | None = None  # the prefill's cache (set at its first layer when transformers made it)
     nested_calls: int = 0  # decoder calls nested in this prefill's (replay passes) not yet ended
     capture: LseCapture | None = None  # open while the prefill's attention leaves its log-sum-exp
+    thread: int = field(default_factory=threading.get_ident)  # the thread whose forward this prefill is
 
     def __post_init__(self):
         if self.source.captures_prefill_lse:

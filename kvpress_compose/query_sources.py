@@ -154,8 +154,8 @@ class Scorer(QuerySource):
         self.scorer = scorer
 
     def score_layer(self, run, module, keys, values, attentions, kwargs):
-        scores = self.scorer.score(module, kwargs["hidden_states"], keys, values, attentions, kwargs)
-        run.scores[module.layer_idx] = on_one_scale(scores.float(), run.inputs.valid)
+        scores = checked_scorer_scores(self.scorer, module, kwargs["hidden_states"], keys, values, attentions, kwargs)
+        run.scores[module.layer_idx] = on_one_scale(scores, run.inputs.valid)
 
     def layer_scores(self, run, layer_idx):
         return run.scores[layer_idx]
@@ -167,14 +167,29 @@ def on_one_scale(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     layer (ExpectedAttention multiplies by value norms, Knorm is a negative norm), and global allocation compares
     layers, so a scale alone must not move budgets between them. It does not make every scorer suit global
     allocation: a layer whose scores sit on a few tokens still loses the rest (README, "Findings"). The order
-    within a head is unchanged."""
+    within a head is unchanged. A ``-inf`` score (never kept) stays ``-inf``; the rest are scaled without it."""
     if valid.shape[1] == scores.shape[2]:
         valid = valid[:, None].to(scores.device)  # (batch, 1, n)
     else:  # an earlier press pruned this layer: its positions are unknown, every entry counts
         valid = torch.ones_like(scores, dtype=torch.bool)
-    lowest = scores.masked_fill(~valid, float("inf")).amin(dim=-1, keepdim=True)
-    shifted = (scores - lowest).masked_fill(~valid, 0.0)
-    return shifted / shifted.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(shifted.dtype).tiny)
+    scored = valid & (scores > float("-inf"))  # (batch, heads, n)
+    lowest = scores.masked_fill(~scored, float("inf")).amin(dim=-1, keepdim=True)
+    shifted = (scores - lowest).masked_fill(~scored, 0.0)
+    scaled = shifted / shifted.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(shifted.dtype).tiny)
+    return scaled.masked_fill(valid & ~scored, float("-inf"))
+
+
+def checked_scorer_scores(scorer: ScorerPress, module: nn.Module, *args) -> torch.Tensor:
+    """``scorer.score(module, *args)`` in float32, refused by name where it is NaN or ``+inf`` (``-inf`` means
+    "never kept"; NaN would spread through the layer's scale and empty the cache)."""
+    scores = scorer.score(module, *args).float()
+    bad = scores.isnan() | (scores == float("inf"))
+    if bool(bad.any()):
+        raise ValueError(
+            f"{type(scorer).__name__}.score gave {int(bad.sum())} NaN or +inf scores (of {scores.numel()}) in layer "
+            f"{module.layer_idx}: a scorer's scores must be finite, or -inf for tokens never kept"
+        )
+    return scores
 
 
 QUERY_SOURCES: dict[str, type[QuerySource]] = {
