@@ -67,9 +67,16 @@ def shipped_model() -> str:
 
 
 def ensure_data(data_dir: Path, n_contexts: int, n_words: int) -> Path:
-    """``data_dir``, after writing the synthetic tasks there if it holds none."""
+    """``data_dir``, after writing the synthetic tasks there if it holds none (one of other contexts or words is
+    used as it is, with a warning)."""
     if data.has_dataset(data_dir):
         print(f"data: {data_dir}")
+        recorded = data.recorded_parameters(data_dir) or {}
+        other = {name: recorded[name] for name, asked in (("contexts", n_contexts), ("words", n_words))
+                 if name in recorded and recorded[name] != asked}
+        if other:
+            print(f"warning: {data_dir} holds {other}, not --contexts {n_contexts} --words {n_words}: used as it "
+                  "is (pass another --dataset-dir to generate those)")
     else:
         data.write_dataset(data_dir, n_contexts, n_words)
         print(f"data: generated {n_contexts} contexts of {n_words} words per task in {data_dir}")

@@ -152,6 +152,14 @@ def test_data_command_refuses_a_folder_of_other_parameters(tmp_path, capsys):
     assert set(rows["task"]) == {"niah_single"} and rows["context"].nunique() == 2
 
 
+def test_the_main_job_says_when_its_data_has_other_parameters(data_dir, tmp_path, capsys):
+    assert cli.ensure_data(data_dir, 2, 64) == data_dir
+    assert "warning" not in capsys.readouterr().out
+    cli.ensure_data(data_dir, 6, 64)
+    assert f"warning: {data_dir} holds {{'contexts': 2}}, not --contexts 6" in capsys.readouterr().out
+    assert load_rows(data_dir)["context"].nunique() == 4  # left as it was
+
+
 def test_readme_examples_write_different_folders():
     readme = (REPO / "README.md").read_text()
     outs = [line.split("--out ")[1].split()[0] for line in readme.splitlines()
