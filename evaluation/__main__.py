@@ -3,11 +3,15 @@
     python -m evaluation                  # the quick sweep: shipped model, 7 presses, ratios 0.5 and 0.75
     python -m evaluation --presses snapkv compose_replay --ratios 0.25 0.5 0.75 --fidelity
     python -m evaluation --model Qwen/Qwen3-0.6B --dataset-dir evaluation/data/synthetic-4096
-    python -m evaluation data --contexts 20 --words 1024   # only write data (same as python -m evaluation.data)
+    python -m evaluation data --out evaluation/data/synthetic-1024-x20 --contexts 20   # only write data
 
 The data (``--contexts`` contexts of ``--words`` words per task) is generated into ``--dataset-dir`` when that
-folder holds none. Runs already in ``--out`` are skipped (``--overwrite`` reruns them). The summary table,
-``summary.csv`` and the accuracy-vs-ratio plot are written to ``<out>/sweep__<dataset>__<data>__<model>/``.
+folder holds none; it is checked (files, columns) and ``--out`` is checked writable before the first run. Runs
+go to ``--out`` (default ``results/sweep``; kvpress's own evaluate.py writes under ``results/kvpress``). A run
+already there is skipped when its record (data fingerprint, press settings, contexts, seed, fidelity options)
+matches; otherwise it runs again, saying why (``--overwrite`` reruns all, ``--retry-failed`` the failed ones).
+The summary table, ``summary.csv`` and the accuracy-vs-ratio plot are written to
+``<out>/sweep__<dataset>__<data>__<model>/``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 from pathlib import Path
 
 from . import data
-from .run import add_run_options, run_options
+from .run import DEFAULT_OUTPUT_DIR, add_run_options, preflight, run_options
 from .sweep import plan, run_sweep
 
 SHIPPED_MODEL = Path(__file__).parent / "models" / "retrieval-llama"
@@ -45,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES, help="names from evaluation.registry")
     parser.add_argument("--ratios", nargs="+", type=float, default=DEFAULT_RATIOS, help="compression ratios")
     parser.add_argument("--dataset-dir", type=Path, default=None, help="default: evaluation/data/synthetic-<words>")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder")
+    parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUTPUT_DIR), help="results folder")
     parser.add_argument("--contexts", type=int, default=DEFAULT_CONTEXTS, help="contexts per task, when generating")
     parser.add_argument("--words", type=int, default=DEFAULT_WORDS, help="words per context, when generating")
     add_run_options(parser)
@@ -63,9 +67,16 @@ def shipped_model() -> str:
 
 
 def ensure_data(data_dir: Path, n_contexts: int, n_words: int) -> Path:
-    """``data_dir``, after writing the synthetic tasks there if it holds none."""
+    """``data_dir``, after writing the synthetic tasks there if it holds none (one of other contexts or words is
+    used as it is, with a warning)."""
     if data.has_dataset(data_dir):
         print(f"data: {data_dir}")
+        recorded = data.recorded_parameters(data_dir) or {}
+        other = {name: recorded[name] for name, asked in (("contexts", n_contexts), ("words", n_words))
+                 if name in recorded and recorded[name] != asked}
+        if other:
+            print(f"warning: {data_dir} holds {other}, not --contexts {n_contexts} --words {n_words}: used as it "
+                  "is (pass another --dataset-dir to generate those)")
     else:
         data.write_dataset(data_dir, n_contexts, n_words)
         print(f"data: generated {n_contexts} contexts of {n_words} words per task in {data_dir}")
@@ -87,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     ensure_data(data_dir, args.contexts, args.words)
+    try:
+        preflight(configs)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
     start = time.perf_counter()
     outputs = run_sweep(configs)
     print(f"{len(configs)} runs in {time.perf_counter() - start:.0f} s")

@@ -1,27 +1,36 @@
 """Write the synthetic retrieval tasks as a local Hugging Face dataset, and read them back.
 
-    python -m evaluation.data --out evaluation/data/synthetic-1024 --contexts 20 --words 1024
+    python -m evaluation.data --out evaluation/data/synthetic-1024-x20 --contexts 20 --words 1024
 
 The folder holds one JSON-lines file per task, ``test-<task>.jsonl``, and a ``README.md`` dataset card whose
 YAML header declares the configurations, so that ``datasets.load_dataset(folder, split="test")`` loads every
-task and ``datasets.load_dataset(folder, "<task>", split="test")`` loads one. Rows carry kvpress's columns
-(``context``, ``question``, ``answer_prefix``, ``answer``, ``max_new_tokens``, ``task``).
+task and ``datasets.load_dataset(folder, "<task>", split="test")`` loads one, and records the parameters that
+wrote it (``kvpress_compose``: contexts, words, seed, tasks). Rows carry kvpress's columns (``context``,
+``question``, ``answer_prefix``, ``answer``, ``max_new_tokens``, ``task``).
+
+A folder that holds a dataset of other parameters is refused unless ``--overwrite`` (which first removes its
+task files, so that no task of the old dataset stays mixed in); one of the same parameters is left as it is.
+:func:`load_rows` checks every file (JSON lines, not empty, kvpress's columns) and names the bad one.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from .synthetic_tasks import BASE_TASKS, TASKS, dataset_rows
 
 DEFAULT_DATA_ROOT = Path(__file__).parent / "data"
+COLUMNS = ("context", "question", "answer_prefix", "answer", "max_new_tokens", "task")  # kvpress's
 CARD = """---
 configs:
 {configs}
+kvpress_compose: {parameters}
 ---
 # Synthetic retrieval tasks
 
@@ -46,25 +55,85 @@ def _card(tasks: tuple[str, ...], n_contexts: int, n_words: int, seed: int) -> s
     configs = "\n".join(
         f"- config_name: {name}\n  data_files:\n  - split: test\n    path: {files}" for name, files in entries
     )
-    return CARD.format(configs=configs, n_contexts=n_contexts, n_words=n_words, seed=seed)
+    parameters = json.dumps(_parameters(tasks, n_contexts, n_words, seed))  # JSON is YAML
+    return CARD.format(configs=configs, parameters=parameters, n_contexts=n_contexts, n_words=n_words, seed=seed)
+
+
+def _parameters(tasks: tuple[str, ...], n_contexts: int, n_words: int, seed: int) -> dict:
+    """What :func:`write_dataset` was asked for, as its dataset card records it."""
+    return {"contexts": n_contexts, "words": n_words, "seed": seed, "tasks": list(tasks)}
+
+
+def recorded_parameters(data_dir: str | Path) -> dict | None:
+    """The parameters recorded in the dataset card of ``data_dir`` (None: no card, or one written before they
+    were recorded)."""
+    card = Path(data_dir) / "README.md"
+    if not card.is_file() or not card.read_text().startswith("---"):
+        return None
+    header = yaml.safe_load(card.read_text().split("---")[1])
+    return header.get("kvpress_compose") if isinstance(header, dict) else None
 
 
 def write_dataset(
-    out_dir: str | Path, n_contexts: int, n_words: int, seed: int = 0, tasks: tuple[str, ...] = BASE_TASKS
+    out_dir: str | Path, n_contexts: int, n_words: int, seed: int = 0, tasks: tuple[str, ...] = BASE_TASKS,
+    overwrite: bool = False,
 ) -> Path:
-    """Generate ``n_contexts`` contexts of ``n_words`` words for each task and write them under ``out_dir``."""
+    """Generate ``n_contexts`` contexts of ``n_words`` words for each task and write them under ``out_dir``.
+
+    A dataset already there with the same parameters is left as it is; one of other (or unknown) parameters
+    raises FileExistsError unless ``overwrite``, which removes its task files first."""
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"tasks: unknown {unknown}; known tasks are {list(TASKS)}")
     if n_contexts < 1:
         raise ValueError(f"n_contexts must be >= 1, got {n_contexts}")
     out_dir = Path(out_dir)
+    wanted = _parameters(tuple(tasks), n_contexts, n_words, seed)
+    if has_dataset(out_dir) and not overwrite:
+        if recorded_parameters(out_dir) == wanted:
+            return out_dir
+        raise FileExistsError(f"{out_dir} holds a dataset of other parameters ({_differences(out_dir, wanted)}): "
+                              "choose another folder, or overwrite it (--overwrite)")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("test-*.jsonl"):
+        stale.unlink()
     for task in tasks:
         rows = dataset_rows(task, n_contexts, n_words, seed)
         task_file(out_dir, task).write_text("".join(json.dumps(row) + "\n" for row in rows))
     (out_dir / "README.md").write_text(_card(tuple(tasks), n_contexts, n_words, seed))
     return out_dir
+
+
+def _differences(data_dir: Path, wanted: dict) -> str:
+    """``name: <recorded> there, <wanted> asked`` for each parameter that differs from those recorded in
+    ``data_dir``."""
+    recorded = recorded_parameters(data_dir)
+    if recorded is None:
+        return "its card records no parameters"
+    return ", ".join(f"{name}: {recorded.get(name)!r} there, {value!r} asked" for name, value in wanted.items()
+                     if recorded.get(name) != value)
+
+
+def fingerprint(data_dir: str | Path) -> str:
+    """SHA-256 of the task files' names and bytes: the same whenever the same generator and seed write them
+    (kept per file state, so that checking many runs on one dataset reads it once)."""
+    files = sorted(Path(data_dir).glob("test-*.jsonl"))
+    state = tuple((str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files)
+    if state not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        _FINGERPRINTS[state] = digest.hexdigest()
+    return _FINGERPRINTS[state]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def dataset_name(data_dir: str | Path) -> str:
+    """The dataset's own name, for result folders: its folder's name, whatever path reached it (``.``, ``..``,
+    a trailing ``/``)."""
+    return Path(data_dir).resolve().name
 
 
 def has_dataset(data_dir: str | Path) -> bool:
@@ -81,7 +150,22 @@ def load_rows(data_dir: str | Path, task: str | None = None) -> pd.DataFrame:
         raise FileNotFoundError(
             f"no dataset at {missing or data_dir}: write one with `python -m evaluation.data --out {data_dir}`"
         )
-    return pd.concat([pd.read_json(f, lines=True, dtype=False) for f in files], ignore_index=True)
+    return pd.concat([read_task_file(f) for f in files], ignore_index=True)
+
+
+def read_task_file(path: Path) -> pd.DataFrame:
+    """One task file's rows; a ValueError naming the file where it is empty, not JSON lines or lacks one of
+    kvpress's columns."""
+    try:
+        rows = pd.read_json(path, lines=True, dtype=False)
+    except ValueError as error:
+        raise ValueError(f"dataset file {path}: not JSON lines ({error})") from None
+    if rows.empty:
+        raise ValueError(f"dataset file {path}: empty, no rows")
+    missing = [column for column in COLUMNS if column not in rows.columns]
+    if missing:
+        raise ValueError(f"dataset file {path}: missing column(s) {missing}; kvpress's columns are {list(COLUMNS)}")
+    return rows
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -95,14 +179,25 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--tasks", nargs="+", default=list(BASE_TASKS), choices=TASKS,
                         help="default: the five base tasks; the dense ones (dense_kv dense_multivalue) make the "
                         "budget bind")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a dataset of other parameters already in --out")
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     out_dir = args.out or default_data_dir(args.words)
-    out = write_dataset(out_dir, args.contexts, args.words, args.seed, tuple(args.tasks))
-    print(f"wrote {len(args.tasks)} tasks x {args.contexts} contexts of {args.words} words to {out}")
+    same = has_dataset(out_dir) and recorded_parameters(out_dir) == _parameters(
+        tuple(args.tasks), args.contexts, args.words, args.seed)
+    try:
+        out = write_dataset(out_dir, args.contexts, args.words, args.seed, tuple(args.tasks), args.overwrite)
+    except FileExistsError as error:
+        parser.error(str(error))
+    if same and not args.overwrite:
+        print(f"{out} exists with these parameters: left as it is")
+    else:
+        print(f"wrote {len(args.tasks)} tasks x {args.contexts} contexts of {args.words} words to {out}")
     return out
 
 

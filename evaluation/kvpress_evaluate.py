@@ -1,14 +1,17 @@
 """Run kvpress's own ``evaluation/evaluate.py`` on ComposePress and any kvpress press, offline or online.
 
     pip install -e ".[kvpress-eval]"      # what kvpress's evaluation imports (rouge, nltk, jieba, ...)
+    python -m evaluation data --out evaluation/data/kvpress-synthetic-1024 --contexts 20 --words 1024
     python -m evaluation.kvpress_evaluate --kvpress-dir ~/kvpress -- \\
-        --dataset synthetic --data_dir synthetic-1024 --model evaluation/models/retrieval-llama \\
+        --dataset synthetic --data_dir kvpress-synthetic-1024 --model evaluation/models/retrieval-llama \\
         --press_name compose_replay --compression_ratio 0.5
 
 ``--kvpress-dir`` is a checkout of https://github.com/NVIDIA/kvpress (the wheel does not ship its
 ``evaluation/`` folder). Everything after ``--`` goes to kvpress's ``evaluate.py`` unchanged, which writes its
 own ``{output_dir}/{dataset}__{data_dir}__{model}__{press}__{ratio:.2f}/`` with ``predictions.csv``,
-``metrics.json`` and ``config.yaml``. Before it runs, this module adds to kvpress's registries, leaving every
+``metrics.json`` and ``config.yaml``. ``output_dir`` is ``results/kvpress`` unless ``--output_dir`` (or a
+``--config_file``) is passed: not kvpress's ``./results``, where our sweep's runs (``results/sweep``) would
+share folder names with kvpress's. Before it runs, this module adds to kvpress's registries, leaving every
 name kvpress already has as it is:
 
 - ``PRESS_REGISTRY``: the ComposePress variants of :data:`evaluation.registry.COMPOSE_PRESSES`;
@@ -31,6 +34,14 @@ from .data import DEFAULT_DATA_ROOT
 from .registry import register_with_kvpress
 
 KVPRESS_SCORER_FOR_LOCAL_DATA = "ruler"  # our tasks are RULER-style: kvpress's RULER scorer reads them
+DEFAULT_OUTPUT_DIR = "results/kvpress"  # our sweep's runs go to results/sweep
+
+
+def with_output_dir(kvpress_args: list[str]) -> list[str]:
+    """``kvpress_args`` with ``--output_dir`` :data:`DEFAULT_OUTPUT_DIR` added, unless they name an output
+    folder or a config file (which holds one)."""
+    named = any(arg.replace("-", "_").startswith(("__output_dir", "__config_file")) for arg in kvpress_args)
+    return kvpress_args if named else [*kvpress_args, "--output_dir", DEFAULT_OUTPUT_DIR]
 
 
 def kvpress_evaluation_dir(kvpress_dir: str | Path) -> Path:
@@ -84,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     evaluate = import_from(folder, "evaluate")
     import fire
 
-    fire.Fire(evaluate.CliEntryPoint, command=kvpress_args, name="evaluate.py")
+    fire.Fire(evaluate.CliEntryPoint, command=with_output_dir(kvpress_args), name="evaluate.py")
 
 
 if __name__ == "__main__":

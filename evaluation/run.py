@@ -4,27 +4,39 @@
         --press compose_replay --ratio 0.5
 
 Rows are grouped by context and kvpress's pipeline answers all the questions of a context from one
-compression. Results go to ``<output_dir>/<dataset>__<data dir name>__<model>__<press>__<ratio>`` (the model
-with "/" replaced by "--", as kvpress names its runs):
+compression. Results go to ``<output_dir>/<dataset>__<data name>__<model>__<press>__<ratio>`` (``output_dir``
+by default ``results/sweep``, the sweep's; kvpress's own evaluate.py writes under ``results/kvpress``). The data
+name is the dataset folder's own name; the model is a hub id with "/" replaced by "--" (as kvpress names its
+runs), a folder inside this checkout by its path there (``evaluation--models--retrieval-llama``), any other
+folder by its name: none of them depends on the working directory.
 
 - ``predictions.csv``: the rows with a ``predicted_answer`` column;
 - ``metrics.json``: per-task scores and their average (percent) with its 95% bootstrap interval over
   contexts (``average_ci95``), ``memory`` (the bytes the compressed cache
   really holds as a fraction of the full cache, read on the cache), fidelity averages when asked, seconds,
   status and errors;
-- ``config.yaml``: every argument of the run.
+- ``config.yaml``: every argument of the run and what produced it: ``data_fingerprint`` (SHA-256 of the
+  dataset files' bytes), ``press`` (the built press's ``repr``, every setting) and the package ``versions``.
 
-A run whose ``metrics.json`` exists is skipped unless ``overwrite``. A press that raises is recorded as
-failed, with its error in ``metrics.json``, and does not stop the caller.
+Each file is written whole (a temporary file in the same folder, then renamed), ``metrics.json`` last: a run is
+done when its ``metrics.json`` and ``config.yaml`` can be read and the record matches this run's. It is
+skipped then, unless ``overwrite`` (or ``retry_failed``, for a run recorded as failed); otherwise it runs again
+and says why (which setting differs, an unreadable or missing file). Other package versions alone do not rerun
+a run: they warn. A press that raises is recorded as failed, with its error in ``metrics.json``, and does not
+stop the caller.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -35,13 +47,22 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, Cache, DynamicCache, Pipeline, pipeline
 from transformers.utils import logging as transformers_logging
 
-from .data import load_rows
+from .data import dataset_name, fingerprint, load_rows
 from .fidelity import fidelity, summarize
 from .metrics import average, bootstrap_interval, task_scores
 from .real_models import resolve_model
 from .registry import EAGER_PRESSES, check_press_name, make_press, reset_press_state
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+DEFAULT_OUTPUT_DIR = "results/sweep"  # kvpress's own evaluate.py: results/kvpress (evaluation.kvpress_evaluate)
+CHECKOUT = Path(__file__).resolve().parents[1]  # a model folder in here is named by its path inside it
+# The record fields that must match for a run to count as done. A field missing from a record (runs archived
+# before it was recorded, e.g. docs/study-4096/runs) counts as unknown and is not held against the run: those
+# archives stay usable. data_dir, output_dir and device say where, not what, and differ across checkouts;
+# model, dataset, press and ratio are in the folder's name.
+RECORD_FIELDS = ("data_fingerprint", "press", "max_contexts", "seed", "attn_implementation", "fidelity")
+FIDELITY_FIELDS = ("fidelity_rows", "greedy_tokens")  # compared only where fidelity was measured
+VERSIONED = ("kvpress", "transformers", "torch", "kvpress-compose")  # recorded; a difference warns, never reruns
 
 
 @dataclass
@@ -51,7 +72,8 @@ class RunConfig:
     ``dataset`` names the benchmark and ``data_dir`` is the local folder written by :mod:`evaluation.data`;
     the folder's name is the short data name in the results folder. ``max_contexts`` keeps the first contexts
     of each task. ``fidelity_rows`` rows (the first row of each task first) get fidelity metrics when
-    ``fidelity`` is set. ``no_press`` always runs at ratio 0.
+    ``fidelity`` is set. ``no_press`` always runs at ratio 0. ``overwrite`` reruns a finished run,
+    ``retry_failed`` one recorded as failed.
     """
 
     model: str
@@ -59,7 +81,7 @@ class RunConfig:
     press_name: str
     compression_ratio: float
     dataset: str = "synthetic"
-    output_dir: str = "results"
+    output_dir: str = DEFAULT_OUTPUT_DIR
     device: str = "cpu"
     attn_implementation: str = "sdpa"
     max_contexts: int | None = None
@@ -68,6 +90,7 @@ class RunConfig:
     greedy_tokens: int = 8
     seed: int = 0
     overwrite: bool = False
+    retry_failed: bool = False
 
     def __post_init__(self):
         check_press_name(self.press_name)
@@ -90,11 +113,135 @@ class RunConfig:
 
     @property
     def setting(self) -> str:
-        """``<dataset>__<data dir name>__<model>``: what every run of a sweep shares."""
-        return "__".join([self.dataset, Path(self.data_dir).name, self.model.rstrip("/").replace("/", "--")])
+        """``<dataset>__<data name>__<model>``: what every run of a sweep shares."""
+        return "__".join([self.dataset, dataset_name(self.data_dir), model_name(self.model)])
 
     def results_dir(self) -> Path:
         return Path(self.output_dir) / f"{self.setting}__{self.press_name}__{self.compression_ratio:.2f}"
+
+
+def model_name(model: str) -> str:
+    """The model's part of a result folder's name: a local folder inside this checkout by its path there, any
+    other local folder by its own name, a hub id with "/" as "--" (as kvpress names its runs)."""
+    path = Path(model)
+    if not path.is_dir():
+        return model.rstrip("/").replace("/", "--")
+    path = path.resolve()
+    return "--".join(path.relative_to(CHECKOUT).parts) if path.is_relative_to(CHECKOUT) else path.name
+
+
+def package_versions() -> dict[str, str]:
+    """The installed versions of the packages a run's numbers depend on."""
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def press_settings(config: RunConfig) -> str:
+    """Every setting of the press the run builds (its ``repr``; ``None`` for ``no_press``)."""
+    logging.disable(logging.WARNING)  # building a press may log (KVzipPress does, every time)
+    try:
+        return repr(make_press(config.press_name, config.compression_ratio))
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def run_record(config: RunConfig) -> dict:
+    """What ``config.yaml`` records: the run's arguments and what produced it (see :data:`RECORD_FIELDS`)."""
+    return asdict(config) | {"data_fingerprint": fingerprint(config.data_dir), "press": press_settings(config),
+                             "versions": package_versions()}
+
+
+def record_differences(recorded: dict, config: RunConfig) -> list[str]:
+    """``name: recorded, now`` for each field of :data:`RECORD_FIELDS` that the record holds and that differs
+    from this run's (fields it lacks are unknown, and not held against it)."""
+    current = asdict(config) | {"data_fingerprint": lambda: fingerprint(config.data_dir),
+                                "press": lambda: press_settings(config)}
+    fields = RECORD_FIELDS + (FIDELITY_FIELDS if config.fidelity else ())
+    differences = []
+    for name in fields:
+        if name not in recorded:
+            continue
+        value = current[name]() if callable(current[name]) else current[name]
+        if recorded[name] != value:
+            differences.append(f"{name}: {recorded[name]!r} recorded, now {value!r}")
+    return differences
+
+
+def read_result(path: Path):
+    """A result file's content (JSON or YAML), or an error message where it is missing or unreadable."""
+    if not path.is_file():
+        return None, f"no {path.name}"
+    try:
+        content = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (ValueError, yaml.YAMLError) as error:
+        return None, f"{path.name} unreadable ({type(error).__name__}: {str(error).splitlines()[0]})"
+    return (content, None) if isinstance(content, dict) else (None, f"{path.name} unreadable (not a mapping)")
+
+
+def rerun_reason(config: RunConfig) -> str | None:
+    """Why the run must run (again), or None where it is done with the same record (see the module docstring)."""
+    results_dir = config.results_dir()
+    if config.overwrite:
+        return "overwrite"
+    metrics, problem = read_result(results_dir / "metrics.json")
+    if problem:
+        return problem
+    record, problem = read_result(results_dir / "config.yaml")
+    if problem:
+        return problem
+    differences = record_differences(record, config)
+    if differences:
+        return "; ".join(differences)
+    if config.retry_failed and metrics.get("status") != "ok":
+        return "recorded as failed (retry_failed)"
+    return None
+
+
+def version_warning(config: RunConfig) -> str | None:
+    """The packages whose versions differ from those a finished run recorded, or None."""
+    record, _ = read_result(config.results_dir() / "config.yaml")
+    recorded = (record or {}).get("versions") or {}
+    now = package_versions()
+    changed = [f"{name} {recorded[name]} (now {now[name]})" for name in VERSIONED
+               if name in recorded and recorded[name] != now[name]]
+    return ", ".join(changed) or None
+
+
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary file in the same folder, then renamed over it."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb" if isinstance(content, bytes) else "w") as file:
+            file.write(content)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create ``folder`` and write a file there, or raise OSError naming it: before any run is computed."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / ".writable", "")
+        (folder / ".writable").unlink()
+    except OSError as error:
+        raise OSError(f"output folder {folder} (--out): cannot write there ({error})") from None
+
+
+def preflight(configs: list[RunConfig]) -> None:
+    """Check every dataset (:func:`evaluation.data.load_rows` names a bad file or column) and output folder
+    once, before the first run: ValueError, FileNotFoundError or OSError."""
+    for data_dir in dict.fromkeys(config.data_dir for config in configs):
+        load_rows(data_dir)
+    for output_dir in dict.fromkeys(config.output_dir for config in configs):
+        check_writable(output_dir)
 
 
 @lru_cache(maxsize=1)
@@ -181,10 +328,16 @@ def _evaluate_rows(pipe: Pipeline, rows: pd.DataFrame, config: RunConfig) -> tup
 def run(config: RunConfig) -> Path:
     """Run (or skip) one evaluation and return its results folder."""
     results_dir = config.results_dir()
-    metrics_file = results_dir / "metrics.json"
-    if metrics_file.exists() and not config.overwrite:
-        tqdm.write(f"skip {results_dir} (metrics.json exists; overwrite to rerun)")
+    reason = rerun_reason(config)
+    if reason is None:
+        versions = version_warning(config)
+        if versions:
+            tqdm.write(f"warning: {results_dir} was run with {versions}; kept (versions alone do not rerun)")
+        tqdm.write(f"skip {results_dir} (done with the same record; overwrite to rerun)")
         return results_dir
+    if results_dir.exists():
+        warning = "warning: " if "unreadable" in reason else ""
+        tqdm.write(f"{warning}rerun {results_dir}: {reason}")
     rows = first_contexts(load_rows(config.data_dir), config.max_contexts)
     # as kvpress's evaluate.py does: ObservedAttention reads the attention weights only eager attention returns
     attn_implementation = "eager" if config.press_name in EAGER_PRESSES else config.attn_implementation
@@ -198,16 +351,23 @@ def run(config: RunConfig) -> Path:
         message = f"{type(error).__name__}: {error}".splitlines()[0]
         tqdm.write(f"warning: {config.label} failed: {message}")
         predictions, outcome = None, {"status": "failed", "errors": [message]}
-    results_dir.mkdir(parents=True, exist_ok=True)
-    if predictions is not None:
-        predictions.to_csv(results_dir / "predictions.csv", index=False)
-    else:  # no stale predictions from an earlier run next to a failure
-        (results_dir / "predictions.csv").unlink(missing_ok=True)
     metrics.update(outcome, seconds=round(time.perf_counter() - start, 3))
     metrics.setdefault("errors", [])
-    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
-    (results_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    write_results(results_dir, predictions, metrics, run_record(config))
     return results_dir
+
+
+def write_results(results_dir: Path, predictions: pd.DataFrame | None, metrics: dict, record: dict) -> None:
+    """The run's files, each written whole; ``metrics.json`` (what marks a run done) goes first and comes back
+    last, so that a kill in between leaves a run that is not done rather than one of mixed results."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "metrics.json").unlink(missing_ok=True)
+    if predictions is not None:
+        write_atomic(results_dir / "predictions.csv", predictions.to_csv(index=False))
+    else:  # no stale predictions from an earlier run next to a failure
+        (results_dir / "predictions.csv").unlink(missing_ok=True)
+    write_atomic(results_dir / "config.yaml", yaml.safe_dump(record, sort_keys=False))
+    write_atomic(results_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
 def evaluate(
@@ -216,7 +376,7 @@ def evaluate(
     data_dir: str | Path,
     press_name: str,
     ratio: float,
-    out_root: str | Path = "results",
+    out_root: str | Path = DEFAULT_OUTPUT_DIR,
     **options,
 ) -> Path:
     """Run ``press_name`` at ``ratio`` on ``model`` over the local dataset in ``data_dir``; see :class:`RunConfig`."""
@@ -233,7 +393,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fidelity-rows", type=int, default=5)
     parser.add_argument("--greedy-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="rerun even if metrics.json exists")
+    parser.add_argument("--overwrite", action="store_true", help="rerun even runs done with the same record")
+    parser.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="CPU threads for torch (default 1: the shipped model is small, and more threads than idle cores "
@@ -247,7 +408,7 @@ def run_options(args: argparse.Namespace) -> dict:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     names = ("device", "attn_implementation", "max_contexts", "fidelity", "fidelity_rows", "greedy_tokens", "seed",
-             "overwrite")
+             "overwrite", "retry_failed")
     return {name: getattr(args, name) for name in names}
 
 
@@ -260,13 +421,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--press", required=True, help="a name from evaluation.registry.PRESS_REGISTRY")
     parser.add_argument("--ratio", type=float, required=True, help="compression ratio in [0, 1)")
     parser.add_argument("--dataset", default="synthetic")
-    parser.add_argument("--out", default="results")
+    parser.add_argument("--out", default=DEFAULT_OUTPUT_DIR)
     add_run_options(parser)
     args = parser.parse_args(argv)
     try:
         config = RunConfig(args.model, args.data_dir, args.press, args.ratio, dataset=args.dataset,
                            output_dir=args.out, **run_options(args))
-    except ValueError as error:
+        preflight([config])
+    except (ValueError, OSError) as error:
         parser.error(str(error))
     results_dir = run(config)
     print(f"results in {results_dir}")

@@ -40,7 +40,7 @@ from . import data, head_overlap
 from .metrics import paired_difference
 from .real_models import REAL_MODELS
 from .registry import KVPRESS_PRESSES, PRESS_REGISTRY
-from .run import RunConfig, load_pipeline, run
+from .run import RunConfig, check_writable, load_pipeline, rerun_reason, run, write_atomic
 from .sweep import BASELINE, by_ratio, intervals_by_ratio, markdown, plot, run_summary
 from .synthetic_tasks import TASKS
 
@@ -98,7 +98,7 @@ def study_plan(model: str, data_dir: Path, out: Path, contexts: int, field_conte
              "field": (field or field_presses(), ratios, field_contexts)}
     plan = {}
     for tier, (presses, tier_ratios, n_contexts) in tiers.items():
-        output_dir = out / f"study__{data_dir.name}" / f"contexts-{n_contexts}"
+        output_dir = out / f"study__{data.dataset_name(data_dir)}" / f"contexts-{n_contexts}"
         plan[tier] = [
             RunConfig(model, str(data_dir), press, ratio, output_dir=str(output_dir), max_contexts=n_contexts)
             for press in presses
@@ -108,8 +108,10 @@ def study_plan(model: str, data_dir: Path, out: Path, contexts: int, field_conte
 
 
 def done(configs: list[RunConfig]) -> list[RunConfig]:
-    """The runs of ``configs`` that have finished (their ``metrics.json`` is written)."""
-    return [config for config in configs if (config.results_dir() / "metrics.json").is_file()]
+    """The runs of ``configs`` that have finished with this run's record (:func:`evaluation.run.rerun_reason`:
+    a run restored from the archive counts when its record matches; one archived before records held a data
+    fingerprint and the press's settings counts too, those fields being unknown)."""
+    return [config for config in configs if rerun_reason(config) is None]
 
 
 def run_table(configs: list[RunConfig]) -> pd.DataFrame:
@@ -139,7 +141,7 @@ def archive_run(config: RunConfig, docs: Path) -> None:
         frame[["task", "context", "question", "answer", "predicted_answer"]].to_csv(target / "predictions.csv",
                                                                                   index=False)
     shutil.copyfile(source / "config.yaml", target / "config.yaml")
-    (target / "metrics.json").write_bytes(metrics)  # last: a run is archived once its metrics are
+    write_atomic(target / "metrics.json", metrics)  # last, whole: a run is archived once its metrics are
 
 
 def restore_run(config: RunConfig, docs: Path) -> None:
@@ -304,7 +306,10 @@ def main(argv: list[str] | None = None) -> Path:
     data_dir = args.data_dir or data.DEFAULT_DATA_ROOT / f"study-{args.words}"
     if not data.has_dataset(data_dir):
         data.write_dataset(data_dir, args.contexts, args.words, STUDY_SEED, TASKS)
-    available = data.load_rows(data_dir).groupby("task")["context"].nunique()
+    try:
+        available = data.load_rows(data_dir).groupby("task")["context"].nunique()
+    except ValueError as error:  # a bad dataset file, named
+        parser.error(str(error))
     if set(available.index) != set(TASKS) or available.min() < args.contexts:
         parser.error(f"{data_dir} holds {available.to_dict()} contexts per task; the study needs every task of "
                      f"{list(TASKS)} with at least --contexts {args.contexts}: write it with `python -m "
@@ -313,7 +318,8 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         plan = study_plan(model, Path(data_dir), args.out, args.contexts, args.field_contexts,
                           tuple(args.claim_ratios), tuple(args.ratios), args.field_presses)
-    except ValueError as error:
+        check_writable(args.out)  # before the first run, not after it
+    except (ValueError, OSError) as error:
         parser.error(str(error))
     docs = args.docs or Path("docs") / f"study-{args.words}"
     every_run = plan["claims"] + plan["field"]

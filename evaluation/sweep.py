@@ -1,6 +1,7 @@
 """Sweep presses x compression ratios with :mod:`evaluation.run`, then tabulate and plot the results.
 
-``no_press`` runs once, at ratio 0. The summary goes to ``<output_dir>/sweep__<dataset>__<data>__<model>/``:
+``no_press`` runs once, at ratio 0. Runs go to ``<output_dir>`` (default ``results/sweep``; kvpress's own
+evaluate.py writes under ``results/kvpress``), the summary to ``<output_dir>/sweep__<dataset>__<data>__<model>/``:
 
 - ``summary.csv``: one row per run (press, ratio, status, per-task and average accuracy, memory, seconds,
   fidelity);
@@ -23,7 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .run import RunConfig, run
+from .run import DEFAULT_OUTPUT_DIR, RunConfig, preflight, run
 
 BASELINE = "no_press"
 
@@ -175,7 +176,7 @@ def plan(
     presses: list[str],
     ratios: list[float],
     data_dir: str | Path,
-    output_dir: str | Path = "results",
+    output_dir: str | Path = DEFAULT_OUTPUT_DIR,
     dataset: str = "synthetic",
     **options,
 ) -> list[RunConfig]:
@@ -198,5 +199,8 @@ def run_sweep(configs: list[RunConfig]) -> SweepOutputs:
 
 
 def sweep(model: str, presses: list[str], ratios: list[float], data_dir: str | Path, **kwargs) -> SweepOutputs:
-    """Every press at every ratio on ``model`` over the local dataset ``data_dir``; see :func:`plan`."""
-    return run_sweep(plan(model, presses, ratios, data_dir, **kwargs))
+    """Every press at every ratio on ``model`` over the local dataset ``data_dir``; see :func:`plan`. The data
+    and output folder are checked before the first run (:func:`evaluation.run.preflight`)."""
+    configs = plan(model, presses, ratios, data_dir, **kwargs)
+    preflight(configs)
+    return run_sweep(configs)
