@@ -16,7 +16,7 @@ folder by its name: none of them depends on the working directory.
   really holds as a fraction of the full cache, read on the cache), fidelity averages when asked, seconds,
   status and errors;
 - ``config.yaml``: every argument of the run and what produced it: ``data_fingerprint`` (SHA-256 of the
-  dataset files' bytes), ``press`` (the built press's ``repr``, every setting) and the package ``versions``.
+  dataset files' bytes), ``press`` (the built press's class and every setting) and the package ``versions``.
 
 Each file is written whole (a temporary file in the same folder, then renamed), ``metrics.json`` last: a run is
 done when its ``metrics.json`` and ``config.yaml`` can be read and the record matches this run's. It is
@@ -29,6 +29,7 @@ stop the caller.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -141,13 +142,46 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def press_settings(config: RunConfig) -> str:
-    """Every setting of the press the run builds (its ``repr``; ``None`` for ``no_press``)."""
+def built_press(config: RunConfig):
     logging.disable(logging.WARNING)  # building a press may log (KVzipPress does, every time)
     try:
-        return repr(make_press(config.press_name, config.compression_ratio))
+        return make_press(config.press_name, config.compression_ratio)
     finally:
         logging.disable(logging.NOTSET)
+
+
+def press_fields(press) -> dict[str, str] | str | None:
+    """Every setting of ``press``: its class and each shown dataclass field's ``repr`` (a press that is no
+    dataclass: its ``repr``; ``None`` for ``no_press``)."""
+    if press is None or not dataclasses.is_dataclass(press):
+        return None if press is None else repr(press)
+    shown = [field for field in dataclasses.fields(press) if field.repr]
+    return {"class": type(press).__name__} | {field.name: repr(getattr(press, field.name)) for field in shown}
+
+
+def press_settings(config: RunConfig) -> dict[str, str] | str | None:
+    """Every setting of the press the run builds (see :func:`press_fields`)."""
+    return press_fields(built_press(config))
+
+
+def press_differences(recorded, config: RunConfig) -> list[str]:
+    """The settings whose recorded value differs from the press this run builds. A setting the record lacks
+    counts only where it is not at its default: a field added to a press class later leaves the runs made before
+    it valid, while a changed default (recorded explicitly) reruns them."""
+    press = built_press(config)
+    current = press_fields(press)
+    if not isinstance(recorded, dict) or not isinstance(current, dict):
+        return [] if recorded == current else [f"press: {recorded!r} recorded, now {current!r}"]
+    defaults = {field.name: field.default for field in dataclasses.fields(press)
+                if field.default is not dataclasses.MISSING}
+    differences = []
+    for name in sorted(set(recorded) | set(current)):
+        if name in recorded and recorded[name] == current.get(name):
+            continue
+        if name not in recorded and name in defaults and current[name] == repr(defaults[name]):
+            continue
+        differences.append(f"press.{name}: {recorded.get(name, 'absent')} recorded, now {current.get(name, 'absent')}")
+    return differences
 
 
 def run_record(config: RunConfig) -> dict:
@@ -159,12 +193,14 @@ def run_record(config: RunConfig) -> dict:
 def record_differences(recorded: dict, config: RunConfig) -> list[str]:
     """``name: recorded, now`` for each field of :data:`RECORD_FIELDS` that the record holds and that differs
     from this run's (fields it lacks are unknown, and not held against it)."""
-    current = asdict(config) | {"data_fingerprint": lambda: fingerprint(config.data_dir),
-                                "press": lambda: press_settings(config)}
+    current = asdict(config) | {"data_fingerprint": lambda: fingerprint(config.data_dir)}
     fields = RECORD_FIELDS + (FIDELITY_FIELDS if config.fidelity else ())
     differences = []
     for name in fields:
         if name not in recorded:
+            continue
+        if name == "press":
+            differences += press_differences(recorded[name], config)
             continue
         value = current[name]() if callable(current[name]) else current[name]
         if recorded[name] != value:

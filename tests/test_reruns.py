@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 import evaluation.__main__ as cli
+import evaluation.run as run_module
 from evaluation import data, kvpress_evaluate, registry, run as run_module, study
 from evaluation.data import load_rows, write_dataset
 from evaluation.run import RunConfig, evaluate
@@ -49,7 +50,7 @@ def test_config_records_the_data_the_press_and_the_versions(model_dir, data_dir,
     record = yaml.safe_load((run_knorm(model_dir, data_dir, tmp_path / "out", max_contexts=1) /
                              "config.yaml").read_text())
     assert record["max_contexts"] == 1 and record["press_name"] == "knorm"
-    assert record["press"] == "KnormPress(compression_ratio=0.5)"
+    assert record["press"] == {"class": "KnormPress", "compression_ratio": "0.5"}
     assert record["data_fingerprint"] == data.fingerprint(data_dir) and len(record["data_fingerprint"]) == 64
     assert set(record["versions"]) == {"kvpress", "transformers", "torch", "kvpress-compose"}
     again = write_dataset(tmp_path / "again" / "synthetic-64", 2, 64, seed=0, tasks=("niah_single", "niah_multikey"))
@@ -321,3 +322,19 @@ def test_result_folders_do_not_depend_on_the_working_directory(tmp_path, monkeyp
     outside = os.path.relpath(tmp_path / "copy" / "retrieval-llama")
     assert RunConfig(outside, ".", "knorm", 0.5).setting == "synthetic__synthetic-64__retrieval-llama"
     assert RunConfig("org/model", ".", "knorm", 0.5).setting == "synthetic__synthetic-64__org--model"
+
+
+def test_a_press_field_added_later_at_its_default_keeps_the_run_and_a_changed_setting_reruns(model_dir, data_dir):
+    from evaluation.run import RunConfig, press_differences
+
+    config = RunConfig(str(model_dir), str(data_dir), "compose_replay", 0.5)
+    recorded = run_module.press_settings(config)
+    assert recorded["class"] == "ComposePress" and recorded["query_source"] == "'replay'"
+    assert press_differences(recorded, config) == []
+    older = {name: value for name, value in recorded.items() if name != "add_v_norm"}  # made before the field
+    assert press_differences(older, config) == []
+    assert press_differences(older | {"query_source": "'bidirectional'"}, config) == [
+        "press.query_source: 'bidirectional' recorded, now 'replay'"]
+
+    assert press_differences(recorded | {"add_v_norm": "True"}, config) == [
+        "press.add_v_norm: True recorded, now False"]
