@@ -1,0 +1,246 @@
+"""RULER's synthetic tasks (evaluation.ruler): needles in their contexts, rows sharing contexts, lengths within 2%
+of the target in a real subword tokenizer's tokens, determinism, refusals. A byte-level BPE tokenizer trained
+here on the fly stands in for a model's; the slow test uses the converted SmolLM2 tokenizer when it exists."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+pytest.importorskip("wonderwords")
+
+from evaluation import ruler  # noqa: E402
+from evaluation.data import load_rows  # noqa: E402
+from evaluation.metrics import string_match_all  # noqa: E402
+from evaluation.prose import split_sentences  # noqa: E402
+from evaluation.ruler import NIAH, RULER_TASKS, write_ruler_dataset  # noqa: E402
+
+N_TOKENS, N_CONTEXTS = 2048, 2
+ROWS_PER_CONTEXT = {
+    "niah_single_1": 1, "niah_single_2": 1, "niah_single_3": 1, "niah_multikey_1": 4, "niah_multikey_2": 10,
+    "niah_multikey_3": 10, "niah_multivalue": 1, "niah_multiquery": 4, "vt": 1, "cwe": 1, "fwe": 1,
+}
+SENTENCES = [
+    "The council met on Tuesday to discuss the new bridge across the river.",
+    "Several residents said the plan would cost far more than the town could afford.",
+    "Engineers from the state office presented three designs, each with its own risks.",
+    "After two hours of debate, the mayor asked for a vote that was later postponed.",
+    "Farmers in the valley have waited years for a safer road to the market.",
+    "Rain fell for most of the week, and the old ford was closed twice.",
+    "A spokesman for the builders promised that work could begin before winter.",
+    "Critics argued that the money should go to the hospital instead.",
+    "The debate is expected to continue when the council meets again next month.",
+    "Meanwhile, schoolchildren still cross the river by ferry every morning.",
+]
+SMOLLM2 = Path.home() / ".cache" / "kvpress-compose" / "models" / "smollm2-135m"
+
+
+def test_prose() -> str:
+    """A deterministic stand-in for the essay corpus: shuffled news-like sentences with numbered paragraphs."""
+    rng = random.Random(0)
+    paragraphs = []
+    for i in range(300):
+        picked = rng.sample(SENTENCES, 5)
+        paragraphs.append(f"In report {i + 1}, " + picked[0][0].lower() + picked[0][1:] + " " + " ".join(picked[1:]))
+    return " ".join(paragraphs)
+
+
+PROSE = test_prose()
+test_prose.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE of 1000 tokens trained on the prose, the templates and random needles: numbers, uuids
+    and made-up words split into several tokens each, as a model's tokenizer splits them."""
+    rng = random.Random(0)
+    corpus = [PROSE, ruler.NOISE, ruler.NIAH_INSTRUCTION, ruler.VT_INSTRUCTION, ruler.CWE_INSTRUCTION,
+              ruler.FWE_INSTRUCTION, ruler.FWE_QUESTION, ruler.VT_ANSWER_PREFIX]
+    corpus += [f"{rng.randint(10**6, 10**7)} {uuid.UUID(int=rng.getrandbits(128))}" for _ in range(200)]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<s>", "</s>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", model_max_length=8192)
+
+
+@pytest.fixture(scope="module")
+def dataset(tokenizer, tmp_path_factory) -> Path:
+    return write_ruler_dataset(tmp_path_factory.mktemp("ruler"), tokenizer, N_TOKENS, N_CONTEXTS, seed=0,
+                               prose=PROSE)
+
+
+def count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_every_task_is_written_in_kvpress_columns(dataset):
+    rows = load_rows(dataset)
+    assert sorted(rows["task"].unique()) == sorted(RULER_TASKS)
+    assert {"context", "question", "answer_prefix", "answer", "max_new_tokens", "task", "haystack"} <= set(rows)
+    expected_new_tokens = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50}
+    for task, group in rows.groupby("task"):
+        assert set(group["max_new_tokens"]) == {expected_new_tokens[ruler.task_kind(task)]}
+        assert group["context"].nunique() == N_CONTEXTS
+        assert len(group) == ROWS_PER_CONTEXT[task] * N_CONTEXTS, task
+    card = (dataset / "README.md").read_text()
+    assert all(f"config_name: {task}" in card for task in RULER_TASKS) and "config_name: default" in card
+
+
+def test_answers_are_nonempty_strings_found_in_their_context(dataset):
+    rows = load_rows(dataset)
+    for row in rows.itertuples():
+        assert isinstance(row.answer, list) and row.answer, row.task
+        assert all(isinstance(item, str) and item.strip() for item in row.answer), row.task
+        for item in row.answer:
+            assert item in row.context, (row.task, item)
+        assert string_match_all(" ".join(row.answer), row.answer) == 1.0
+
+
+def test_needles_pair_each_asked_key_with_its_value(dataset):
+    """A niah row asks one key (or RULER's query) whose needle sentences in the context carry the answer."""
+    rows = load_rows(dataset)
+    for row in rows[rows["task"].str.startswith("niah")].itertuples():
+        kind = NIAH[row.task].value_type
+        key = row.question.split(" for ", 1)[1].rsplit(" mentioned", 1)[0]
+        for value in row.answer:
+            assert f"One of the special magic {kind} for {key} is: {value}." in row.context, (row.task, key, value)
+
+
+def test_rows_of_a_context_share_it_and_its_answer_prefix(dataset):
+    rows = load_rows(dataset)
+    for _, group in rows.groupby("context"):
+        assert group["task"].nunique() == 1
+        assert group["answer_prefix"].nunique() == 1  # kvpress asserts this when it groups rows by context
+        assert group["question"].nunique() == len(group)  # every row asks something else
+    multiquery = rows[rows["task"] == "niah_multiquery"]
+    assert multiquery["context"].str.startswith("Some special magic numbers are hidden").all()
+    assert multiquery["question"].str.startswith("What is the special magic number for ").all()
+    single = rows[rows["task"] == "niah_single_1"].iloc[0]
+    key = single.question.split(" for ", 1)[1].rsplit(" mentioned", 1)[0]
+    assert single.answer_prefix == f"The special magic number for {key} mentioned in the provided text is"
+
+
+def test_context_and_question_split_as_kvpress_does(dataset):
+    """Instruction and haystack (ending in the newline before the question) in ``context``, RULER's final query
+    in ``question``, RULER's answer prefix without its leading space."""
+    rows = load_rows(dataset)
+    first = rows.groupby("task").first()
+    assert first.loc["vt", "question"].startswith("Question: Find all variables that are assigned the value")
+    assert first.loc["vt", "context"].startswith("Memorize and track")  # RULER's worked example comes first
+    assert first.loc["vt", "context"].count("Question: Find all variables") == 1  # the example's question
+    assert first.loc["cwe", "question"] == ruler.CWE_QUESTION
+    assert first.loc["fwe", "answer_prefix"] == ruler.FWE_ANSWER_PREFIX
+    assert all(context.endswith("\n") for context in rows["context"])
+    assert all(not prefix.startswith(" ") for prefix in rows["answer_prefix"])
+
+
+def test_prompts_hold_the_target_tokens_within_two_percent(dataset, tokenizer):
+    rows = load_rows(dataset)
+    for row in rows.itertuples():
+        tokens = count(tokenizer, f"{row.context}{row.question} {row.answer_prefix}")
+        assert tokens == row.prompt_tokens
+        assert abs(tokens - N_TOKENS) <= 0.02 * N_TOKENS, (row.task, tokens)
+
+
+def test_haystacks_are_labelled(dataset):
+    rows = load_rows(dataset)
+    labels = rows.groupby("task")["haystack"].first()
+    assert labels["niah_single_1"] == "noise" and labels["niah_multikey_2"] == "needle"
+    assert labels["niah_single_2"] == "prose:gensim:lee_background" and labels["cwe"] == "words"
+    essay = rows[rows["task"] == "niah_single_2"].iloc[0]
+    assert "The council met on Tuesday" in essay.context or "In report 1," in essay.context
+
+
+def test_cwe_and_fwe_answers_are_the_most_frequent_words(dataset):
+    rows = load_rows(dataset)
+    cwe = rows[rows["task"] == "cwe"].iloc[0]
+    listing = re.split(r"(?:^| )\d+\. ", cwe.context.rsplit(ruler.CWE_INSTRUCTION, 1)[1].strip())[1:]
+    counts = {word: listing.count(word) for word in set(listing)}
+    assert {counts[word] for word in cwe.answer} == {6}  # below 4096 tokens: common 6 times, the others once
+    assert {count for word, count in counts.items() if word not in cwe.answer} == {1}
+    fwe = rows[rows["task"] == "fwe"].iloc[0]
+    words = fwe.context[len(ruler.FWE_INSTRUCTION):].split()
+    counts = {word: words.count(word) for word in set(words) if word != "..."}
+    ranked = sorted(counts.values(), reverse=True)
+    assert [counts[word] for word in fwe.answer] == ranked[:3] and ranked[2] > ranked[3]
+
+
+def test_same_seed_same_files_other_seed_other_files(tokenizer, dataset, tmp_path):
+    tasks = ("niah_multikey_3", "vt", "cwe")
+    again = write_ruler_dataset(tmp_path / "again", tokenizer, N_TOKENS, N_CONTEXTS, seed=0, tasks=tasks,
+                                prose=PROSE)
+    other = write_ruler_dataset(tmp_path / "other", tokenizer, N_TOKENS, N_CONTEXTS, seed=1, tasks=tasks,
+                                prose=PROSE)
+    for task in tasks:
+        name = f"test-{task}.jsonl"
+        assert (again / name).read_text() == (dataset / name).read_text()
+        assert (other / name).read_text() != (dataset / name).read_text()
+
+
+def test_refusals_name_the_argument(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="tasks"):
+        write_ruler_dataset(tmp_path, tokenizer, N_TOKENS, 1, tasks=("qa_1",), prose=PROSE)
+    with pytest.raises(ValueError, match="n_contexts"):
+        write_ruler_dataset(tmp_path, tokenizer, N_TOKENS, 0, prose=PROSE)
+    with pytest.raises(ValueError, match="n_tokens"):  # 2048 + 128 generated > 2100
+        write_ruler_dataset(tmp_path, tokenizer, N_TOKENS, 1, max_context=2100, prose=PROSE)
+    with pytest.raises(ValueError, match="n_tokens"):  # the tokenizer's model_max_length (8192)
+        write_ruler_dataset(tmp_path, tokenizer, 8192, 1, prose=PROSE)
+    with pytest.raises(ValueError, match="n_tokens"):  # vt's worked example alone holds ~500 tokens
+        write_ruler_dataset(tmp_path, tokenizer, 300, 1, tasks=("vt",), prose=PROSE)
+    write_ruler_dataset(tmp_path, tokenizer, 1024, 1, tasks=("fwe",), max_context=1024 + 50)  # fits exactly
+
+
+def test_cli_writes_a_dataset(tokenizer, tmp_path):
+    folder = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(folder)
+    out = ruler.main(["--tokenizer", str(folder), "--tokens", "1024", "--contexts", "2", "--seed", "3",
+                      "--out", str(tmp_path / "data"), "--tasks", "niah_single_1", "fwe"])
+    rows = load_rows(out)
+    assert sorted(rows["task"].unique()) == ["fwe", "niah_single_1"] and len(rows) == 4
+    assert all(abs(t - 1024) <= 0.02 * 1024 for t in rows["prompt_tokens"])
+
+
+def test_split_sentences_keeps_the_text():
+    text = 'He said "Go." Then he left. 3 men came! Why? no split here. OK'
+    assert split_sentences(text) == ['He said "Go."', "Then he left.", "3 men came!", "Why? no split here.", "OK"]
+    assert " ".join(split_sentences(PROSE)) == PROSE
+
+
+def test_lee_corpus_is_read_when_gensim_is_installed():
+    pytest.importorskip("gensim")
+    from evaluation.prose import load_prose
+
+    words = load_prose().split()
+    assert len(words) > 50_000 and words[:3] == ["Hundreds", "of", "people"]
+
+
+def test_zeta_matches_its_closed_form():
+    assert ruler.zeta(2.0) == pytest.approx(3.141592653589793**2 / 6, rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_tokens", [2048, 4096])
+def test_smollm2_prompts_within_two_percent(n_tokens, tmp_path):
+    if not (SMOLLM2 / "tokenizer.json").is_file():
+        pytest.skip(f"no converted SmolLM2 at {SMOLLM2}")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(SMOLLM2))
+    out = write_ruler_dataset(tmp_path, tokenizer, n_tokens, 3, max_context=8192)
+    rows = load_rows(out)
+    assert sorted(rows["task"].unique()) == sorted(RULER_TASKS)
+    for row in rows.itertuples():
+        tokens = len(tokenizer.encode(f"{row.context}{row.question} {row.answer_prefix}", add_special_tokens=False))
+        assert abs(tokens - n_tokens) <= 0.02 * n_tokens, (row.task, tokens)
+        assert all(item in row.context for item in row.answer)
+    assert json.loads((out / "test-vt.jsonl").read_text().splitlines()[0])["max_new_tokens"] == 30
