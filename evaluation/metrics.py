@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
+
+PUNCTUATION = re.compile(r"[.,;:!?\"'()\[\]{}<>*`]")
+
+
+def words_of(text) -> str:
+    """``text`` lower-cased, punctuation turned into spaces (a hyphen stays: uuids hold hyphens), whitespace
+    collapsed: the words an answer is matched on."""
+    return " ".join(PUNCTUATION.sub(" ", str(text).lower()).split())
 
 
 def string_match_all(prediction: str, answer: list[str] | str) -> float:
     """Fraction of ``answer``'s items found in ``prediction`` as whole words (case-blind): an item of several
     words must appear as that sequence of words. ``answer`` is a list of strings (kvpress's RULER format) or a
-    string, whose whitespace-separated words are then its items. Unlike kvpress's substring match, ``v203`` is
-    not found in ``v2030``."""
+    string, whose whitespace-separated words are then its items. Punctuation is no part of a word
+    (:func:`words_of`: ``"is 1234567."`` holds ``1234567``). Unlike kvpress's substring match, ``v203`` is not
+    found in ``v2030``."""
     items = answer.split() if isinstance(answer, str) else list(answer)
-    expected = [" ".join(str(item).lower().split()) for item in items]
+    expected = [words_of(item) for item in items]
     if not expected or not all(expected):
         raise ValueError(f"answer has an empty item or none: {answer!r}")
-    predicted = f" {' '.join(str(prediction).lower().split())} "
+    predicted = f" {words_of(prediction)} "
     return sum(f" {item} " in predicted for item in expected) / len(expected)
 
 

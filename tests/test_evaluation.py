@@ -229,6 +229,11 @@ def test_register_with_kvpress_adds_ours_without_overwriting():
         ("v203 tree", ["v203 tree"], 1.0),  # an item of two words counts only as that sequence
         ("tree v203", ["v203 tree"], 0.0),
         ("v203 trees", ["v203 tree"], 0.0),
+        # RULER answers end sentences and list words: punctuation at a word's edge is no part of it
+        ("The special magic number is 1234567.", ["1234567"], 1.0),
+        ("ABCDE, FGHIJ and (KLMNO)", ["abcde", "fghij", "klmno"], 1.0),
+        ("is: 1c2f-77ab.", ["1c2f-77ab"], 1.0),  # a uuid keeps its hyphens
+        ("1c2f-77abc", ["1c2f-77ab"], 0.0),
     ],
 )
 def test_string_match_all(prediction, answer, expected):
