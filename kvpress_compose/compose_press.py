@@ -357,8 +357,9 @@ class ComposePress(BasePress):
             compress_layer(cache, layer_idx, positions[layer_idx])
         logger.info(  # kvpress's pipeline logs layer 0's length only, which says little here
             f"ComposePress kept {int(budgets.sum())} of {n_layers * n} entries per KV head (budget {n_kept}, "
-            f"compression_ratio={self.compression_ratio}); per compressed layer {layer_indices}: "
-            f"{self.last_budgets.tolist()}"
+            f"compression_ratio={self.compression_ratio}); per layer: {self.last_budgets.tolist()}"
+            + (f" (layers {layer_indices}; the others are windowed, left as they are)"
+               if len(layer_indices) < len(cache.layers) else "")
         )
         return positions
 

@@ -53,6 +53,20 @@ def test_gemma3_full_layers_compressed_windowed_left_and_logits_match_the_refere
     assert_same_logits(compressed, reference)
 
 
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_gemma3_with_a_full_first_layer_and_heavy_padding_matches_the_reference(attn):
+    """Layer 0 compressed, layer 1 windowed: the 2D padding mask stays as given (the windowed layers read it at the
+    original indices) and the later tokens' padding comes from its right end, even where a row's padding (14)
+    exceeds a full layer's kept length."""
+    model = tiny_gemma3(attn=attn, layer_types=(FULL, SLIDING, FULL, SLIDING))
+    ids, mask = left_padded(2, 24, padding=14)
+    press = ComposePress(compression_ratio=0.6, query_source="bidirectional")
+    compressed, reference, _ = windowed_compressed_vs_reference(
+        model, ids, mask, press, random_ids(2, 4, seed=7), decode_steps=4, cache=DynamicCache(config=model.config))
+    assert press.last_layers == [0, 2] and min(press.last_budgets.tolist()) < 14
+    assert_same_logits(compressed, reference)
+
+
 def test_gemma3_budget_is_a_fraction_of_the_full_layers_entries():
     model = tiny_gemma3(layer_types=(SLIDING, SLIDING, FULL, SLIDING, FULL, SLIDING))
     press = ComposePress(compression_ratio=0.75, query_source="bidirectional")
@@ -67,15 +81,16 @@ def test_gemma3_budget_is_a_fraction_of_the_full_layers_entries():
 def test_gemma3_prefill_through_the_base_model_then_question_and_generate_past_the_window():
     """The brief's check: ``with ComposePress(0.5)(model): model.model(ids, past_key_values=DynamicCache(config))``,
     question tokens, and generate past the window (a cache made by generate itself, too)."""
-    model = tiny_gemma3()
-    ids = random_ids(1, 24)
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad(), ComposePress(0.5)(model):
-        model.model(input_ids=ids, past_key_values=cache)
-    with torch.no_grad():
-        logits = model(input_ids=random_ids(1, 5, seed=2), past_key_values=cache,
-                       position_ids=torch.arange(24, 29)[None]).logits
-    assert torch.isfinite(logits).all()
+    model = tiny_gemma3(layer_types=(FULL, SLIDING, SLIDING, FULL))
+    ids, question = random_ids(1, 24), random_ids(1, 5, seed=2)
+    logits = []
+    for positions in (None, torch.arange(24, 29)[None]):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), ComposePress(0.5)(model):
+            model.model(ids, past_key_values=cache)  # ids given positionally
+        with torch.no_grad():
+            logits.append(model.model(question, past_key_values=cache, position_ids=positions).last_hidden_state)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-6, rtol=1e-5)  # positions from the original context
     model.generation_config.eos_token_id = None
     with torch.no_grad(), ComposePress(0.5)(model):
         generated = model.generate(ids, max_new_tokens=12, do_sample=False)
@@ -195,3 +210,19 @@ def test_layers_to_compress():
     assert layers_to_compress([sliding] * 3, 7) == [0, 1, 2]
     with pytest.raises(ValueError, match="every layer of this model is windowed"):
         layers_to_compress([sliding] * 3, 8)
+
+
+@pytest.mark.parametrize("model_of", [lambda: tiny_gemma3(layer_types=(FULL, SLIDING, FULL, SLIDING)),
+                                      lambda: mistral_all_sliding()], ids=["gemma3-full-first", "mistral"])
+def test_later_tokens_without_positions_are_counted_from_the_original_context(model_of):
+    """Layer 0 compressed: transformers would count the question's indices (and positions) from its compressed
+    length; they are counted from the original context, as position_ids continuing from it say."""
+    model, ids, question = model_of(), random_ids(1, 12), random_ids(1, 5, seed=2)
+    logits = []
+    for positions in (None, torch.arange(12, 17)[None]):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), ComposePress(0.5)(model):
+            model.model(input_ids=ids, past_key_values=cache)
+        with torch.no_grad():
+            logits.append(model(input_ids=question, past_key_values=cache, position_ids=positions).logits)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-6, rtol=1e-5)
