@@ -27,7 +27,7 @@ TILE_COLUMNS, TILE_KEYS = 256, 512  # (query x head) columns and keys of one til
 AGGREGATIONS = ("max", "mean")
 # model types whose queries kvpress's get_prerope_query_states recomputes exactly (projection, per-head q_norm,
 # RoPE); others (OLMo2's full-width q_norm, ...) would be scored with other queries than attention used
-EXACT_QUERY_RECOMPUTATION = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+EXACT_QUERY_RECOMPUTATION = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
 
 
 def recompute_queries(module: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
@@ -48,6 +48,12 @@ def query_blocks(module: nn.Module, hidden_states: torch.Tensor, position_embedd
             f"{', '.join(EXACT_QUERY_RECOMPUTATION)}), and this scoring path needs them: load the model with "
             "attn_implementation='sdpa' on CPU with query_source='prefill' or 'bidirectional' (scores from the "
             "queries attention used), or give a scorer"
+        )
+    if getattr(module.config, "attn_logit_softcapping", None):
+        raise ValueError(
+            f"{type(module).__name__} caps its attention logits (attn_logit_softcapping), which recomputed scores "
+            "would not: use attn_implementation='sdpa' on CPU with query_source='prefill' or 'bidirectional', or "
+            "give a scorer"
         )
     if position_embeddings is None:
         raise ValueError(

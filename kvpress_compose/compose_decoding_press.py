@@ -17,6 +17,7 @@ from kvpress_compose.cache_gather import full_cache_bytes, layer_states
 from kvpress_compose.compose_press import ComposePress, language_model_of, positive_int_setting
 from kvpress_compose.query_sources import SCORE_BLOCK_FRACTION, checked_scorer_scores, on_one_scale
 from kvpress_compose.replay import ReplayCache
+from kvpress_compose.windowed_layers import layer_windows
 
 
 @dataclass
@@ -74,7 +75,9 @@ class ComposeDecodingPress(DecodingPress):
     """KVCompose during decoding: every ``compression_interval`` generated tokens, every layer's cache is
     compressed so that the layers together keep ``n_layers x target_size`` entries per KV head, with composite
     tokens and global layer allocation (``base_press``'s settings), in dense ``(batch, kv_heads, k_l, head_dim)``
-    tensors. Between compressions the cache grows as usual. Shaped like kvpress's ``DecodingPress``; the
+    tensors. Between compressions the cache grows as usual. On a model with sliding-window or chunked layers only
+    the full-attention ones are compressed (``n_layers`` counts them), and windowed ones are left as their cache
+    keeps them; a model whose every layer is windowed is refused. Shaped like kvpress's ``DecodingPress``; the
     prefill is compressed by ``base_press`` where its ``compression_ratio`` is above 0.
     Based on KVCompose (https://arxiv.org/abs/2509.05165).
 
@@ -129,6 +132,13 @@ class ComposeDecodingPress(DecodingPress):
 
     def post_init_from_model(self, model: PreTrainedModel):
         self._language_model = language_model_of(model)
+        windows = layer_windows(self._language_model.config.get_text_config(), len(self._language_model.layers))
+        self._full_layers = [layer_idx for layer_idx, window in enumerate(windows) if window is None]
+        if not self._full_layers:
+            raise ValueError(
+                "ComposeDecodingPress compresses full-attention layers, and every layer of this model has a sliding "
+                "window or attention chunk: decoding runs past the window, whose cache already bounds each layer"
+            )
         self.base_press.post_init_from_model(model)
 
     def reset(self):
@@ -147,14 +157,15 @@ class ComposeDecodingPress(DecodingPress):
         cache = kwargs["past_key_values"]
         if isinstance(cache, ReplayCache):  # another ComposePress's replay pass (PrefillDecodingPress): not decoding
             return output
-        check_compressible(cache)
+        check_compressible(cache, self._full_layers)
         n_layers = len(self._language_model.layers)
         if self._generation is None:
             self._generation = DecodingRun()
             follow_reordering(cache, self._generation)
         run = self._generation
         with torch.no_grad():
-            self._buffer(run, module, kwargs)
+            if module.layer_idx in self._full_layers:  # windowed layers are never compressed
+                self._buffer(run, module, kwargs)
             if module.layer_idx == n_layers - 1:
                 run.steps += hidden_states.shape[1]
                 if run.steps >= self.compression_interval:
@@ -168,7 +179,7 @@ class ComposeDecodingPress(DecodingPress):
     def _buffer(self, run: DecodingRun, module: nn.Module, kwargs: dict) -> None:
         layer = module.layer_idx
         run.hidden_states.setdefault(layer, []).append(kwargs["hidden_states"].detach())
-        if layer == 0:  # every layer shares the step's rotary embedding
+        if layer == self._full_layers[0]:  # the full layers share the step's rotary embedding
             batch = kwargs["hidden_states"].shape[0]
             cos, sin = kwargs["position_embeddings"]
             run.position_embeddings.append((cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)))
@@ -177,13 +188,15 @@ class ComposeDecodingPress(DecodingPress):
                                                      kwargs["hidden_states"].shape[0])
 
     def _compress(self, run: DecodingRun, cache) -> None:
-        layers = self._language_model.layers
+        """Compress the full-attention layers (a hybrid model's windowed ones are left as their cache keeps them)
+        to ``target_size`` entries each on average."""
+        layers = [self._language_model.layers[layer_idx] for layer_idx in self._full_layers]
         n_kept = len(layers) * self.target_size
-        lengths = [cache.get_seq_length(i) for i in range(len(layers))]
+        lengths = [cache.get_seq_length(i) for i in self._full_layers]
         if sum(lengths) <= n_kept:
             return
         scores = stack_layer_scores([self._layer_scores(run, layer.self_attn, cache) for layer in layers])
-        self.base_press.compress_scored(cache, scores, n_kept)
+        self.base_press.compress_scored(cache, scores, n_kept, self._full_layers)
 
     def _layer_scores(self, run: DecodingRun, module: nn.Module, cache) -> torch.Tensor:
         """``(batch, kv_heads, cached)`` scores: the recent queries' attention to each of the layer's entries."""
@@ -212,10 +225,11 @@ class ComposeDecodingPress(DecodingPress):
         return press.layer_scores_enhanced(scores, cache, layer, key_valid)
 
 
-def check_compressible(cache) -> None:
-    """Dense per-layer caches only: a DynamicCache or QuantizedCache of full-attention layers."""
+def check_compressible(cache, full_layers: list[int]) -> None:
+    """Dense per-layer caches only: a DynamicCache or QuantizedCache whose ``full_layers`` are full-attention
+    ones (a hybrid model's windowed layers may be sliding: they are not compressed)."""
     if not isinstance(cache, (DynamicCache, QuantizedCache)) or any(
-        type(layer).__name__ != "DynamicLayer" and not isinstance(cache, QuantizedCache) for layer in cache.layers
+        type(cache.layers[i]).__name__ != "DynamicLayer" and not isinstance(cache, QuantizedCache) for i in full_layers
     ):
         raise ValueError(
             f"ComposeDecodingPress compresses a DynamicCache or QuantizedCache of full-attention layers, got a "

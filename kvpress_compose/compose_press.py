@@ -33,6 +33,7 @@ from kvpress_compose.layer_masks import install_layer_mask_hooks
 from kvpress_compose.prefill_inputs import decoder_arguments, prefill_inputs
 from kvpress_compose.prefill_run import PREFILL, SCORED, PrefillRun
 from kvpress_compose.query_sources import QUERY_SOURCES, check_cache_unchanged, query_source_for
+from kvpress_compose.windowed_layers import layer_windows, layers_to_compress, record_window
 
 logger = logging.getLogger(__name__)
 LAYER_ALLOCATIONS = ("global", "uniform")
@@ -88,9 +89,16 @@ class ComposePress(BasePress):
         scoring adds memory O(block x context), never O(context^2). The log-sum-exp path (sdpa on CPU) scores
         in fixed tiles of 256 query columns x 512 keys and does not use it.
 
-    After each prefill, ``last_budgets`` holds what each layer kept (``(layers,)`` composite tokens, or
-    ``(batch, layers, kv_heads)`` tokens when ``structured=False``) and ``last_scores`` the scores ranked; they
-    take no part in comparisons (two presses are equal when their settings are).
+    On a model with sliding-window or chunked-attention layers (``config.layer_types``: Gemma 3, Qwen2 with
+    ``max_window_layers``, Llama 4), only the full-attention layers are compressed and ``compression_ratio`` is a
+    fraction of their entries; every windowed layer is left as the model's cache keeps it (at most its window).
+    Where every layer is windowed (Mistral's ``sliding_window``), the layers are compressed as full ones while the
+    context fits the window, and a longer context is refused (:mod:`kvpress_compose.windowed_layers`).
+
+    After each prefill, ``last_budgets`` holds what each compressed layer kept (``(layers,)`` composite tokens,
+    or ``(batch, layers, kv_heads)`` tokens when ``structured=False``), ``last_layers`` which layers those are,
+    and ``last_scores`` the scores ranked; they take no part in comparisons (two presses are equal when their
+    settings are).
 
     One press is used by one ``with`` block at a time, on one model, from one thread: entering it again while it
     is in use (on the same model or another) raises, and so does a prefill from a second thread while another
@@ -112,6 +120,7 @@ class ComposePress(BasePress):
     score_block_size: int | None = None
     last_budgets: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     last_scores: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    last_layers: list[int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __setattr__(self, name, value):
         """Every documented setting is checked (and normalised: numpy numbers become Python ones) whenever it is
@@ -240,12 +249,11 @@ class ComposePress(BasePress):
         refuse_static_cache(cache)
         inputs = prefill_inputs(arguments)
         check_context_length(inputs, self.min_tokens_per_layer)
-        local_span = attachment.local_span
-        if local_span is not None and inputs.length >= local_span:  # caches keep span - 1
+        compressed_layers = layers_to_compress(attachment.windows, inputs.length)  # windowed layers are left
+        if not self.structured and any(attachment.windows[layer_idx] for layer_idx in compressed_layers):
             raise ValueError(
-                f"context of {inputs.length} tokens does not fit the model's sliding window or attention chunk "
-                f"({local_span} tokens, of which a cache keeps {local_span - 1}): ComposePress supports "
-                "full-attention layers only"
+                "structured=False on a model whose every layer is windowed: kvpress's head-wise masking indexes a "
+                "layer's stored keys, which a sliding cache shifts once tokens pass the window. Use structured=True"
             )
         self._run = PrefillRun(
             inputs=inputs,
@@ -255,8 +263,9 @@ class ComposePress(BasePress):
             agg_task=self.agg_task,
             agg_group=self.agg_group,
             score_block_size=self.score_block_size,
-            local_span=local_span,
+            local_span=attachment.local_span,
             cache=cache,
+            compressed_layers=compressed_layers,
         )
 
     def _finish_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
@@ -295,9 +304,10 @@ class ComposePress(BasePress):
         run.cache = cache if run.cache is None else run.cache  # transformers makes one when none is given
         if cache is not run.cache:  # another press's replay pass, nested in this prefill
             return output
-        with torch.no_grad():  # scoring is never differentiated, even if the forward is
-            keys, values = layer_states(cache, module.layer_idx)
-            run.source.score_layer(run, module, keys, values, output[1], kwargs)
+        if module.layer_idx in run.compressed_layers:  # a windowed layer of a hybrid model is left as it is
+            with torch.no_grad():  # scoring is never differentiated, even if the forward is
+                keys, values = layer_states(cache, module.layer_idx)
+                run.source.score_layer(run, module, keys, values, output[1], kwargs)
         if module.layer_idx == run.n_layers - 1:
             run.close()  # the prefill's captured attention is no longer needed
             run.phase = SCORED  # compressed when the decoder call returns (_finish_prefill)
@@ -306,10 +316,14 @@ class ComposePress(BasePress):
     # -- allocation and compression -----------------------------------------------------------------------
 
     def _compress(self, run: PrefillRun, cache):
-        scores = self._stacked_scores(run, cache)
+        scores = self._stacked_scores(run, cache)  # the compressed layers' only: the ratio is on their entries
         if self.structured:
             n_kept = compute_n_kept(scores.shape[0] * scores.shape[-1], self.compression_ratio)
-            self.compress_scored(cache, scores, n_kept)
+            positions = self.compress_scored(cache, scores, n_kept, run.compressed_layers)
+            for layer_idx, kept in positions.items():  # a windowed layer compressed as a full one (short context)
+                window = self._attachment.windows[layer_idx]
+                if window is not None:
+                    record_window(cache.layers[layer_idx], window, kept, run.inputs.valid)
         else:
             sorted_scores, token_order = self._ranked(scores)
             self._mask_unstructured(run, sorted_scores, token_order)
@@ -323,12 +337,16 @@ class ComposePress(BasePress):
         self.last_scores = scores
         return rank_tokens(scores)
 
-    def compress_scored(self, cache, scores: torch.Tensor, n_kept: int) -> None:
-        """Keep ``n_kept`` composite tokens over every layer of ``cache``, from ``(layers, batch, kv_heads, n)``
-        scores (``-inf``: never kept): composite tokens and the layer allocation as the settings say. The
-        prefill uses it at ``compression_ratio``; :class:`~kvpress_compose.ComposeDecodingPress` during decoding."""
+    def compress_scored(self, cache, scores: torch.Tensor, n_kept: int,
+                        layer_indices: list[int] | None = None) -> dict[int, torch.Tensor]:
+        """Keep ``n_kept`` composite tokens over the layers ``layer_indices`` of ``cache`` (default: every layer),
+        from their ``(layers, batch, kv_heads, n)`` scores (``-inf``: never kept): composite tokens and the layer
+        allocation as the settings say; other layers are left as they are. The prefill uses it at
+        ``compression_ratio``; :class:`~kvpress_compose.ComposeDecodingPress` during decoding. Returns each
+        compressed layer's kept positions, ``(batch, kv_heads, k_l)`` ascending."""
         sorted_scores, token_order = self._ranked(scores)
-        self._compress_structured(cache, sorted_scores, token_order, n_kept)
+        layer_indices = list(range(scores.shape[0])) if layer_indices is None else list(layer_indices)
+        return self._compress_structured(cache, sorted_scores, token_order, n_kept, layer_indices)
 
     def layer_scores_enhanced(self, scores: torch.Tensor, cache, layer_idx: int, valid: torch.Tensor) -> torch.Tensor:
         """``(batch, kv_heads, n)`` scores of a layer with the value-norm enhancement, and -inf where ``valid``
@@ -344,12 +362,12 @@ class ComposePress(BasePress):
         """``(layers, batch, kv_heads, n)`` scores on one device; positions a layer lacks are -inf."""
         check_context_length(run.inputs, self.min_tokens_per_layer)
         layer_scores = [self.layer_scores_enhanced(run.source.layer_scores(run, layer_idx), cache, layer_idx,
-                                                   run.inputs.valid) for layer_idx in range(run.n_layers)]
-        check_cache_unchanged([cache.get_seq_length(i) for i in range(run.n_layers)],
+                                                   run.inputs.valid) for layer_idx in run.compressed_layers]
+        check_cache_unchanged([cache.get_seq_length(i) for i in run.compressed_layers],
                               [scores.shape[2] for scores in layer_scores])
         return stack_layer_scores(layer_scores)
 
-    def _compress_structured(self, cache, sorted_scores, token_order, n_kept: int):
+    def _compress_structured(self, cache, sorted_scores, token_order, n_kept: int, layer_indices: list[int]):
         n_layers, _, _, n = sorted_scores.shape
         if n_layers * self.min_tokens_per_layer > n_kept:
             logger.warning(
@@ -370,17 +388,24 @@ class ComposePress(BasePress):
                 "share one length per layer, so the shortest row bounds each layer)"
             )
         self.last_budgets = budgets.cpu()
-        for layer_idx, budget in enumerate(self.last_budgets.tolist()):
-            compress_layer(cache, layer_idx, kept_positions(token_order[layer_idx], budget))
+        self.last_layers = layer_indices
+        positions = {}
+        for row, (layer_idx, budget) in enumerate(zip(layer_indices, self.last_budgets.tolist())):
+            positions[layer_idx] = kept_positions(token_order[row], budget)
+            compress_layer(cache, layer_idx, positions[layer_idx])
         logger.info(  # kvpress's pipeline logs layer 0's length only, which says little here
             f"ComposePress kept {int(budgets.sum())} of {n_layers * n} entries per KV head (budget {n_kept}, "
             f"compression_ratio={self.compression_ratio}); per layer: {self.last_budgets.tolist()}"
+            + (f" (layers {layer_indices}; the others are windowed, left as they are)"
+               if len(layer_indices) < len(cache.layers) else "")
         )
+        return positions
 
     def _mask_unstructured(self, run: PrefillRun, sorted_scores, token_order):
         budgets = head_budgets(sorted_scores, self.compression_ratio, self.min_tokens_per_layer)  # (b, L, H)
         self.last_budgets = budgets.cpu()
-        mask_evicted_entries(run.attention_modules, token_order, budgets)
+        self.last_layers = run.compressed_layers
+        mask_evicted_entries([run.attention_modules[i] for i in run.compressed_layers], token_order, budgets)
         remember_masks(run.cache, run.attention_modules)
 
 
@@ -399,7 +424,9 @@ class DecoderAttachment:
                  model_name: str = "model"):
         self.press, self.language_model, self.attention_modules = press, language_model, attention_modules
         self.model_name = model_name  # the class of the model the press was entered on, for errors
-        self.local_span = local_attention_span(language_model.config.get_text_config())
+        config = language_model.config.get_text_config()
+        self.local_span = local_attention_span(config)
+        self.windows = layer_windows(config, len(attention_modules))  # None: full attention
         self.compressed = weakref.WeakSet()  # caches this press compressed while attached
         self.watched: set[int] = set()  # ids of the kvpress hooks whose removal removes ours
         self.handles = [

@@ -10,6 +10,11 @@ their causal structure and any padding the original mask gave them. A pre-hook o
 a 2D padding mask given at the original length (``generate`` passes one): transformers would read its columns
 from the left, so the later tokens' padding is taken from its right end instead. The hooks act only on caches
 that ComposePress compressed (their layers carry ``CONTEXT_LENGTH_ATTRIBUTE``), for eager, sdpa and flash.
+
+Models with windowed layers (:mod:`kvpress_compose.windowed_layers`): a hybrid model's windowed layers are left
+uncompressed and keep the original indices, so the 2D mask stays as given and the tokens after the context take
+their padding and indices from the original context; a windowed layer compressed as a full one gets a per-head
+mask that hides each kept entry once the query's window has passed its original index.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from torch import nn
 from kvpress_compose.cache_gather import CONTEXT_LENGTH_ATTRIBUTE, ORIGINAL_LENGTH_ATTRIBUTE
 from kvpress_compose.positions import warn_if_positions_repeat
 from kvpress_compose.visibility import causally_visible
+from kvpress_compose.windowed_layers import WINDOW_ATTRIBUTE, windowed_visible_keys
 
 HOOK_ATTRIBUTE = "_compose_layer_mask_hook"
+LATER_PADDING_ATTRIBUTE = "compose_later_padding"  # on a partly compressed cache: (batch, later) 2D padding, or None
 logger = logging.getLogger(__name__)
 
 
@@ -54,9 +61,12 @@ def compressed_context_length(layers, layer_idx: int) -> int | None:
 
 def decoder_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     """On a compressed cache, make a 2D padding mask ``(layer-0 context) + later tokens`` long, its later part
-    taken from the right end of the given mask (which may span the original context)."""
+    taken from the right end of the given mask (which may span the original context). On a cache with windowed
+    layers, whose masks read the 2D mask at the original indices, see :func:`stash_later_padding` instead."""
     cache = kwargs.get("past_key_values")
     layers = getattr(cache, "layers", None)
+    if partly_compressed(cache, layers) or any(hasattr(layer, WINDOW_ATTRIBUTE) for layer in layers or []):
+        return stash_later_padding(cache, layers, args, kwargs)
     layer0_context = compressed_context_length(layers, 0)
     if layer0_context is None:
         return None
@@ -84,6 +94,8 @@ def layer_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     q_len = hidden_states.shape[1]
     mask = kwargs.get("attention_mask")
     implementation = module.config._attn_implementation
+    if hasattr(layers[module.layer_idx], WINDOW_ATTRIBUTE):  # a windowed layer compressed as a full one
+        return windowed_layer_mask(module, args, kwargs, layers, context_length, hidden_states)
     if "flash" in implementation:
         # flash attention aligns the causal mask bottom-right by itself; a 2D padding mask sized for layer 0
         # would not fit, and kept context entries are never padding
@@ -92,7 +104,12 @@ def layer_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     if mask is None and q_len == 1:
         return None  # a single query sees the whole cache
     layer0_context = getattr(layers[0], CONTEXT_LENGTH_ATTRIBUTE, context_length)
+    later_padding = getattr(cache, LATER_PADDING_ATTRIBUTE, None) if partly_compressed(cache, layers) else None
+    if later_padding is not None:  # a hybrid model's cache: the 4D mask read the 2D one at other columns
+        mask = None
     visible = visible_keys(mask, context_length, layer0_context, cached, q_len, hidden_states)
+    if later_padding is not None:  # the later tokens' padding, from the right end of the 2D mask
+        visible[..., context_length:] &= later_padding[:, None, None, -(cached - context_length + q_len):]
     if implementation == "eager":  # eager adds the mask to the attention logits
         additive = torch.zeros(visible.shape, dtype=hidden_states.dtype, device=visible.device)
         visible = additive.masked_fill_(~visible, torch.finfo(hidden_states.dtype).min)
@@ -111,3 +128,75 @@ def visible_keys(mask, context_length, layer0_context, cached, q_len, hidden_sta
         incoming = mask[..., layer0_context:] if mask.dtype == torch.bool else mask[..., layer0_context:] == 0
         visible_later = visible_later & incoming[..., -q_len:, :]
     return torch.cat([visible_later.new_ones(batch, 1, q_len, context_length), visible_later], dim=-1)
+
+
+def partly_compressed(cache, layers) -> bool:
+    """Whether ComposePress compressed some layers of ``cache`` and left others (a hybrid model's windowed
+    layers, which keep the original context's indices)."""
+    if not layers:
+        return False
+    compressed = [compressed_context_length(layers, layer_idx) is not None for layer_idx in range(len(layers))]
+    return any(compressed) and not all(compressed)
+
+
+def stash_later_padding(cache, layers, args: tuple, kwargs: dict):
+    """On a partly compressed cache, or one with windowed layers, the 2D padding mask stays as given (windowed
+    layers' masks read its columns at the original indices), so the tokens after the context take their padding
+    from its right end, kept on the cache for :func:`layer_mask_pre_hook`; None where no 2D mask is given.
+    Without ``cache_position``, transformers would count the new tokens' indices from layer 0's length, which
+    may be compressed: they are counted from the original context instead (windowed masks and, without
+    ``position_ids``, positions are computed from them)."""
+    inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    inputs = args[0] if inputs is None and args else inputs  # input_ids given positionally
+    if kwargs.get("cache_position") is None and inputs is not None:
+        seen = original_length(layers)
+        kwargs["cache_position"] = torch.arange(seen, seen + inputs.shape[1], device=inputs.device)
+    mask = kwargs.get("attention_mask")
+    later_padding = None
+    if mask is not None and mask.dim() == 2:
+        layer_idx = next(i for i in range(len(layers)) if hasattr(layers[i], CONTEXT_LENGTH_ATTRIBUTE))
+        later = layers[layer_idx].get_seq_length() - getattr(layers[layer_idx], CONTEXT_LENGTH_ATTRIBUTE)
+        later += inputs.shape[1]
+        if mask.shape[1] < later:
+            raise ValueError(f"attention_mask has {mask.shape[1]} columns, fewer than the {later} tokens after the "
+                             "context")
+        later_padding = mask[:, mask.shape[1] - later :].bool()
+    setattr(cache, LATER_PADDING_ATTRIBUTE, later_padding)
+    return args, kwargs
+
+
+def windowed_layer_mask(module, args, kwargs, layers, context_length: int, hidden_states):
+    """The mask of a windowed layer compressed as a full one: per KV head (kept positions differ by head), each
+    kept entry visible while the query's window covers its original index."""
+    implementation = module.config._attn_implementation
+    if "flash" in implementation:
+        raise ValueError(
+            "a windowed layer compressed by ComposePress needs a per-head mask, which flash attention does not "
+            "take: load the model with attn_implementation='sdpa' or 'eager'"
+        )
+    layer = layers[module.layer_idx]
+    q_len = hidden_states.shape[1]
+    after = layer.get_seq_length() - context_length  # tokens already cached after the context
+    later_visible = causally_visible(range(after, after + q_len), range(after + q_len), 0, hidden_states.device)
+    later_visible = later_visible[None, None]
+    later_padding = getattr(kwargs.get("past_key_values"), LATER_PADDING_ATTRIBUTE, None)
+    if later_padding is not None:
+        later_visible = later_visible & later_padding[:, None, None, -(after + q_len):].to(later_visible.device)
+    visible = windowed_visible_keys(layer, context_length, q_len, later_visible, hidden_states.device)
+    group = module.config.num_attention_heads // visible.shape[1]
+    visible = visible.repeat_interleave(group, dim=1)  # (batch, q_heads, q_len, keys)
+    if implementation == "eager":
+        additive = torch.zeros(visible.shape, dtype=hidden_states.dtype, device=visible.device)
+        visible = additive.masked_fill_(~visible, torch.finfo(hidden_states.dtype).min)
+    kwargs["attention_mask"] = visible
+    return args, kwargs
+
+
+def original_length(layers) -> int:
+    """Tokens the cache has seen, the original context's length included: an uncompressed layer's length, else
+    (every layer windowed and compressed) the context's recorded length plus the tokens after it."""
+    for layer in layers:
+        if not hasattr(layer, CONTEXT_LENGTH_ATTRIBUTE):
+            return layer.get_seq_length()
+    layer = layers[0]
+    return getattr(layer, WINDOW_ATTRIBUTE).n_context + layer.get_seq_length() - getattr(layer, CONTEXT_LENGTH_ATTRIBUTE)

@@ -36,6 +36,7 @@ class PrefillRun:
     language_model : the decoder stack; ``attention_modules`` its layers' attention modules.
     agg_task, agg_group, score_block_size : the press's settings scoring uses (see ComposePress).
     local_span : the model's sliding window or attention chunk, None for full attention.
+    compressed_layers : the layers scored and compressed (windowed layers of a hybrid model are left out).
     """
 
     inputs: PrefillInputs
@@ -53,10 +54,14 @@ class PrefillRun:
     nested_calls: int = 0  # decoder calls nested in this prefill's (replay passes) not yet ended
     capture: LseCapture | None = None  # open while the prefill's attention leaves its log-sum-exp
     thread: int = field(default_factory=threading.get_ident)  # the thread whose forward this prefill is
+    compressed_layers: list[int] | None = None  # None: every layer
 
     def __post_init__(self):
+        if self.compressed_layers is None:
+            self.compressed_layers = list(range(self.n_layers))
         if self.source.captures_prefill_lse:
-            self.capture = LseCapture(self.attention_modules).__enter__()
+            scored = [self.attention_modules[layer_idx] for layer_idx in self.compressed_layers]
+            self.capture = LseCapture(scored).__enter__()
 
     @property
     def n_layers(self) -> int:

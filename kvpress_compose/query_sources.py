@@ -96,14 +96,17 @@ class Replay(QuerySource):
         check_unpruned("replay", keys, kwargs["hidden_states"])
 
     def finish(self, run, cache):
-        lengths = [cache.get_seq_length(layer_idx) for layer_idx in range(run.n_layers)]
-        check_cache_unchanged(lengths, [run.inputs.length] * run.n_layers)
+        lengths = [cache.get_seq_length(layer_idx) for layer_idx in run.compressed_layers]
+        check_cache_unchanged(lengths, [run.inputs.length] * len(lengths))
         replay_cache = ReplayCache(cache, run.inputs.length, chunk_local=self.chunk_local)
+        replay_cache.scored_layers = set(run.compressed_layers)  # a hybrid model's windowed layers only run
         # a sliding window or attention chunk may hide context keys from re-fed queries, which scoring assumes
-        # they all see: there, scores come from a softmax over every context key
+        # they all see, and the unmasked split would not apply the window: there, scores come from a softmax over
+        # every context key, and the model's own masks (windowed layers included) apply to the re-fed tokens
         capture = LseCapture(run.attention_modules) if run.local_span is None else None
+        scored_modules = [run.attention_modules[layer_idx] for layer_idx in run.compressed_layers]
         hooks = [module.register_forward_hook(self.refed_hook(run, replay_cache, capture), with_kwargs=True)
-                 for module in run.attention_modules]
+                 for module in scored_modules]
         phase, run.phase = run.phase, REPLAY
         try:
             with capture if capture is not None else nullcontext():

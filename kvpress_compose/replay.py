@@ -48,6 +48,7 @@ class ReplayCache(DynamicCache):
         self.replayed = 0
         self.keep_refed = not chunk_local  # False for a single pass too: no later chunk attends to them
         self.attended_keys: dict[int, torch.Tensor] = {}
+        self.scored_layers = set(range(len(source.layers)))  # the layers whose attended keys are kept for scoring
         self._refed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
@@ -57,10 +58,11 @@ class ReplayCache(DynamicCache):
             value_states = torch.cat([past_values, value_states], dim=2)
         if self.keep_refed:
             self._refed[layer_idx] = (key_states, value_states)
-        keys, values = layer_states(self.source, layer_idx)
-        keys = torch.cat([keys[:, :, : self.context_length], key_states], dim=2)
-        values = torch.cat([values[:, :, : self.context_length], value_states], dim=2)
-        self.attended_keys[layer_idx] = keys
+        keys, values = (context_entries(states, self.context_length) for states in layer_states(self.source, layer_idx))
+        keys = torch.cat([keys, key_states], dim=2)
+        values = torch.cat([values, value_states], dim=2)
+        if layer_idx in self.scored_layers:
+            self.attended_keys[layer_idx] = keys
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -68,6 +70,16 @@ class ReplayCache(DynamicCache):
 
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
         return self.get_seq_length() + cache_position.shape[0], 0
+
+
+def context_entries(states: torch.Tensor, context_length: int) -> torch.Tensor:
+    """A layer's first ``context_length`` entries ``(batch, kv_heads, context_length, head_dim)``. A sliding cache
+    layer holds only the last ``window - 1`` of a longer context: the ones it dropped are zeros here, at their
+    indices, which no re-fed query's window reaches (the model's sliding or chunked mask hides them)."""
+    missing = context_length - states.shape[2]
+    if missing <= 0:
+        return states[:, :, :context_length]
+    return torch.cat([states.new_zeros(*states.shape[:2], missing, states.shape[3]), states], dim=2)
 
 
 class ReplayScored(Exception):

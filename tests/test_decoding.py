@@ -168,9 +168,9 @@ def test_it_is_a_kvpress_decoding_press_that_kvpress_pipeline_runs_during_decodi
     assert isinstance(press, DecodingPress)
     budgets = []
     original = ComposePress.compress_scored
-    def counted(self, cache, scores, n_kept):
+    def counted(self, cache, scores, n_kept, *layer_indices):
         budgets.append(n_kept)
-        return original(self, cache, scores, n_kept)
+        return original(self, cache, scores, n_kept, *layer_indices)
 
     monkeypatch.setattr(ComposePress, "compress_scored", counted)
     pipe = pipeline("kv-press-text-generation", model=str(tiny_model_folder(tmp_path / "m")),
