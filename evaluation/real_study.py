@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(REAL_MODELS))
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per context, in the model's tokenizer")
-    parser.add_argument("--contexts", type=int, default=15, help="contexts per task for the leaders' claims")
+    parser.add_argument("--contexts", type=int, default=10, help="contexts per task for the leaders' claims (RULER's multi-needle tasks ask 4-10 questions of each)")
     parser.add_argument("--field-contexts", type=int, default=3, help="contexts per task for every press")
     parser.add_argument("--screen-contexts", type=int, default=5, help="contexts per task for the screening")
     parser.add_argument("--min-accuracy", type=float, default=MIN_ACCURACY,
