@@ -1,12 +1,16 @@
-"""Evaluate KV cache presses on the synthetic retrieval tasks.
+"""Evaluate KV cache presses on RULER's retrieval tasks (a real model) or the word-level tasks (a toy model).
 
-    python -m evaluation                  # the quick sweep: shipped model, 7 presses, ratios 0.5 and 0.75
+    python -m evaluation                  # the quick sweep: SmolLM2-135M-Instruct, RULER at 1024 tokens, 5 presses
     python -m evaluation --presses snapkv compose_replay --ratios 0.25 0.5 0.75 --fidelity
-    python -m evaluation --model Qwen/Qwen3-0.6B --dataset-dir evaluation/data/synthetic-4096
-    python -m evaluation data --out evaluation/data/synthetic-1024-x20 --contexts 20   # only write data
+    python -m evaluation --model Qwen/Qwen3-0.6B --tokens 4096 --contexts 5 --tasks niah_single_1 niah_multikey_1
+    python -m evaluation --model evaluation/models/retrieval-llama      # the trained toy model, word-level tasks
+    python -m evaluation data --out evaluation/data/synthetic-1024-x20 --contexts 20   # only write word-level data
 
-The data (``--contexts`` contexts of ``--words`` words per task) is generated into ``--dataset-dir`` when that
-folder holds none; it is checked (files, columns) and ``--out`` is checked writable before the first run. Runs
+A real model (a short name of :mod:`evaluation.real_models`, a hub id or a folder) is evaluated on RULER's tasks
+(:mod:`evaluation.ruler`: ``--tasks``, ``--contexts`` per task of ``--tokens`` tokens of its own tokenizer); the
+trained toy models under ``evaluation/models/`` on the word-level tasks (``--contexts`` of ``--words`` words).
+The data is generated into ``--dataset-dir`` (by default a folder under ``evaluation/data/`` named by those
+settings) when that folder holds none; it is checked (files, columns) and ``--out`` is checked writable before the first run. Runs
 go to ``--out`` (default ``results/sweep``; kvpress's own evaluate.py writes under ``results/kvpress``). A run
 already there is skipped when its record (data fingerprint, press settings, contexts, seed, fidelity options)
 matches; otherwise it runs again, saying why (``--overwrite`` reruns all, ``--retry-failed`` the failed ones).
@@ -23,37 +27,73 @@ import time
 from pathlib import Path
 
 from . import data
+from .ruler import RULER_TASKS
 from .run import DEFAULT_OUTPUT_DIR, add_run_options, preflight, run_options
 from .sweep import plan, run_sweep
 
-SHIPPED_MODEL = Path(__file__).parent / "models" / "retrieval-llama"
-DEFAULT_PRESSES = [
-    "no_press",
-    "snapkv",
-    "expected_attention",
-    "kvzip",
-    "compose_prefill",
-    "compose_bidirectional",
-    "compose_replay",
-]
+TOY_MODELS = Path(__file__).parent / "models"  # models trained on the word-level tasks (their tokens are words)
+SHIPPED_MODEL = TOY_MODELS / "retrieval-llama"
+DEFAULT_MODEL = "smollm2-135m"
+# the default ComposePress, the paper's replay, KVzip (masks; holds the whole cache) and SnapKV (no extra pass)
+DEFAULT_PRESSES = ["no_press", "compose", "compose_bidirectional", "kvzip", "snapkv"]
 DEFAULT_RATIOS = [0.5, 0.75]
-DEFAULT_CONTEXTS = 6
+DEFAULT_CONTEXTS = 2
 DEFAULT_WORDS = 1024
+DEFAULT_TOKENS = 1024
+# RULER tasks SmolLM2-135M-Instruct answers uncompressed, each asking 4 questions of a context (the study's screening)
+QUICK_TASKS = ["niah_multikey_1", "niah_multiquery"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m evaluation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=None, help="hub id or model folder (default: the shipped model)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a real model's short name (evaluation.real_models), "
+                        "a hub id or a model folder (default: %(default)s)")
     parser.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES, help="names from evaluation.registry")
     parser.add_argument("--ratios", nargs="+", type=float, default=DEFAULT_RATIOS, help="compression ratios")
     parser.add_argument("--dataset-dir", type=Path, default=None, help="default: evaluation/data/synthetic-<words>")
     parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUTPUT_DIR), help="results folder")
     parser.add_argument("--contexts", type=int, default=DEFAULT_CONTEXTS, help="contexts per task, when generating")
-    parser.add_argument("--words", type=int, default=DEFAULT_WORDS, help="words per context, when generating")
+    parser.add_argument("--words", type=int, default=DEFAULT_WORDS, help="words per context, toy models' tasks")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens per context, RULER's tasks")
+    parser.add_argument("--tasks", nargs="+", default=QUICK_TASKS, help="RULER's tasks (evaluation.ruler)")
     add_run_options(parser)
+    parser.set_defaults(threads=min(2, os.cpu_count() or 1))  # one sweep process: its cores are idle otherwise
     return parser
+
+
+def is_toy_model(model: str) -> bool:
+    """Whether ``model`` is one of the trained toy models, which read the word-level tasks."""
+    path = Path(model)
+    return path.exists() and path.resolve().is_relative_to(TOY_MODELS.resolve())
+
+
+def ruler_data_dir(model: str, n_tokens: int, n_contexts: int, tasks: list[str]) -> Path:
+    """Where the quick sweep keeps RULER's ``tasks`` for ``model`` (named by every setting that shapes them)."""
+    name = Path(model).name if Path(model).exists() else model.replace("/", "--")
+    return data.DEFAULT_DATA_ROOT / f"ruler-{name}-{n_tokens}-c{n_contexts}-{'+'.join(sorted(tasks))}"
+
+
+def ensure_ruler_data(model: str, data_dir: Path, n_tokens: int, n_contexts: int, tasks: list[str]) -> Path:
+    """``data_dir``, after writing RULER's ``tasks`` there in ``model``'s tokens if it holds none."""
+    if data.has_dataset(data_dir):
+        print(f"data: {data_dir}")
+        return data_dir
+    import json
+
+    from transformers import AutoTokenizer
+
+    from .real_models import resolve_model
+    from .ruler import write_ruler_dataset
+
+    folder = Path(resolve_model(model))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder) if folder.exists() else model)
+    config = folder / "config.json"
+    max_context = json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
+    write_ruler_dataset(data_dir, tokenizer, n_tokens, n_contexts, tasks=tuple(tasks), max_context=max_context)
+    print(f"data: generated {n_contexts} contexts of {n_tokens} tokens per task ({', '.join(tasks)}) in {data_dir}")
+    return data_dir
 
 
 def shipped_model() -> str:
@@ -91,13 +131,25 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = build_parser()
     args = parser.parse_args(argv)
-    model = args.model or shipped_model()
-    data_dir = args.dataset_dir or data.default_data_dir(args.words)
+    model = shipped_model() if args.model in ("shipped", str(SHIPPED_MODEL)) else args.model
+    toy = is_toy_model(model)
+    if toy:
+        data_dir = args.dataset_dir or data.default_data_dir(args.words)
+    else:
+        unknown = sorted(set(args.tasks) - set(RULER_TASKS))
+        if unknown:
+            parser.error(f"--tasks: unknown {unknown}; RULER's tasks here are {list(RULER_TASKS)}")
+        data_dir = args.dataset_dir or ruler_data_dir(model, args.tokens, args.contexts, args.tasks)
+    dataset_name = "ruler" if not toy and args.dataset_dir is None else "synthetic"  # a given folder: as before
     try:
-        configs = plan(model, args.presses, args.ratios, data_dir, args.out, **run_options(args))
+        configs = plan(model, args.presses, args.ratios, data_dir, args.out, dataset=dataset_name,
+                       **run_options(args))
     except ValueError as error:
         parser.error(str(error))
-    ensure_data(data_dir, args.contexts, args.words)
+    if toy:
+        ensure_data(data_dir, args.contexts, args.words)
+    elif args.dataset_dir is None:
+        ensure_ruler_data(model, data_dir, args.tokens, args.contexts, args.tasks)
     try:
         preflight(configs)
     except (ValueError, OSError) as error:

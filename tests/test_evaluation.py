@@ -378,7 +378,20 @@ def test_cli_errors_name_the_bad_argument(tmp_path, monkeypatch, capsys):
     assert "compression_ratio must be in [0, 1), got 1.5" in capsys.readouterr().err
     monkeypatch.setattr(cli, "SHIPPED_MODEL", tmp_path / "missing")
     with pytest.raises(SystemExit, match="python -m evaluation.train_model"):
-        cli.main([])
+        cli.main(["--model", "shipped"])
+
+
+def test_main_job_runs_ruler_on_the_real_model_and_word_tasks_on_toy_models(tmp_path, capsys):
+    args = cli.build_parser().parse_args([])
+    assert args.model == "smollm2-135m" and args.tasks == cli.QUICK_TASKS and args.tokens == 1024
+    assert {"no_press", "compose", "kvzip", "snapkv"} <= set(args.presses)
+    assert cli.is_toy_model(str(cli.SHIPPED_MODEL)) and not cli.is_toy_model("smollm2-135m")
+    assert not cli.is_toy_model(str(tmp_path))
+    folder = cli.ruler_data_dir("org/model", 2048, 3, ["niah_multiquery", "niah_single_1"])
+    assert folder.name == "ruler-org--model-2048-c3-niah_multiquery+niah_single_1"
+    with pytest.raises(SystemExit):
+        cli.main(["--tasks", "niah_single_9", "--dataset-dir", str(tmp_path)])
+    assert "--tasks: unknown ['niah_single_9']" in capsys.readouterr().err
 
 
 def test_cli_data_subcommand(tmp_path):
