@@ -94,7 +94,7 @@ def write_data(model: str, data_dir: Path, n_tokens: int, n_contexts: int) -> No
 
 def screening_config(model: str, data_dir: Path, out: Path, n_contexts: int) -> RunConfig:
     """``no_press`` on the first ``n_contexts`` contexts of every task."""
-    return RunConfig(model, str(data_dir), BASELINE, 0.0, output_dir=str(out / f"study__{data_dir.name}" /
+    return RunConfig(model, str(data_dir), BASELINE, 0.0, dataset="ruler", output_dir=str(out / f"study__{data_dir.name}" /
                      f"screen-{n_contexts}"), max_contexts=n_contexts)
 
 
@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(REAL_MODELS))
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per context, in the model's tokenizer")
-    parser.add_argument("--contexts", type=int, default=10, help="contexts per task for the leaders' claims (RULER's multi-needle tasks ask 4-10 questions of each)")
+    parser.add_argument("--contexts", type=int, default=10,
+                        help="contexts per task for the leaders' claims (RULER's multi-needle tasks ask 4-10 of each)")
     parser.add_argument("--field-contexts", type=int, default=3, help="contexts per task for every press")
     parser.add_argument("--screen-contexts", type=int, default=5, help="contexts per task for the screening")
     parser.add_argument("--min-accuracy", type=float, default=MIN_ACCURACY,
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     plan = study_plan(args.model, eligible_dir, args.out, args.contexts, args.field_contexts,
                       tuple(args.claim_ratios), tuple(args.ratios), args.field_presses or field_presses(),
-                      leaders=tuple(args.leaders))
+                      leaders=tuple(args.leaders), dataset="ruler")
     plan = {tier: priority(configs, tuple(args.leaders)) for tier, configs in plan.items()}
     every_run = plan["claims"] + plan["field"]
     for config in every_run:

@@ -89,7 +89,7 @@ def field_presses() -> list[str]:
 
 def study_plan(model: str, data_dir: Path, out: Path, contexts: int, field_contexts: int,
                claim_ratios=CLAIM_RATIOS, ratios=RATIOS, field: list[str] | None = None,
-               leaders: tuple[str, ...] = LEADERS) -> dict[str, list[RunConfig]]:
+               leaders: tuple[str, ...] = LEADERS, dataset: str = "synthetic") -> dict[str, list[RunConfig]]:
     """``{"claims": ..., "field": ...}`` run configurations (``field``: the field's presses, by default
     :func:`field_presses`); each tier writes under its own folder."""
     if field_contexts > contexts:
@@ -100,7 +100,8 @@ def study_plan(model: str, data_dir: Path, out: Path, contexts: int, field_conte
     for tier, (presses, tier_ratios, n_contexts) in tiers.items():
         output_dir = out / f"study__{data.dataset_name(data_dir)}" / f"contexts-{n_contexts}"
         plan[tier] = [
-            RunConfig(model, str(data_dir), press, ratio, output_dir=str(output_dir), max_contexts=n_contexts)
+            RunConfig(model, str(data_dir), press, ratio, dataset=dataset, output_dir=str(output_dir),
+                      max_contexts=n_contexts)
             for press in presses
             for ratio in ([0.0] if press == BASELINE else sorted(tier_ratios))
         ]
