@@ -1,0 +1,66 @@
+"""The real-model study's planning: screening, the eligible tasks' dataset, run order and claims between processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from evaluation import data, real_study
+from evaluation.run import RunConfig
+from evaluation.synthetic_tasks import BASE_TASKS
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return data.write_dataset(tmp_path / "ruler-m-64", n_contexts=2, n_words=64, seed=0, tasks=BASE_TASKS[:3])
+
+
+def test_screening_keeps_the_tasks_the_uncompressed_model_can_do(tmp_path, dataset):
+    config = real_study.screening_config("m", dataset, tmp_path / "out", 2)
+    assert config.press_name == "no_press" and config.max_contexts == 2 and config.dataset == "ruler"
+    config.results_dir().mkdir(parents=True)
+    scores = {"niah_single": 100.0, "niah_multikey": 39.9, "niah_multivalue": 40.0}
+    (config.results_dir() / "metrics.json").write_text(json.dumps({"scores": scores}))
+    assert real_study.screening(config, 40.0) == (scores, ["niah_single", "niah_multivalue"])
+    section = real_study.screening_section(scores, ["niah_single", "niah_multivalue"], 2, 40.0)
+    assert "| niah_multikey | 39.9 | no |" in section and "Left out of every average (under 40): niah_multikey" \
+        in section
+
+
+def test_the_eligible_dataset_holds_exactly_the_eligible_tasks_byte_for_byte(dataset):
+    target = real_study.eligible_dataset(dataset, ["niah_single", "niah_multikey"])
+    assert target.name == "ruler-m-64-eligible"
+    assert sorted(p.name for p in target.glob("test-*.jsonl")) == ["test-niah_multikey.jsonl",
+                                                                   "test-niah_single.jsonl"]
+    assert data.task_file(target, "niah_single").read_bytes() == data.task_file(dataset, "niah_single").read_bytes()
+    real_study.eligible_dataset(dataset, ["niah_single"])  # a later screening with fewer tasks drops the others
+    assert [p.name for p in target.glob("test-*.jsonl")] == ["test-niah_single.jsonl"]
+    assert set(data.load_rows(target)["task"]) == {"niah_single"}
+
+
+def test_runs_go_baseline_first_then_by_ratio_priority_then_leader_order(tmp_path):
+    configs = [RunConfig("m", "d", press, ratio, output_dir=str(tmp_path))
+               for press in ("snapkv", "kvzip", "compose_replay") for ratio in (0.5, 0.9, 0.75)]
+    configs.append(RunConfig("m", "d", "no_press", 0.0, output_dir=str(tmp_path)))
+    order = [(c.press_name, c.compression_ratio) for c in real_study.priority(configs)]
+    assert order[0] == ("no_press", 0.0)
+    assert order[1:4] == [("compose_replay", 0.75), ("kvzip", 0.75), ("snapkv", 0.75)]
+    assert [ratio for _, ratio in order[1:]] == [0.75] * 3 + [0.9] * 3 + [0.5] * 3
+
+
+def test_a_run_claimed_by_a_live_process_is_skipped_and_a_dead_claim_is_taken_over(tmp_path):
+    config = RunConfig("m", "d", "kvzip", 0.75, output_dir=str(tmp_path))
+    assert real_study.claim(config) and (config.results_dir() / ".claimed").read_text() == str(os.getpid())
+    assert real_study.claim(config)  # our own claim
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (config.results_dir() / ".claimed").write_text(str(sleeper.pid))
+        assert not real_study.claim(config)  # a live process holds it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert real_study.claim(config)  # its holder died: taken over
