@@ -90,13 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset-name", default="synthetic", help="the --dataset name of the local datasets")
     args = parser.parse_args(ours)
     folder = kvpress_evaluation_dir(args.kvpress_dir)
-    with quiet_press_construction():  # kvpress's registry builds every press at import, KVzip's three included
+    # kvpress's registry builds every press at import (KVzipPress's cost notice, three times), and fire imports
+    # the deprecated `pipes` module: neither is ours to fix, so both are silenced while they are imported
+    with quiet_press_construction(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         evaluate_registry = import_from(folder, "evaluate_registry")
         register_with_kvpress(evaluate_registry)
         register_local_datasets(evaluate_registry, args.dataset_name, Path(args.data_root).resolve())
         evaluate = import_from(folder, "evaluate")
-    with warnings.catch_warnings():  # fire imports the deprecated `pipes` module: not ours to fix
-        warnings.simplefilter("ignore", DeprecationWarning)
         import fire
 
     fire.Fire(evaluate.CliEntryPoint, command=with_output_dir(kvpress_args), name="evaluate.py")
