@@ -86,8 +86,8 @@ class ComposePress(BasePress):
         every context key (no extra pass). "replay": the paper's, the context re-fed after itself in a second
         forward pass, whose attention covers three times the prefill's (query, key) pairs; the cache never keeps
         the re-fed tokens. "replay_local": the replay with KVzip's cheaper attention, each re-fed chunk attending
-        to the context and its own tokens only. Ignored when ``scorer`` is given. On CPU with sdpa, scoring reuses the log-sum-exp of the model's own
-        attention.
+        to the context and its own tokens only. Ignored when ``scorer`` is given. On CPU with sdpa, scoring
+        reuses the log-sum-exp of the model's own attention.
     structured : bool, default=True
         False gives the unstructured upper bound: per-(layer, head) budgets applied with kvpress's head-wise
         masking. That saves no memory (evicted entries are masked, not removed) and needs sdpa or flash.
