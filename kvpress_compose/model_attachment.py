@@ -19,9 +19,9 @@ from kvpress_compose.windowed_layers import layer_windows
 
 
 class DecoderAttachment:
-    """ComposePress's hooks on a decoder stack (``press``, the ComposePress they call): a pre-hook that starts a :class:`PrefillRun` for a fresh
-    prefill, a forward hook that finishes and compresses it when the forward returns, and one run however the
-    forward ends that drops it.
+    """ComposePress's hooks on a decoder stack (``press``, the ComposePress they call): a pre-hook that starts a
+    :class:`PrefillRun` for a fresh prefill, a forward hook that finishes and compresses it when the forward
+    returns, and one run however the forward ends that drops it.
 
     They last while the press's kvpress forward hooks are registered: the press's own ``with press(model):``
     removes them on exit. A wrapper (kvpress's ``ComposedPress``, ``PrefillDecodingPress``, ...) never tells its
