@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .data import dataset_name
-from .run import DEFAULT_OUTPUT_DIR, RunConfig, model_name, preflight, run
+from .run import DEFAULT_OUTPUT_DIR, RunConfig, preflight, run
 
 BASELINE = "no_press"
 
@@ -210,12 +210,15 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def display_name(model: str) -> str:
-    """The model as a person names it: a real model by its own name (SmolLM2-135M-Instruct), anything else as
-    its result folders name it."""
+    """The model as a person names it: a real model by its own name (SmolLM2-135M-Instruct), a local folder by
+    its name, a hub id as it is."""
     from .real_models import REAL_MODELS
 
-    real = REAL_MODELS.get(Path(model).name) or REAL_MODELS.get(model)
-    return real.description.split(" (")[0] if real is not None else model_name(model)
+    name = Path(model.rstrip("/")).name
+    real = REAL_MODELS.get(name)
+    if real is not None:
+        return real.description.split(" (")[0]
+    return name if Path(model).is_dir() else model
 
 
 def human_title(model: str, data: str, n_tasks: int, n_contexts: int | None, what: str = "") -> str:
