@@ -14,6 +14,7 @@ evaluate.py writes under ``results/kvpress``), the summary to ``<output_dir>/swe
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,8 +222,16 @@ def display_name(model: str) -> str:
     return name if Path(model).is_dir() else model
 
 
+def data_label(data: str) -> str:
+    """A dataset as a person names it: the real-model study's ``ruler-<model>-<tokens>[-eligible]`` folders as
+    "RULER at <tokens> tokens", any other by its folder name."""
+    match = re.fullmatch(r"ruler-.+-(\d+)(-eligible)?", data)
+    return f"RULER at {match.group(1)} tokens" if match else data
+
+
 def human_title(model: str, data: str, n_tasks: int, n_contexts: int | None, what: str = "") -> str:
-    """A plot's title, e.g. "SmolLM2-135M-Instruct · ruler-smollm2-135m-2048 (3 tasks) · 2 contexts per task"."""
+    """A plot's title, e.g. "SmolLM2-135M-Instruct · RULER at 2048 tokens (3 tasks) · 2 contexts per task"."""
+    data = data_label(data)
     contexts = "every context" if n_contexts is None else f"{n_contexts} context{'s' * (n_contexts != 1)} per task"
     return " · ".join(part for part in (display_name(model), f"{data} ({n_tasks} tasks)", contexts, what) if part)
 

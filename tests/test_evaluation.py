@@ -426,6 +426,8 @@ def test_plot_draws_every_press_with_its_own_style_and_names_equal_curves(tmp_pa
 def test_human_title_names_model_tasks_and_sample():
     title = human_title("/somewhere/smollm2-135m", "ruler-niah", 3, 2)
     assert title == "SmolLM2-135M-Instruct · ruler-niah (3 tasks) · 2 contexts per task"
+    assert human_title("smollm2-135m", "ruler-smollm2-135m-2048-eligible", 3, 10, "leaders") == (
+        "SmolLM2-135M-Instruct · RULER at 2048 tokens (3 tasks) · 10 contexts per task · leaders")
     assert human_title("org/model", "d", 5, None, "leaders") == "org/model · d (5 tasks) · every context · leaders"
 
 
