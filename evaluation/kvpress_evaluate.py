@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
 from .data import DEFAULT_DATA_ROOT
-from .registry import register_with_kvpress
+from .registry import quiet_press_construction, register_with_kvpress
 
 KVPRESS_SCORER_FOR_LOCAL_DATA = "ruler"  # our tasks are RULER-style: kvpress's RULER scorer reads them
 DEFAULT_OUTPUT_DIR = "results/kvpress"  # our sweep's runs go to results/sweep
@@ -89,11 +90,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset-name", default="synthetic", help="the --dataset name of the local datasets")
     args = parser.parse_args(ours)
     folder = kvpress_evaluation_dir(args.kvpress_dir)
-    evaluate_registry = import_from(folder, "evaluate_registry")
-    register_with_kvpress(evaluate_registry)
-    register_local_datasets(evaluate_registry, args.dataset_name, Path(args.data_root).resolve())
-    evaluate = import_from(folder, "evaluate")
-    import fire
+    # kvpress's registry builds every press at import (KVzipPress's cost notice, three times), and fire imports
+    # the deprecated `pipes` module: neither is ours to fix, so both are silenced while they are imported
+    with quiet_press_construction(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        evaluate_registry = import_from(folder, "evaluate_registry")
+        register_with_kvpress(evaluate_registry)
+        register_local_datasets(evaluate_registry, args.dataset_name, Path(args.data_root).resolve())
+        evaluate = import_from(folder, "evaluate")
+        import fire
 
     fire.Fire(evaluate.CliEntryPoint, command=with_output_dir(kvpress_args), name="evaluate.py")
 

@@ -9,7 +9,9 @@ kvpress's own ``evaluation/evaluate.py`` runs these presses through :func:`regis
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 import torch
@@ -154,10 +156,28 @@ def check_press_name(name: str) -> None:
         raise ValueError(f"unknown press {name!r}; known presses: {', '.join(PRESS_REGISTRY)}")
 
 
+KVZIP_LOGGER = "kvpress.presses.kvzip_press"  # KVzipPress logs its 2-3x prefill overhead each time one is built
+
+
+@contextmanager
+def quiet_press_construction() -> Iterator[None]:
+    """Building presses without kvpress's per-instance notices: KVzipPress warns about its prefill cost every
+    time one is built (kvpress's own registry builds three at import), which the README says once. Only that
+    logger, only while the block runs."""
+    logger = logging.getLogger(KVZIP_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def make_press(name: str, ratio: float) -> BasePress | None:
     """A fresh press ``name`` removing the fraction ``ratio`` of the KV cache (``None`` for ``no_press``)."""
     check_press_name(name)
-    return PRESS_REGISTRY[name](ratio)
+    with quiet_press_construction():
+        return PRESS_REGISTRY[name](ratio)
 
 
 def register_with_kvpress(evaluate_registry: ModuleType) -> list[str]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import tempfile
 import time
@@ -143,11 +142,7 @@ def package_versions() -> dict[str, str]:
 
 
 def built_press(config: RunConfig):
-    logging.disable(logging.WARNING)  # building a press may log (KVzipPress does, every time)
-    try:
-        return make_press(config.press_name, config.compression_ratio)
-    finally:
-        logging.disable(logging.NOTSET)
+    return make_press(config.press_name, config.compression_ratio)  # quietly (registry.quiet_press_construction)
 
 
 def press_fields(press) -> dict[str, str] | str | None:

@@ -41,7 +41,7 @@ from .metrics import paired_difference
 from .real_models import REAL_MODELS
 from .registry import KVPRESS_PRESSES, PRESS_REGISTRY
 from .run import RunConfig, check_writable, load_pipeline, rerun_reason, run, write_atomic
-from .sweep import BASELINE, by_ratio, intervals_by_ratio, markdown, plot, run_summary
+from .sweep import BASELINE, by_ratio, human_title, intervals_by_ratio, markdown, plot, run_summary
 from .synthetic_tasks import TASKS
 
 STUDY_MODEL = Path(__file__).parent / "models" / "retrieval-llama-gqa"
@@ -215,6 +215,11 @@ def plot_accuracy_vs_memory(table: pd.DataFrame, path: Path, title: str) -> Path
     return path
 
 
+def plot_title(config: RunConfig, tasks, what: str) -> str:
+    """A plot's title: model, data and task count, contexts per task, and which presses (``what``)."""
+    return human_title(config.model, data.dataset_name(config.data_dir), len(tasks), config.max_contexts, what)
+
+
 def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str | None, tasks=TASKS,
                  comparisons=COMPARISONS, preface: str = "") -> Path:
     """``summary.md``, ``summary.csv`` and the plots in ``docs`` from the finished runs of ``plan`` (a study
@@ -233,9 +238,9 @@ def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str
                 f"intervals over contexts (resampled within each task).{progress}")]
     sections += [preface] if preface else []
     if len(claims):
-        sections += leaders_sections(claims, plan["claims"], docs, setting, n_claims, tasks, comparisons)
+        sections += leaders_sections(claims, plan["claims"], docs, n_claims, tasks, comparisons)
     if len(field):
-        plot(field, docs / "field_accuracy_vs_ratio.png", f"{setting}: every press, {n_field} contexts per task")
+        plot(field, docs / "field_accuracy_vs_ratio.png", plot_title(plan["field"][0], tasks, "every press"))
         sections.append(f"## Every press: average accuracy [95% interval], {n_field} contexts per task\n\n"
                         f"{markdown(intervals_by_ratio(field))}\n\n![field](field_accuracy_vs_ratio.png)")
     if overlap_text:
@@ -244,12 +249,12 @@ def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str
     return docs / "summary.md"
 
 
-def leaders_sections(claims: pd.DataFrame, configs: list[RunConfig], docs: Path, setting: str,
-                     n_contexts: int, tasks=TASKS, comparisons=COMPARISONS) -> list[str]:
+def leaders_sections(claims: pd.DataFrame, configs: list[RunConfig], docs: Path, n_contexts: int,
+                     tasks=TASKS, comparisons=COMPARISONS) -> list[str]:
     """The leaders' part of the report: intervals, per task at the two highest ratios, paired differences,
     memory held; with their plots."""
-    plot(claims, docs / "leaders_accuracy_vs_ratio.png", f"{setting}: leaders, {n_contexts} contexts per task")
-    plot_accuracy_vs_memory(claims, docs / "accuracy_vs_memory.png", f"{setting}, {n_contexts} contexts per task")
+    plot(claims, docs / "leaders_accuracy_vs_ratio.png", plot_title(configs[0], tasks, "leaders"))
+    plot_accuracy_vs_memory(claims, docs / "accuracy_vs_memory.png", plot_title(configs[0], tasks, "leaders"))
     leaders = (f"## Leaders: average accuracy [95% interval], {n_contexts} contexts per task\n\n"
                f"{markdown(intervals_by_ratio(claims))}\n\n![leaders](leaders_accuracy_vs_ratio.png)")
     per_task = [f"## Per task at {ratio:.2f}, {n_contexts} contexts per task\n\n"

@@ -5,16 +5,16 @@ evaluate.py writes under ``results/kvpress``), the summary to ``<output_dir>/swe
 
 - ``summary.csv``: one row per run (press, ratio, status, per-task and average accuracy, memory, seconds,
   fidelity);
-- ``summary.md``: that table, then average accuracy with one row per press and one column per ratio, and the
-  area under the accuracy-vs-ratio curve (trapezoid rule; every press's curve starts at ratio 0 with
-  ``no_press``'s accuracy when ``no_press`` ran; ``no_press`` itself is a flat line), then the cache memory held
-  per press and ratio;
-- ``accuracy_vs_ratio.png``: average accuracy against compression ratio, one line per press.
+- ``summary.md``: that table, then average accuracy with one row per press and one column per ratio, and its
+  mean over the ratios the press ran (``mean over ratios``, each ratio weighted equally; ``no_press``: its
+  uncompressed accuracy), then the cache memory held per press and ratio;
+- ``accuracy_vs_ratio.png``: average accuracy against compression ratio, one line per press (:func:`plot`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from .data import dataset_name
 from .run import DEFAULT_OUTPUT_DIR, RunConfig, preflight, run
 
 BASELINE = "no_press"
@@ -69,15 +70,6 @@ def run_summary(results_dir: Path) -> dict:
     }
 
 
-def trapezoid_area(ratios, accuracies) -> float:
-    """Area under accuracy(ratio), trapezoid rule over the sorted ratios; NaN with a missing point or < 2."""
-    order = np.argsort(ratios)
-    x, y = np.asarray(ratios, float)[order], np.asarray(accuracies, float)[order]
-    if len(x) < 2 or np.isnan(y).any():
-        return float("nan")
-    return float(((y[1:] + y[:-1]) / 2 * np.diff(x)).sum())
-
-
 def curves(table: pd.DataFrame) -> dict[str, pd.Series]:
     """Average accuracy by ratio for each press; starts at no_press's accuracy at ratio 0 when it ran."""
     by_press = {press: rows.set_index("ratio")["average"] for press, rows in table.groupby("press", sort=False)}
@@ -90,12 +82,24 @@ def curves(table: pd.DataFrame) -> dict[str, pd.Series]:
     return {BASELINE: flat, **with_start}
 
 
+MEAN_COLUMN = "mean over ratios"
+MEAN_EXPLAINED = (f"`{MEAN_COLUMN}`: a press's average accuracy averaged over the compression ratios it ran, "
+                  f"each ratio weighted equally (blank if a run failed); `{BASELINE}`: its accuracy uncompressed.")
+
+
 def accuracy_by_ratio(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per press: average accuracy at each ratio, then the area under its curve (``auc``)."""
+    """One row per press: average accuracy at each ratio, then its mean over those ratios (:data:`MEAN_COLUMN`,
+    explained by :data:`MEAN_EXPLAINED`; NaN where a run has no accuracy)."""
     wide = by_ratio(table, "average")
-    areas = {press: trapezoid_area(curve.index, curve.to_numpy()) for press, curve in curves(table).items()}
-    wide["auc"] = pd.Series(areas)
+    runs = table.groupby("press", sort=False)["average"]
+    wide[MEAN_COLUMN] = runs.agg(lambda accuracies: accuracies.mean() if accuracies.notna().all() else np.nan)
     return wide
+
+
+def task_names(table: pd.DataFrame) -> list[str]:
+    """The per-task score columns of a run table (:func:`run_summary`'s, between ``status`` and ``average``)."""
+    columns = list(table.columns)
+    return columns[columns.index("status") + 1: columns.index("average")] if "average" in columns else []
 
 
 def by_ratio(table: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -119,32 +123,117 @@ def intervals_by_ratio(table: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
-def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
-    """Average accuracy against compression ratio, one line and colour per press (ComposePress variants solid,
-    kvpress baselines dashed, no_press black), each run's 95% bootstrap interval as a band."""
-    figure = Figure(figsize=(8.5, 5))
-    axes = figure.subplots()
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "<", ">", "h", "p", "d", "8", "H", "1")
+LINE_STYLES = ("-", "--", "-.", (0, (3, 1, 1, 1, 1, 1)), (0, (5, 2)), (0, (1, 1)))
+OFFSET_SHARE = 0.25  # the presses' horizontal offsets together span this share of the smallest gap between ratios
+
+
+@dataclass
+class PlotLine:
+    """One press's curve as :func:`plot` draws it: the measured ``ratios`` and ``accuracies`` (no_press: its
+    accuracy at every ratio, a flat line), drawn ``offset`` to the right of the ratios so that curves that
+    coincide stay visible."""
+
+    press: str
+    ratios: list[float]
+    accuracies: list[float]
+    offset: float
+    marker: str | None
+    linestyle: object
+    color: object
+    label: str
+
+
+def plot_lines(table: pd.DataFrame) -> list[PlotLine]:
+    """Every press's line: a marker and line style of its own (no_press dotted black, without marker), a small
+    horizontal offset per press."""
     failed = set(table["press"]) - set(table.loc[table["status"] == "ok", "press"])
-    palette = matplotlib.colormaps["tab20"].colors
-    for index, (press, curve) in enumerate(curves(table).items()):
-        if press == BASELINE:
-            style = {"linestyle": ":", "color": "black"}
-        else:
-            ours = press.startswith("compose")
-            style = {"marker": "o" if ours else "s", "linestyle": "-" if ours else "--", "color": palette[index % 20]}
+    by_press = curves(table)
+    measured = sorted(set(table["ratio"]))
+    gap = min(np.diff(measured), default=1.0) if len(measured) > 1 else 1.0
+    pressed = [press for press in by_press if press != BASELINE]
+    step = OFFSET_SHARE * gap / max(len(pressed), 1)
+    palette = matplotlib.colormaps["tab10"].colors  # markers and line styles tell apart presses sharing a colour
+    lines = []
+    for press, curve in by_press.items():
         label = f"{press} (failed)" if press in failed else press
-        axes.plot(curve.index, curve.to_numpy(), label=label, **style)
-        with_interval = table["ci_low"].notna() if "ci_low" in table else False  # tables of older runs lack them
-        runs = table[(table["press"] == press) & with_interval].sort_values("ratio")
-        if press != BASELINE and len(runs):  # the 95% bootstrap interval of each run, as a band
-            axes.fill_between(runs["ratio"], runs["ci_low"], runs["ci_high"], color=style["color"], alpha=0.12,
-                              linewidth=0)
-    axes.set(xlabel="compression ratio", ylabel="average accuracy (%)", title=title, ylim=(-2, 102))
+        if press == BASELINE:
+            lines.append(PlotLine(press, list(curve.index), list(curve.to_numpy()), 0.0, None, ":", "black", label))
+            continue
+        index = pressed.index(press)
+        lines.append(PlotLine(
+            press, list(curve.index), list(curve.to_numpy()), (index - (len(pressed) - 1) / 2) * step,
+            MARKERS[index % len(MARKERS)], LINE_STYLES[index % len(LINE_STYLES)], palette[index % 10], label,
+        ))
+    return lines
+
+
+def coinciding(lines: list[PlotLine]) -> list[list[str]]:
+    """Groups of presses (2 or more) whose curves have the same points: named on the plot, since their lines
+    lie on top of each other but for the offsets."""
+    groups: dict[tuple, list[str]] = {}
+    for line in lines:
+        if line.press != BASELINE and not np.isnan(line.accuracies).any():
+            key = tuple(zip(line.ratios, np.round(line.accuracies, 6)))
+            groups.setdefault(key, []).append(line.press)
+    return [presses for presses in groups.values() if len(presses) > 1]
+
+
+def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
+    """Average accuracy against compression ratio: one line per press with its own marker, line style and colour
+    (no_press dotted black), shifted right by a small offset per press so that equal curves stay visible, each
+    run's 95% bootstrap interval as a band; x ticks at the measured ratios only; presses whose curves coincide
+    are named under the plot. ``title``: a human one (:func:`human_title`)."""
+    figure = Figure(figsize=(9, 5.5))
+    axes = figure.subplots()
+    with_interval = table["ci_low"].notna() if "ci_low" in table else pd.Series(False, index=table.index)
+    for line in plot_lines(table):
+        x = np.asarray(line.ratios) + line.offset
+        axes.plot(x, line.accuracies, label=line.label, marker=line.marker, linestyle=line.linestyle,
+                  color=line.color, markersize=6, linewidth=1.6, alpha=0.9)
+        runs = table[(table["press"] == line.press) & with_interval].sort_values("ratio")
+        if line.press != BASELINE and len(runs):  # the 95% bootstrap interval of each run, as a band
+            axes.fill_between(runs["ratio"] + line.offset, runs["ci_low"], runs["ci_high"], color=line.color,
+                              alpha=0.1, linewidth=0)
+    ratios = sorted(set(table["ratio"]))
+    axes.set_xticks(ratios, [f"{ratio:g}" for ratio in ratios])
+    axes.set(xlabel="compression ratio (fraction of the KV cache removed)", ylabel="average accuracy (%)",
+             title=title, ylim=(-2, 102))
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
-    figure.tight_layout()
+    same = coinciding(plot_lines(table))
+    if same:
+        note = "same curve: " + "; ".join(" = ".join(presses) for presses in same)
+        figure.text(0.01, 0.01, note, fontsize="small", wrap=True)
+    figure.tight_layout(rect=(0, 0.05 if same else 0, 1, 1))
     figure.savefig(path, dpi=120)
     return path
+
+
+def display_name(model: str) -> str:
+    """The model as a person names it: a real model by its own name (SmolLM2-135M-Instruct), a local folder by
+    its name, a hub id as it is."""
+    from .real_models import REAL_MODELS
+
+    name = Path(model.rstrip("/")).name
+    real = REAL_MODELS.get(name)
+    if real is not None:
+        return real.description.split(" (")[0]
+    return name if Path(model).is_dir() else model
+
+
+def data_label(data: str) -> str:
+    """A dataset as a person names it: the real-model study's ``ruler-<model>-<tokens>[-eligible]`` folders as
+    "RULER at <tokens> tokens", any other by its folder name."""
+    match = re.fullmatch(r"ruler-.+-(\d+)(-eligible)?", data)
+    return f"RULER at {match.group(1)} tokens" if match else data
+
+
+def human_title(model: str, data: str, n_tasks: int, n_contexts: int | None, what: str = "") -> str:
+    """A plot's title, e.g. "SmolLM2-135M-Instruct · RULER at 2048 tokens (3 tasks) · 2 contexts per task"."""
+    data = data_label(data)
+    contexts = "every context" if n_contexts is None else f"{n_contexts} context{'s' * (n_contexts != 1)} per task"
+    return " · ".join(part for part in (display_name(model), f"{data} ({n_tasks} tasks)", contexts, what) if part)
 
 
 def markdown(df: pd.DataFrame, index: bool = True) -> str:
@@ -162,7 +251,8 @@ def write_summary(table: pd.DataFrame, out_dir: Path, title: str) -> tuple[Path,
     table.to_csv(out_dir / "summary.csv", index=False)
     runs = table.assign(ratio=table["ratio"].map("{:.2f}".format))
     text = f"# {title}\n\n## Runs\n\n{markdown(runs, index=False)}\n\n" \
-           f"## Average accuracy by compression ratio\n\n{markdown(accuracy_by_ratio(table))}\n\n" \
+           f"## Average accuracy by compression ratio\n\n{MEAN_EXPLAINED}\n\n" \
+           f"{markdown(accuracy_by_ratio(table))}\n\n" \
            f"## Average accuracy with 95% bootstrap intervals (over contexts)\n\n" \
            f"{markdown(intervals_by_ratio(table))}\n\n" \
            f"## Cache memory held (fraction of the full cache) by compression ratio\n\n" \
@@ -192,8 +282,9 @@ def run_sweep(configs: list[RunConfig]) -> SweepOutputs:
     """Run (or skip) every configuration, print the tables and write the summary files."""
     runs = [run(config) for config in tqdm(configs, desc="sweep")]
     table = pd.DataFrame([run_summary(results_dir) for results_dir in runs])
-    setting = configs[0].setting
-    csv, md, png = write_summary(table, Path(configs[0].output_dir) / f"sweep__{setting}", setting)
+    first = configs[0]
+    title = human_title(first.model, dataset_name(first.data_dir), len(task_names(table)), first.max_contexts)
+    csv, md, png = write_summary(table, Path(first.output_dir) / f"sweep__{first.setting}", title)
     print(md.read_text())
     return SweepOutputs(runs=runs, summary_csv=csv, summary_md=md, plot=png)
 

@@ -14,9 +14,11 @@ from transformers import DynamicCache, PreTrainedModel, QuantizedCache
 from kvpress_compose.allocation import stack_layer_scores
 from kvpress_compose.attention_scores import attention_statistics, finish_scores, query_blocks
 from kvpress_compose.cache_gather import full_cache_bytes, layer_states
-from kvpress_compose.compose_press import ComposePress, language_model_of, positive_int_setting
+from kvpress_compose.compose_press import ComposePress
+from kvpress_compose.model_attachment import language_model_of
 from kvpress_compose.query_sources import SCORE_BLOCK_FRACTION, checked_scorer_scores, on_one_scale
 from kvpress_compose.replay import ReplayCache
+from kvpress_compose.settings import positive_int_setting
 from kvpress_compose.windowed_layers import layer_windows
 
 
@@ -80,6 +82,17 @@ class ComposeDecodingPress(DecodingPress):
     keeps them; a model whose every layer is windowed is refused. Shaped like kvpress's ``DecodingPress``; the
     prefill is compressed by ``base_press`` where its ``compression_ratio`` is above 0.
     Based on KVCompose (https://arxiv.org/abs/2509.05165).
+
+    Example, given a causal LM ``model`` and ``input_ids`` ``(1, n)``:
+
+    >>> press = ComposeDecodingPress(base_press=ComposePress(0.5), compression_interval=16, target_size=32,
+    ...                              hidden_states_buffer_size=8)
+    >>> with press(model):
+    ...     out = model.generate(input_ids, max_new_tokens=40, do_sample=False)  # re-compressed every 16 tokens
+
+    ``generate`` passes positions itself. Feeding tokens by hand instead, give them ``position_ids`` continuing
+    from the ORIGINAL number of tokens processed (context plus tokens decoded since), not from the cache's
+    compressed length, as kvpress's pipeline does.
 
     Scores come from the queries that exist during decoding: the last ``hidden_states_buffer_size`` generated
     tokens' queries (recomputed from their buffered attention inputs with the model's own projection and RoPE),
@@ -147,6 +160,11 @@ class ComposeDecodingPress(DecodingPress):
         self._generation = None
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
+        """kvpress's per-layer hook, called after each attention layer's forward. During the prefill it hands over
+        to ``base_press``'s hook (which scores; see ComposePress.forward_hook). During decoding it buffers the new
+        tokens' attention inputs of each full-attention layer, and at the last layer, once
+        ``compression_interval`` tokens were decoded since the last compression, re-scores and compresses every
+        layer's cache at once under one global budget (``n_layers x target_size`` entries per KV head)."""
         hidden_states = kwargs["hidden_states"]
         if self.base_press.in_prefill:  # the prefill, or its replay pass re-entering the model
             self._generation = None  # a new sequence

@@ -2,46 +2,42 @@
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import numbers
 import threading
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from kvpress import BasePress, DecodingPress, PrefillDecodingPress, ScorerPress
+from kvpress import BasePress, ScorerPress
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel, QuantizedCache
+from transformers import PreTrainedModel
 
 from kvpress_compose import attention_lse
-from kvpress_compose.allocation import (
-    composite_scores,
-    compute_n_kept,
-    head_budgets,
-    kept_positions,
-    layer_budgets,
-    rank_tokens,
-    stack_layer_scores,
-    uniform_budgets,
-)
-from kvpress_compose.attention_scores import AGGREGATIONS, aggregate
-from kvpress_compose.cache_gather import compress_layer, layer_states, mask_evicted_entries
-from kvpress_compose.head_masks import install_head_mask_hooks, remember_masks
+from kvpress_compose.allocation import compute_n_kept
+from kvpress_compose.cache_gather import layer_states
+from kvpress_compose.compression import CompositeCompression
+from kvpress_compose.head_masks import install_head_mask_hooks
 from kvpress_compose.layer_masks import install_layer_mask_hooks
+from kvpress_compose.model_attachment import (
+    DecoderAttachment,
+    check_context_length,
+    language_model_of,
+    refuse_if_in_use,
+    refuse_more_context,
+    refuse_non_empty_cache,
+    refuse_static_cache,
+    refuse_unstructured,
+)
 from kvpress_compose.prefill_inputs import decoder_arguments, prefill_inputs
 from kvpress_compose.prefill_run import PREFILL, SCORED, PrefillRun
-from kvpress_compose.query_sources import QUERY_SOURCES, check_cache_unchanged, query_source_for
-from kvpress_compose.windowed_layers import layer_windows, layers_to_compress, record_window
+from kvpress_compose.query_sources import query_source_for
+from kvpress_compose.settings import SETTINGS
+from kvpress_compose.windowed_layers import layers_to_compress, record_window
 
-logger = logging.getLogger(__name__)
-LAYER_ALLOCATIONS = ("global", "uniform")
 START_LOCK = threading.Lock()  # one thread at a time checks for, and starts, a press's prefill
 
 
 @dataclass
-class ComposePress(BasePress):
+class ComposePress(CompositeCompression, BasePress):
     """KVCompose: structured KV cache compression with composite tokens and global layer allocation.
 
     Every (layer, KV head) scores its context tokens; each head ranks its own tokens and rank j of every head
@@ -49,19 +45,38 @@ class ComposePress(BasePress):
     for the whole model is spread over layers by a global top-k of composite scores: layers whose tokens draw
     more attention keep more. Based on KVCompose (https://arxiv.org/abs/2509.05165).
 
+    Example, given a causal LM ``model`` (Llama, Qwen, Mistral, Gemma 3, ...) and its ``tokenizer``:
+
+    >>> import torch
+    >>> from transformers import DynamicCache
+    >>> press = ComposePress(compression_ratio=0.5)
+    >>> context_ids = tokenizer("The secret code is 4711. " * 20, return_tensors="pt").input_ids  # (1, n)
+    >>> cache = DynamicCache()
+    >>> with torch.no_grad(), press(model):
+    ...     _ = model(context_ids, past_key_values=cache)  # compressed when this call returns
+    >>> n = context_ids.shape[1]
+    >>> question_ids = tokenizer(" What is the secret code?", return_tensors="pt").input_ids
+    >>> q = question_ids.shape[1]
+    >>> with torch.no_grad():
+    ...     logits = model(question_ids, past_key_values=cache, position_ids=torch.arange(n, n + q)[None]).logits
+
+    Later tokens need ``position_ids`` continuing from the ORIGINAL context length ``n``, as kvpress's pipeline
+    passes them: the cache is shorter than ``n`` after compression, and positions counted from its length would
+    be wrong (a warning says so). ``model.generate`` inside ``with press(model):`` and kvpress's
+    ``pipeline("kv-press-text-generation")`` need nothing more.
+
     Parameters
     ----------
     compression_ratio : float, default=0.0
         Fraction of the model's context KV entries to remove, in [0, 1); checked whenever it is set.
     query_source : str, default="bidirectional"
         Which queries score the context (one class each in :mod:`kvpress_compose.query_sources`). "prefill":
-        the prefill's own queries, causal (no extra pass). "bidirectional" (the default, chosen by the study in
-        the README): the prefill's queries attending to every context key (no extra pass). "replay": the
-        paper's, the context re-fed after itself in a second forward pass, whose attention covers three times
-        the prefill's (query, key) pairs; the cache never keeps the re-fed tokens. "replay_local": the replay
-        with KVzip's cheaper attention, each re-fed chunk attending to the context and its own tokens only.
-        Ignored when ``scorer`` is given. On CPU with sdpa, scoring reuses the log-sum-exp of the model's own
-        attention.
+        the prefill's own queries, causal (no extra pass). "bidirectional": the prefill's queries attending to
+        every context key (no extra pass). "replay": the paper's, the context re-fed after itself in a second
+        forward pass, whose attention covers three times the prefill's (query, key) pairs; the cache never keeps
+        the re-fed tokens. "replay_local": the replay with KVzip's cheaper attention, each re-fed chunk attending
+        to the context and its own tokens only. Ignored when ``scorer`` is given. On CPU with sdpa, scoring
+        reuses the log-sum-exp of the model's own attention.
     structured : bool, default=True
         False gives the unstructured upper bound: per-(layer, head) budgets applied with kvpress's head-wise
         masking. That saves no memory (evicted entries are masked, not removed) and needs sdpa or flash.
@@ -155,11 +170,8 @@ class ComposePress(BasePress):
         self._refuse_if_in_use()
         language_model = language_model_of(model)
         attention_modules = [layer.self_attn for layer in language_model.layers]
-        if not self.structured and model.config._attn_implementation == "eager":
-            raise ValueError(
-                "structured=False relies on kvpress's head-wise masking, which does not patch eager attention: "
-                "load the model with attn_implementation='sdpa' (or flash_attention_2)"
-            )
+        if not self.structured:
+            refuse_unstructured(model)
         attention_lse.install()
         install_layer_mask_hooks(language_model, attention_modules)
         if not self.structured:
@@ -181,16 +193,7 @@ class ComposePress(BasePress):
     def _refuse_if_in_use(self):
         """A press entered while a block that uses it (its own or a wrapper's) is still open would take over
         that block's hooks: refused. An attachment left by a wrapper that has exited is dropped."""
-        attachment = self._attachment
-        if attachment is None:
-            return
-        if attachment.press_is_hooked():
-            raise RuntimeError(
-                f"this ComposePress is already in use on a {attachment.model_name} (a `with press(model)` block, or "
-                "the block of a press wrapping it, has not exited): a press serves one block on one model at a "
-                "time. Exit that block first, or use another press (copy.deepcopy(press)) for the other model, "
-                "block or thread"
-            )
+        refuse_if_in_use(self._attachment)
         self._detach()
 
     def _detach(self):
@@ -250,11 +253,8 @@ class ComposePress(BasePress):
         inputs = prefill_inputs(arguments)
         check_context_length(inputs, self.min_tokens_per_layer)
         compressed_layers = layers_to_compress(attachment.windows, inputs.length)  # windowed layers are left
-        if not self.structured and any(attachment.windows[layer_idx] for layer_idx in compressed_layers):
-            raise ValueError(
-                "structured=False on a model whose every layer is windowed: kvpress's head-wise masking indexes a "
-                "layer's stored keys, which a sliding cache shifts once tokens pass the window. Use structured=True"
-            )
+        if not self.structured:
+            refuse_unstructured(None, attachment, compressed_layers)
         self._run = PrefillRun(
             inputs=inputs,
             source=query_source_for(self.query_source, self.scorer),
@@ -295,6 +295,11 @@ class ComposePress(BasePress):
     # -- scoring (forward hook) ---------------------------------------------------------------------------
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
+        """kvpress's per-layer hook, called after each attention layer's forward: it *scores* that layer's context
+        entries (the query source's ``score_layer``) and compresses nothing. Once the last layer is scored the
+        prefill is marked scored; the cache is compressed, every layer at once under one global budget, when the
+        decoder call returns (the decoder's forward hook, ``_finish_prefill``), after the prefill's own
+        activations are freed. kvpress's ScorerPress, by contrast, compresses each layer in this hook."""
         run = self._run
         if run is None or run.phase != PREFILL or run.thread != threading.get_ident():
             return output
@@ -327,310 +332,3 @@ class ComposePress(BasePress):
         else:
             sorted_scores, token_order = self._ranked(scores)
             self._mask_unstructured(run, sorted_scores, token_order)
-
-    def _ranked(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each head's scores, enhanced as the settings say, sorted, with the token order (``rank_tokens``)."""
-        if self.add_mean_across_heads:
-            scores = scores + mean_of_finite(scores, dim=2)
-        if not self.composite_tokens:  # one ranking per layer, shared by every head
-            scores = aggregate(scores, self.agg_head, dim=2)[:, :, None].expand_as(scores).contiguous()
-        self.last_scores = scores
-        return rank_tokens(scores)
-
-    def compress_scored(self, cache, scores: torch.Tensor, n_kept: int,
-                        layer_indices: list[int] | None = None) -> dict[int, torch.Tensor]:
-        """Keep ``n_kept`` composite tokens over the layers ``layer_indices`` of ``cache`` (default: every layer),
-        from their ``(layers, batch, kv_heads, n)`` scores (``-inf``: never kept): composite tokens and the layer
-        allocation as the settings say; other layers are left as they are. The prefill uses it at
-        ``compression_ratio``; :class:`~kvpress_compose.ComposeDecodingPress` during decoding. Returns each
-        compressed layer's kept positions, ``(batch, kv_heads, k_l)`` ascending."""
-        sorted_scores, token_order = self._ranked(scores)
-        layer_indices = list(range(scores.shape[0])) if layer_indices is None else list(layer_indices)
-        return self._compress_structured(cache, sorted_scores, token_order, n_kept, layer_indices)
-
-    def layer_scores_enhanced(self, scores: torch.Tensor, cache, layer_idx: int, valid: torch.Tensor) -> torch.Tensor:
-        """``(batch, kv_heads, n)`` scores of a layer with the value-norm enhancement, and -inf where ``valid``
-        ``(batch, n)`` is False (padding)."""
-        if self.add_v_norm:
-            _, values = layer_states(cache, layer_idx)
-            scores = scores * values[:, :, : scores.shape[2]].float().norm(dim=-1)
-        if scores.shape[2] == valid.shape[1]:
-            scores = scores.masked_fill(~valid[:, None].to(scores.device), float("-inf"))
-        return scores
-
-    def _stacked_scores(self, run: PrefillRun, cache) -> torch.Tensor:
-        """``(layers, batch, kv_heads, n)`` scores on one device; positions a layer lacks are -inf."""
-        check_context_length(run.inputs, self.min_tokens_per_layer)
-        layer_scores = [self.layer_scores_enhanced(run.source.layer_scores(run, layer_idx), cache, layer_idx,
-                                                   run.inputs.valid) for layer_idx in run.compressed_layers]
-        check_cache_unchanged([cache.get_seq_length(i) for i in run.compressed_layers],
-                              [scores.shape[2] for scores in layer_scores])
-        return stack_layer_scores(layer_scores)
-
-    def _compress_structured(self, cache, sorted_scores, token_order, n_kept: int, layer_indices: list[int]):
-        n_layers, _, _, n = sorted_scores.shape
-        if n_layers * self.min_tokens_per_layer > n_kept:
-            logger.warning(
-                f"min_tokens_per_layer={self.min_tokens_per_layer} over {n_layers} layers keeps "
-                f"{n_layers * self.min_tokens_per_layer} composite tokens, more than the {n_kept} that "
-                f"the budget allows"
-            )
-            n_kept = n_layers * self.min_tokens_per_layer
-        composite = composite_scores(sorted_scores, self.agg_head)
-        if self.layer_allocation == "global":
-            budgets = layer_budgets(composite, n_kept, self.min_tokens_per_layer)
-        else:
-            budgets = uniform_budgets(composite, n_kept, self.min_tokens_per_layer)
-        if self.layer_allocation == "global" and int(budgets.sum()) < n_kept:
-            logger.warning(
-                f"kept {int(budgets.sum())} composite tokens instead of {n_kept}: only that many have a finite score "
-                "in every head and batch row (padding and a scorer's -inf scores are never kept, and batch rows "
-                "share one length per layer, so the shortest row bounds each layer)"
-            )
-        self.last_budgets = budgets.cpu()
-        self.last_layers = layer_indices
-        positions = {}
-        for row, (layer_idx, budget) in enumerate(zip(layer_indices, self.last_budgets.tolist())):
-            positions[layer_idx] = kept_positions(token_order[row], budget)
-            compress_layer(cache, layer_idx, positions[layer_idx])
-        logger.info(  # kvpress's pipeline logs layer 0's length only, which says little here
-            f"ComposePress kept {int(budgets.sum())} of {n_layers * n} entries per KV head (budget {n_kept}, "
-            f"compression_ratio={self.compression_ratio}); per layer: {self.last_budgets.tolist()}"
-            + (f" (layers {layer_indices}; the others are windowed, left as they are)"
-               if len(layer_indices) < len(cache.layers) else "")
-        )
-        return positions
-
-    def _mask_unstructured(self, run: PrefillRun, sorted_scores, token_order):
-        budgets = head_budgets(sorted_scores, self.compression_ratio, self.min_tokens_per_layer)  # (b, L, H)
-        self.last_budgets = budgets.cpu()
-        self.last_layers = run.compressed_layers
-        mask_evicted_entries([run.attention_modules[i] for i in run.compressed_layers], token_order, budgets)
-        remember_masks(run.cache, run.attention_modules)
-
-
-class DecoderAttachment:
-    """ComposePress's hooks on a decoder stack: a pre-hook that starts a :class:`PrefillRun` for a fresh
-    prefill, a forward hook that finishes and compresses it when the forward returns, and one run however the
-    forward ends that drops it.
-
-    They last while the press's kvpress forward hooks are registered: the press's own ``with press(model):``
-    removes them on exit. A wrapper (kvpress's ``ComposedPress``, ``PrefillDecodingPress``, ...) never tells its
-    presses that it exited, so at its first forward the pre-hook watches the wrapper's forward hook and removes
-    ours when that hook goes (a finalizer on it); if the block saw no forward, the pre-hook removes ours at the
-    next forward, which it leaves untouched."""
-
-    def __init__(self, press: ComposePress, language_model: nn.Module, attention_modules: list[nn.Module],
-                 model_name: str = "model"):
-        self.press, self.language_model, self.attention_modules = press, language_model, attention_modules
-        self.model_name = model_name  # the class of the model the press was entered on, for errors
-        config = language_model.config.get_text_config()
-        self.local_span = local_attention_span(config)
-        self.windows = layer_windows(config, len(attention_modules))  # None: full attention
-        self.compressed = weakref.WeakSet()  # caches this press compressed while attached
-        self.watched: set[int] = set()  # ids of the kvpress hooks whose removal removes ours
-        self.handles = [
-            language_model.register_forward_pre_hook(press._start_prefill, with_kwargs=True),
-            language_model.register_forward_hook(press._finish_prefill, with_kwargs=True),
-            language_model.register_forward_hook(press._end_prefill, with_kwargs=True, always_call=True),
-        ]
-
-    def press_is_hooked(self) -> bool:
-        """Whether a kvpress forward hook that reaches the press (itself, or a press wrapping it) is registered
-        on the attention modules; the wrappers' hooks are watched so that their removal removes ours."""
-        hooks = [hook for module in self.attention_modules for hook in module._forward_hooks.values()
-                 if wraps_press(getattr(hook, "__self__", None), self.press)]
-        for hook in hooks:
-            if getattr(hook, "__self__", None) is not self.press and id(hook) not in self.watched:
-                self.watched.add(id(hook))
-                weakref.finalize(hook, self.press._detach_from, self)
-        return bool(hooks)
-
-    def hands_later_tokens_to_decoding(self) -> bool:
-        """Whether the press is reached through a kvpress ``PrefillDecodingPress`` or ``DecodingPress``, which
-        hand forwards into a non-empty cache (a question, generated tokens) to their decoding press."""
-        return any(isinstance(getattr(hook, "__self__", None), (PrefillDecodingPress, DecodingPress))
-                   and wraps_press(hook.__self__, self.press)
-                   for module in self.attention_modules for hook in module._forward_hooks.values())
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def wraps_press(outer, press: BasePress) -> bool:
-    """Whether ``outer`` is ``press`` or a kvpress press holding it in any field, however deep (``presses`` of a
-    ComposedPress, ``press``, ``base_press``, ``prefilling_press``, ``decoding_press``, ...)."""
-    if outer is press:
-        return True
-    if not isinstance(outer, BasePress) or not dataclasses.is_dataclass(outer):
-        return False
-    for field_ in dataclasses.fields(outer):
-        value = getattr(outer, field_.name, None)
-        for child in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(child, BasePress) and wraps_press(child, press):
-                return True
-    return False
-
-
-def refuse_more_context(attachment: DecoderAttachment, cache, arguments: dict) -> None:
-    """A forward of several tokens into a cache this press compressed while attached would be a second chunk of
-    the context (a chunked prefill): ComposePress scored and compressed only the first."""
-    reference = arguments.get("input_ids")
-    reference = reference if reference is not None else arguments.get("inputs_embeds")
-    if reference is not None and reference.shape[1] > 1 and cache in attachment.compressed:
-        raise ValueError(
-            f"a forward of {reference.shape[1]} tokens into a cache ComposePress has compressed, while the press is "
-            "in use: ComposePress compresses the context of one prefill forward, so a context fed in chunks would "
-            "be compressed only up to its first chunk. Feed the whole context in one forward; run later tokens "
-            "(a question) after the `with press(model)` block, or one at a time"
-        )
-
-
-def refuse_non_empty_cache(cache, arguments: dict) -> None:
-    """A prefill of several tokens into a cache that already holds some would not be compressed (as with kvpress's
-    presses, only a prefill into an empty cache is): refused, rather than left uncompressed in silence."""
-    reference = arguments.get("input_ids")
-    reference = reference if reference is not None else arguments.get("inputs_embeds")
-    if reference is not None and reference.shape[1] > 1:
-        raise ValueError(
-            f"a forward of {reference.shape[1]} tokens into a cache that already holds {cache.get_seq_length()} "
-            "tokens, inside `with press(model)`: ComposePress compresses a prefill into an empty cache, so neither "
-            "these tokens nor the cached ones would be compressed. Prefill the whole context in one forward into "
-            "an empty cache (DynamicCache()) inside the block; run later tokens (a question, a next turn) after the "
-            "block, with positions continuing from the original length"
-        )
-
-
-def refuse_static_cache(cache) -> None:
-    """Compression writes each layer's kept entries as a shorter tensor: a cache of fixed-size layers cannot hold
-    them."""
-    if cache is None or isinstance(cache, (DynamicCache, QuantizedCache)):
-        return
-    layer_types = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
-    if any("Static" in name for name in layer_types) or "Static" in type(cache).__name__:
-        raise ValueError(
-            f"ComposePress compresses a DynamicCache or QuantizedCache, got a {type(cache).__name__} (layers "
-            f"{layer_types}), whose layers have a fixed length: pass past_key_values=DynamicCache() (with "
-            "model.generate, leave cache_implementation unset)"
-        )
-
-
-def check_context_length(inputs, min_tokens_per_layer: int) -> None:
-    """Every layer keeps at least ``min_tokens_per_layer`` tokens of every row: refused before the forward when
-    a row's context is shorter, worded by its cause (a short context, or a row that is mostly padding)."""
-    row_lengths = inputs.valid.sum(dim=1)
-    short_row = int(row_lengths.argmin())
-    n_tokens = int(row_lengths[short_row])
-    if n_tokens >= min_tokens_per_layer:
-        return
-    if n_tokens == inputs.length:
-        raise ValueError(
-            f"the context has {n_tokens} tokens, fewer than min_tokens_per_layer={min_tokens_per_layer} that every "
-            "layer keeps: lower min_tokens_per_layer or give a longer context"
-        )
-    raise ValueError(
-        f"row {short_row} of the batch has {n_tokens} context tokens (the rest is padding), fewer than "
-        f"min_tokens_per_layer={min_tokens_per_layer}"
-    )
-
-
-def mean_of_finite(scores: torch.Tensor, dim: int) -> torch.Tensor:
-    """The mean over ``dim`` (kept) of the finite scores: a head's ``-inf`` (never kept) leaves the other heads'
-    scores alone; ``-inf`` where no score is finite."""
-    finite = torch.isfinite(scores)
-    mean = scores.mean(dim=dim, keepdim=True)
-    if bool(finite.all()):
-        return mean
-    count = finite.sum(dim=dim, keepdim=True)
-    finite_mean = scores.masked_fill(~finite, 0.0).sum(dim=dim, keepdim=True) / count.clamp_min(1)
-    finite_mean = torch.where(count > 0, finite_mean, torch.full_like(mean, float("-inf")))
-    return torch.where(finite.all(dim=dim, keepdim=True), mean, finite_mean)  # unchanged where all are finite
-
-
-def language_model_of(model: PreTrainedModel) -> nn.Module:
-    """The decoder stack whose layers have ``self_attn`` modules, with a rotary embedding; clear error if none."""
-    inner = getattr(model, "model", None)
-    language_model = getattr(inner, "language_model", inner)
-    layers = getattr(language_model, "layers", None)
-    if inner is None and getattr(model, "layers", None) is not None:
-        raise ValueError(
-            f"pass the whole model (e.g. LlamaForCausalLM), not its decoder stack {type(model).__name__}: "
-            "use `with press(model):` around `model.model(...)`"
-        )
-    if layers is None or len(layers) == 0 or not all(hasattr(layer, "self_attn") for layer in layers):
-        raise ValueError(
-            f"{type(model).__name__} is not supported: ComposePress needs a RoPE decoder whose layers have "
-            "self_attn (Llama, Mistral, Qwen2, Qwen3, Phi3)"
-        )
-    if getattr(language_model, "rotary_emb", None) is None:
-        raise ValueError(f"{type(model).__name__} is not supported: ComposePress needs a rotary (RoPE) model")
-    return language_model
-
-
-def local_attention_span(config) -> int | None:
-    """The most keys back a query can see where attention is local: the sliding window (Mistral, Qwen2) or
-    the attention chunk (Llama 4), whichever is set and smaller; None for full attention."""
-    spans = [getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size")]
-    spans = [span for span in spans if span]
-    return min(spans) if spans else None
-
-
-# -- settings: each checked and normalised whenever it is set --------------------------------------------------
-
-
-def ratio_setting(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not 0 <= value < 1:  # NaN fails too
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return value
-
-
-def positive_int_setting(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
-
-
-def optional_positive_int_setting(name, value):
-    return None if value is None else positive_int_setting(name, value)
-
-
-def bool_setting(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def choice_setting(choices):
-    def check(name, value):
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-        return value
-
-    return check
-
-
-def scorer_setting(name, value):
-    if value is not None and not isinstance(value, ScorerPress):
-        raise TypeError(f"{name} must be a kvpress ScorerPress, got {type(value).__name__}")
-    return value
-
-
-SETTINGS = {
-    "compression_ratio": ratio_setting,
-    "query_source": choice_setting(QUERY_SOURCES),
-    "structured": bool_setting,
-    "layer_allocation": choice_setting(LAYER_ALLOCATIONS),
-    "composite_tokens": bool_setting,
-    "scorer": scorer_setting,
-    "agg_task": choice_setting(AGGREGATIONS),
-    "agg_group": choice_setting(AGGREGATIONS),
-    "agg_head": choice_setting(AGGREGATIONS),
-    "add_v_norm": bool_setting,
-    "add_mean_across_heads": bool_setting,
-    "min_tokens_per_layer": positive_int_setting,
-    "score_block_size": optional_positive_int_setting,
-}

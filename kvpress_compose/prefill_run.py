@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
 
 from kvpress_compose.attention_lse import LseCapture
 from kvpress_compose.prefill_inputs import PrefillInputs
-
-if TYPE_CHECKING:
-    from kvpress_compose.query_sources import QuerySource
 
 # phases: the prefill's own layers; every layer run and scored (compression waits for the decoder's end, when the
 # prefill's activations are gone); the replay source's second pass, run then
@@ -40,7 +37,7 @@ class PrefillRun:
     """
 
     inputs: PrefillInputs
-    source: QuerySource
+    source: Any  # a query_sources.QuerySource; not imported here: the sources import this module
     language_model: nn.Module
     attention_modules: list[nn.Module]
     agg_task: str

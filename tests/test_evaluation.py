@@ -20,7 +20,7 @@ from evaluation.data import load_rows, write_dataset
 from evaluation.fidelity import fidelity
 from evaluation.metrics import average, bootstrap_interval, string_match_all, task_scores
 from evaluation.run import RunConfig, evaluate, load_pipeline
-from evaluation.sweep import accuracy_by_ratio, plot, trapezoid_area
+from evaluation.sweep import MEAN_COLUMN, accuracy_by_ratio, coinciding, human_title, plot, plot_lines
 from evaluation.synthetic_tasks import BASE_TASKS as TASKS
 from evaluation.synthetic_tasks import DENSE_TASKS, VALUES, build_tokenizer, vocabulary
 from kvpress_compose import ComposePress
@@ -335,7 +335,9 @@ def test_cli_sweep_writes_runs_table_and_plot(model_dir, data_dir, tmp_path, cap
     assert {"average", *TASKS, "fidelity_kl"} <= set(summary.columns)
     assert {"ci_low", "ci_high", "memory"} <= set(summary.columns)
     summary_md = (sweep_dir / "summary.md").read_text()
-    assert "| press | 0.00 | 0.50 | auc |" in summary_md and "95% bootstrap intervals" in summary_md
+    assert "| press | 0.00 | 0.50 | mean over ratios |" in summary_md and "95% bootstrap intervals" in summary_md
+    assert "`mean over ratios`: a press's average accuracy averaged over the compression ratios it ran" in summary_md
+    assert summary_md.startswith(f"# {model_name} · synthetic-96 ({len(TASKS)} tasks) · 1 context per task\n")
     no_press_row = summary.iloc[0]
     assert f"| no_press | {no_press_row['average']:.4g} [{no_press_row['ci_low']:.4g}, " in summary_md
     assert (sweep_dir / "accuracy_vs_ratio.png").read_bytes().startswith(PNG_MAGIC)
@@ -399,21 +401,48 @@ def test_cli_data_subcommand(tmp_path):
     assert len(load_rows(tmp_path / "d")) == 1
 
 
-def test_area_under_curve_starts_from_no_press(tmp_path):
-    table = pd.DataFrame(
-        {
-            "press": ["no_press", "snapkv", "snapkv"],
-            "ratio": [0.0, 0.5, 0.75],
-            "status": ["ok", "ok", "ok"],
-            "average": [80.0, 60.0, 40.0],
-        }
-    )
-    wide = accuracy_by_ratio(table)
-    assert wide.loc["snapkv", "auc"] == pytest.approx((80 + 60) / 2 * 0.5 + (60 + 40) / 2 * 0.25)
-    assert wide.loc["no_press", "auc"] == pytest.approx(80 * 0.75)
-    assert list(wide.columns) == ["0.00", "0.50", "0.75", "auc"]
-    assert trapezoid_area([0.5], [60.0]) != trapezoid_area([0.5], [60.0])  # NaN: one point has no area
-    assert plot(table, tmp_path / "p.png", "t").read_bytes().startswith(PNG_MAGIC)
+def sweep_table() -> pd.DataFrame:
+    return pd.DataFrame({
+        "press": ["no_press", "snapkv", "snapkv", "knorm", "knorm", "compose", "compose"],
+        "ratio": [0.0, 0.5, 0.75, 0.5, 0.75, 0.5, 0.75],
+        "status": ["ok"] * 7,
+        "average": [80.0, 60.0, 40.0, 60.0, 40.0, 70.0, 65.0],
+    })
+
+
+def test_mean_over_ratios_weighs_each_measured_ratio_once():
+    wide = accuracy_by_ratio(sweep_table())
+    assert list(wide.columns) == ["0.00", "0.50", "0.75", MEAN_COLUMN]
+    assert wide.loc["snapkv", MEAN_COLUMN] == pytest.approx(50.0)
+    assert wide.loc["compose", MEAN_COLUMN] == pytest.approx(67.5)
+    assert wide.loc["no_press", MEAN_COLUMN] == pytest.approx(80.0)
+    failed = sweep_table().assign(average=[80.0, 60.0, float("nan"), 60.0, 40.0, 70.0, 65.0])
+    assert pd.isna(accuracy_by_ratio(failed).loc["snapkv", MEAN_COLUMN])
+
+
+def test_plot_draws_every_press_with_its_own_style_and_names_equal_curves(tmp_path):
+    lines = {line.press: line for line in plot_lines(sweep_table())}
+    assert set(lines) == {"no_press", "snapkv", "knorm", "compose"}
+    assert lines["no_press"].ratios == [0.0, 0.5, 0.75] and lines["no_press"].accuracies == [80.0] * 3  # flat
+    assert lines["snapkv"].ratios == [0.0, 0.5, 0.75] and lines["snapkv"].accuracies == [80.0, 60.0, 40.0]
+    assert lines["compose"].accuracies == [80.0, 70.0, 65.0]
+    pressed = [lines[press] for press in ("snapkv", "knorm", "compose")]
+    assert len({line.marker for line in pressed}) == 3 and len({str(line.linestyle) for line in pressed}) == 3
+    offsets = [line.offset for line in pressed]
+    assert len(set(offsets)) == 3 and max(map(abs, offsets)) < 0.25 * 0.25  # apart, within a quarter of the gap
+    assert lines["no_press"].offset == 0
+    assert coinciding(list(lines.values())) == [["snapkv", "knorm"]]  # the same points: named on the plot
+    path = plot(sweep_table(), tmp_path / "p.png", "a title")
+    assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_human_title_names_model_tasks_and_sample():
+    title = human_title("/somewhere/smollm2-135m", "ruler-niah", 3, 2)
+    assert title == "SmolLM2-135M-Instruct · ruler-niah (3 tasks) · 2 contexts per task"
+    assert human_title("smollm2-135m", "ruler-smollm2-135m-2048-eligible", 3, 10, "leaders") == (
+        "SmolLM2-135M-Instruct · RULER at 2048 tokens (3 tasks) · 10 contexts per task · leaders")
+    assert human_title("org/model", "d", 5, None, "leaders") == "org/model · d (5 tasks) · every context · leaders"
+
 
 
 def test_benchmark_plots_earlier_figures_and_needs_a_plot_path(tmp_path):

@@ -261,6 +261,6 @@ def test_contexts_longer_than_an_attention_chunk_are_refused():
 def test_local_attention_span_is_the_smallest_window_set(settings, span):
     from transformers import PretrainedConfig
 
-    from kvpress_compose.compose_press import local_attention_span
+    from kvpress_compose.model_attachment import local_attention_span
 
     assert local_attention_span(PretrainedConfig(**settings)) == span

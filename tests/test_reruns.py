@@ -162,7 +162,7 @@ def test_the_main_job_says_when_its_data_has_other_parameters(data_dir, tmp_path
 
 
 def test_readme_examples_write_different_folders():
-    readme = (REPO / "README.md").read_text()
+    readme = "\n".join(path.read_text() for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     outs = [line.split("--out ")[1].split()[0] for line in readme.splitlines()
             if "-m evaluation data --out" in line]
     assert outs and "evaluation/data/synthetic-1024" not in outs  # the main job's folder (6 contexts)

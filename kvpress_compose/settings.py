@@ -1,0 +1,74 @@
+"""ComposePress's settings: each checked, and normalised (numpy numbers become Python ones), whenever it is set.
+
+:data:`SETTINGS` maps each documented field of :class:`~kvpress_compose.ComposePress` to its check; a check takes
+the setting's name (for the error) and the value, and returns the value to store or raises a ``ValueError`` /
+``TypeError`` naming the setting and what was expected.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from kvpress import ScorerPress
+
+from kvpress_compose.attention_scores import AGGREGATIONS
+from kvpress_compose.query_sources import QUERY_SOURCES
+
+LAYER_ALLOCATIONS = ("global", "uniform")
+
+
+def ratio_setting(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not 0 <= value < 1:  # NaN fails too
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+def positive_int_setting(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def optional_positive_int_setting(name, value):
+    return None if value is None else positive_int_setting(name, value)
+
+
+def bool_setting(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def choice_setting(choices):
+    def check(name, value):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
+def scorer_setting(name, value):
+    if value is not None and not isinstance(value, ScorerPress):
+        raise TypeError(f"{name} must be a kvpress ScorerPress, got {type(value).__name__}")
+    return value
+
+
+SETTINGS = {
+    "compression_ratio": ratio_setting,
+    "query_source": choice_setting(QUERY_SOURCES),
+    "structured": bool_setting,
+    "layer_allocation": choice_setting(LAYER_ALLOCATIONS),
+    "composite_tokens": bool_setting,
+    "scorer": scorer_setting,
+    "agg_task": choice_setting(AGGREGATIONS),
+    "agg_group": choice_setting(AGGREGATIONS),
+    "agg_head": choice_setting(AGGREGATIONS),
+    "add_v_norm": bool_setting,
+    "add_mean_across_heads": bool_setting,
+    "min_tokens_per_layer": positive_int_setting,
+    "score_block_size": optional_positive_int_setting,
+}
