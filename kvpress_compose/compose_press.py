@@ -18,12 +18,15 @@ from kvpress_compose import attention_lse
 from kvpress_compose.allocation import (
     composite_scores,
     compute_n_kept,
+    floor_per_layer,
     head_budgets,
     kept_positions,
     layer_budgets,
+    per_head_shares,
     rank_tokens,
     stack_layer_scores,
     uniform_budgets,
+    with_sinks_kept,
 )
 from kvpress_compose.attention_scores import AGGREGATIONS, aggregate
 from kvpress_compose.cache_gather import compress_layer, layer_states, mask_evicted_entries
@@ -33,7 +36,7 @@ from kvpress_compose.prefill_run import PREFILL, SCORED, PrefillRun
 from kvpress_compose.query_sources import QUERY_SOURCES, check_cache_unchanged, query_source_for
 
 logger = logging.getLogger(__name__)
-LAYER_ALLOCATIONS = ("global", "uniform")
+LAYER_ALLOCATIONS = ("global", "uniform", "global_normalized")
 
 
 @dataclass
@@ -64,6 +67,10 @@ class ComposePress(BasePress):
     layer_allocation : str, default="global"
         "global" (the paper's): one top-k over every layer's composite scores decides how many each layer
         keeps. "uniform": every layer keeps the same number of composite tokens (the ablation).
+        "global_normalized": the global top-k over each head's scores divided by their sum (sinks and
+        ``layer_floor`` apart), so that a layer competes with how its scores are spread, not their scale: in a
+        replay, copying layers score nearly every token near 1 and took most of the budget under "global"
+        (docs/real-model-sources.md).
     composite_tokens : bool, default=True
         True (the paper's): each head keeps its own top positions. False (the ablation): one set of positions
         per layer, ranked by the head-aggregated (``agg_head``) score and shared by every head.
@@ -79,6 +86,12 @@ class ComposePress(BasePress):
         Add the mean over KV heads of a token's score to each head's score.
     min_tokens_per_layer : int, default=1
         Composite tokens every layer keeps (per head, when ``structured=False``).
+    n_sink : int, default=0
+        The first ``n_sink`` context tokens of each row (the attention sinks) are kept in every head of every
+        layer, outside the competition for the budget (they count in it); KVzip keeps 4.
+    layer_floor : float, default=0.0
+        Under global allocation, every layer keeps at least this fraction of the uniform budget (``n_kept //
+        layers`` composite tokens); the global top-k spreads the rest. In [0, 1].
     score_block_size : int, optional
         Queries scored at once where scores come from a softmax (eager, flash-attn, CUDA, windowed replay); by
         default a block of float32 probabilities is about 10% of the full KV cache (at least 16 queries), so
@@ -101,6 +114,8 @@ class ComposePress(BasePress):
     add_v_norm: bool = False
     add_mean_across_heads: bool = True
     min_tokens_per_layer: int = 1
+    n_sink: int = 0
+    layer_floor: float = 0.0
     score_block_size: int | None = None
     last_budgets: torch.Tensor | None = field(default=None, init=False, repr=False)
     last_scores: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -121,10 +136,11 @@ class ComposePress(BasePress):
                 raise
 
     def _check_combination(self):
-        if not self.structured and (self.layer_allocation != "global" or not self.composite_tokens):
+        if not self.structured and (self.layer_allocation != "global" or not self.composite_tokens
+                                    or self.layer_floor > 0):
             raise ValueError(
                 "structured=False ranks every head's tokens on their own against one global budget: "
-                "layer_allocation and composite_tokens apply to the structured press only"
+                "layer_allocation, layer_floor and composite_tokens apply to the structured press only"
             )
 
     def __post_init__(self):
@@ -263,7 +279,7 @@ class ComposePress(BasePress):
     # -- allocation and compression -----------------------------------------------------------------------
 
     def _compress(self, run: PrefillRun, cache):
-        scores = self._stacked_scores(run, cache)
+        scores = with_sinks_kept(self._stacked_scores(run, cache), run.inputs.valid, self.n_sink)
         if self.structured:
             n_kept = compute_n_kept(scores.shape[0] * scores.shape[-1], self.compression_ratio)
             self.compress_scored(cache, scores, n_kept)
@@ -321,12 +337,15 @@ class ComposePress(BasePress):
                 f"the budget allows"
             )
             n_kept = n_layers * self.min_tokens_per_layer
+        if self.layer_allocation == "global_normalized":
+            sorted_scores = per_head_shares(sorted_scores)
         composite = composite_scores(sorted_scores, self.agg_head)
-        if self.layer_allocation == "global":
-            budgets = layer_budgets(composite, n_kept, self.min_tokens_per_layer)
-        else:
+        if self.layer_allocation == "uniform":
             budgets = uniform_budgets(composite, n_kept, self.min_tokens_per_layer)
-        if self.layer_allocation == "global" and int(budgets.sum()) < n_kept:
+        else:
+            floor = floor_per_layer(n_kept, n_layers, self.layer_floor, self.min_tokens_per_layer)
+            budgets = layer_budgets(composite, n_kept, floor)
+        if self.layer_allocation != "uniform" and int(budgets.sum()) < n_kept:
             logger.warning(
                 f"kept {int(budgets.sum())} composite tokens instead of {n_kept}: batch rows share one length per "
                 "layer and padding is never kept, so the shortest row bounds each layer"
@@ -458,6 +477,21 @@ def positive_int_setting(name, value):
     return int(value)
 
 
+def non_negative_int_setting(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def fraction_setting(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not 0 <= value <= 1:  # NaN fails too
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
 def optional_positive_int_setting(name, value):
     return None if value is None else positive_int_setting(name, value)
 
@@ -496,5 +530,7 @@ SETTINGS = {
     "add_v_norm": bool_setting,
     "add_mean_across_heads": bool_setting,
     "min_tokens_per_layer": positive_int_setting,
+    "n_sink": non_negative_int_setting,
+    "layer_floor": fraction_setting,
     "score_block_size": optional_positive_int_setting,
 }
