@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from kvpress import BasePress, ScorerPress
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from kvpress_compose import attention_lse
 from kvpress_compose.allocation import (
@@ -33,7 +33,13 @@ from kvpress_compose.cache_gather import compress_layer, layer_states, mask_evic
 from kvpress_compose.layer_masks import install_layer_mask_hooks
 from kvpress_compose.prefill_inputs import decoder_arguments, prefill_inputs
 from kvpress_compose.prefill_run import PREFILL, SCORED, PrefillRun
-from kvpress_compose.query_sources import QUERY_SOURCES, check_cache_unchanged, query_source_for
+from kvpress_compose.query_sources import (
+    QUERY_SOURCES,
+    RepeatPrompt,
+    check_cache_unchanged,
+    query_source_for,
+    repeat_prompt_for,
+)
 
 logger = logging.getLogger(__name__)
 LAYER_ALLOCATIONS = ("global", "uniform", "global_normalized")
@@ -59,6 +65,9 @@ class ComposePress(BasePress):
         paper's, the context re-fed after itself in a second forward pass, whose attention covers three times
         the prefill's (query, key) pairs; the cache never keeps the re-fed tokens. "replay_local": the replay
         with KVzip's cheaper attention, each re-fed chunk attending to the context and its own tokens only.
+        "replay_prompted": the replay framed as an instruct model reads it, KVzip's way: the context is re-fed
+        as the assistant's answer to "Repeat the previous context exactly." in the model's chat template
+        (``replay_prompt_ids``); use it with ``n_sink=4``.
         Ignored when ``scorer`` is given. On CPU with sdpa, scoring reuses the log-sum-exp of the model's own
         attention.
     structured : bool, default=True
@@ -92,6 +101,11 @@ class ComposePress(BasePress):
     layer_floor : float, default=0.0
         Under global allocation, every layer keeps at least this fraction of the uniform budget (``n_kept //
         layers`` composite tokens); the global top-k spreads the rest. In [0, 1].
+    replay_prompt_ids : sequence of int, optional
+        The tokens "replay_prompted" feeds before re-feeding the context (the whole context is then re-fed). By
+        default they are built from the model's tokenizer, loaded from ``model.name_or_path``: the repeat
+        instruction closing a user's turn and opening the assistant's, and the template's opening is not re-fed
+        where the context starts with it.
     score_block_size : int, optional
         Queries scored at once where scores come from a softmax (eager, flash-attn, CUDA, windowed replay); by
         default a block of float32 probabilities is about 10% of the full KV cache (at least 16 queries), so
@@ -116,6 +130,7 @@ class ComposePress(BasePress):
     min_tokens_per_layer: int = 1
     n_sink: int = 0
     layer_floor: float = 0.0
+    replay_prompt_ids: tuple[int, ...] | None = None
     score_block_size: int | None = None
     last_budgets: torch.Tensor | None = field(default=None, init=False, repr=False)
     last_scores: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -147,6 +162,8 @@ class ComposePress(BasePress):
         self._check_combination()
         self._attachment: DecoderAttachment | None = None  # our decoder hooks, while the press is in use
         self._run: PrefillRun | None = None  # the prefill under way, if any
+        self._model_name: str | None = None  # where "replay_prompted" loads the tokenizer from
+        self._template_prompts: dict[str, RepeatPrompt] = {}  # by model name, built once
 
     # -- being used on a model ----------------------------------------------------------------------------
 
@@ -158,6 +175,7 @@ class ComposePress(BasePress):
                 "structured=False relies on kvpress's head-wise masking, which does not patch eager attention: "
                 "load the model with attn_implementation='sdpa' (or flash_attention_2)"
             )
+        self._model_name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         attention_lse.install()
         install_layer_mask_hooks(language_model, attention_modules)
         self._detach()
@@ -226,7 +244,7 @@ class ComposePress(BasePress):
             )
         self._run = PrefillRun(
             inputs=inputs,
-            source=query_source_for(self.query_source, self.scorer),
+            source=query_source_for(self.query_source, self.scorer, self._repeat_prompt),
             language_model=attachment.language_model,
             attention_modules=attachment.attention_modules,
             agg_task=self.agg_task,
@@ -235,6 +253,23 @@ class ComposePress(BasePress):
             local_span=local_span,
             cache=cache,
         )
+
+    def _repeat_prompt(self) -> RepeatPrompt:
+        """``replay_prompt_ids``, else the repeat prompt built from the model's tokenizer (once per model)."""
+        if self.replay_prompt_ids is not None:
+            return RepeatPrompt(ids=self.replay_prompt_ids)
+        name = self._model_name
+        if name not in self._template_prompts:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name)
+            except Exception as error:  # noqa: BLE001 - any failure means the same: no tokenizer to build it from
+                raise ValueError(
+                    f"query_source='replay_prompted' builds its repeat prompt with the model's tokenizer, which could "
+                    f"not be loaded from the model's name_or_path {name!r} ({type(error).__name__}: {error}): give "
+                    "replay_prompt_ids (the tokens fed before the re-fed context)"
+                ) from error
+            self._template_prompts[name] = repeat_prompt_for(tokenizer)
+        return self._template_prompts[name]
 
     def _finish_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
         """Decoder forward hook, run only when the decoder call returns normally: when the call that started the
@@ -511,6 +546,19 @@ def choice_setting(choices):
     return check
 
 
+def token_ids_setting(name, value):
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    if (isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")):
+        raise TypeError(f"{name} must be a sequence of token ids (ints) or None, got {type(value).__name__}")
+    value = tuple(value)
+    if not value or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ValueError(f"{name} must be a non-empty sequence of token ids (ints >= 0), got {value!r}")
+    return tuple(int(v) for v in value)
+
+
 def scorer_setting(name, value):
     if value is not None and not isinstance(value, ScorerPress):
         raise TypeError(f"{name} must be a kvpress ScorerPress, got {type(value).__name__}")
@@ -532,5 +580,6 @@ SETTINGS = {
     "min_tokens_per_layer": positive_int_setting,
     "n_sink": non_negative_int_setting,
     "layer_floor": fraction_setting,
+    "replay_prompt_ids": token_ids_setting,
     "score_block_size": optional_positive_int_setting,
 }
