@@ -65,7 +65,8 @@ class ComposePress(BasePress):
         paper's, the context re-fed after itself in a second forward pass, whose attention covers three times
         the prefill's (query, key) pairs; the cache never keeps the re-fed tokens. "replay_local": the replay
         with KVzip's cheaper attention, each re-fed chunk attending to the context and its own tokens only.
-        "replay_prompted": the replay framed as an instruct model reads it, KVzip's way: the context is re-fed
+        "prefill_seen" (needs ``agg_task="mean"``): the prefill's causal attention averaged over the queries
+        that could see each key, not over all of them. "replay_prompted": the replay framed as an instruct model reads it, KVzip's way: the context is re-fed
         as the assistant's answer to "Repeat the previous context exactly." in the model's chat template
         (``replay_prompt_ids``); use it with ``n_sink=4``.
         Ignored when ``scorer`` is given. On CPU with sdpa, scoring reuses the log-sum-exp of the model's own

@@ -20,6 +20,7 @@ from torch import nn
 from kvpress_compose import attention_lse
 from kvpress_compose.attention_lse import LseCapture
 from kvpress_compose.attention_scores import (
+    aggregate,
     attention_statistics,
     finish_scores,
     merge_statistics,
@@ -76,6 +77,21 @@ class CausalPrefill(QuerySource):
 
     def log_sum_exp(self, captured, run) -> torch.Tensor:
         return captured.lse
+
+
+class CausalPrefillSeen(CausalPrefill):
+    """``"prefill_seen"``: the prefill's own causal attention averaged over the queries that could see each key
+    (``agg_task="mean"`` only): key j of n is seen by the n - j queries from j on, so a plain mean over all n
+    queries favours early keys by their position alone. No extra pass."""
+
+    def layer_scores(self, run, layer_idx):
+        if run.agg_task != "mean":
+            raise ValueError(f"query_source='prefill_seen' averages over the queries that saw each key: it needs "
+                             f"agg_task='mean', got {run.agg_task!r}")
+        stat = run.statistics[layer_idx]  # (batch, kv_heads, group, n): summed over queries
+        valid = run.inputs.valid.to(stat.device)
+        seen_by = valid.flip(-1).long().cumsum(dim=-1).flip(-1)  # (batch, n) valid queries at or after each key
+        return aggregate(stat / seen_by.clamp(min=1)[:, None, None], run.agg_group, dim=2)
 
 
 class BidirectionalPrefill(CausalPrefill):
@@ -266,6 +282,7 @@ def on_one_scale(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 QUERY_SOURCES: dict[str, type[QuerySource]] = {
     "prefill": CausalPrefill,
+    "prefill_seen": CausalPrefillSeen,
     "bidirectional": BidirectionalPrefill,
     "replay": Replay,
     "replay_local": LocalReplay,

@@ -181,3 +181,16 @@ def test_the_repeat_prompt_is_the_instruction_in_the_chat_template():
     CharTokenizer.chat_template = None
     plain = repeat_prompt_for(CharTokenizer())
     assert "".join(map(chr, plain.ids)) == "\n\nRepeat the previous context exactly.\n" and plain.template_prefix == ()
+
+
+def test_prefill_seen_scores_average_causal_attention_over_the_queries_that_saw_each_key():
+    model = tiny_model(attn="eager")
+    ids = random_ids(1, 30)
+    with torch.no_grad():
+        attentions = model(ids, output_attentions=True).attentions
+    summed = reference_scores(attentions, slice(None), 30, "mean") * 30  # sum over queries, mean over the group
+    expected = summed / torch.arange(30, 0, -1)  # key j is seen by the 30 - j queries from j on
+    actual = press_scores(model, ids, query_source="prefill_seen", agg_task="mean")
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="agg_task='mean'"):
+        press_scores(model, ids, query_source="prefill_seen")
