@@ -75,10 +75,11 @@ def layer_budgets(composite: torch.Tensor, n_kept: int, min_per_layer: int) -> t
 
 def per_head_shares(sorted_scores: torch.Tensor) -> torch.Tensor:
     """Each head's finite scores divided by their sum, ``(layers, batch, kv_heads, n)``: a share of what the head
-    spreads over the tokens that compete, so that a layer whose scores are high on every token (a copying layer of
-    a replay, where each re-fed query finds its own token) does not outbid, by its scale alone, a layer whose
-    scores sit on a few. ``+inf`` (always kept: sinks) and ``-inf`` (never kept) entries are left as they are and
-    count for nothing; the order within a head is unchanged."""
+    spreads over the tokens that compete, so that layers compete by how their scores are spread, not by their
+    scale. On SmolLM2 a replay's scores differ by layer in scale (upper deciles 10x apart) and some layers put half
+    their attention on the sink tokens: raw scores gave two layers most of the budget and starved those
+    (docs/real-model-sources.md). ``+inf`` (always kept: sinks) and ``-inf`` (never kept) entries are left as
+    they are and count for nothing; the order within a head is unchanged."""
     finite = torch.isfinite(sorted_scores)
     total = sorted_scores.masked_fill(~finite, 0.0).sum(dim=-1, keepdim=True)
     shares = sorted_scores / total.clamp_min(torch.finfo(sorted_scores.dtype).tiny)

@@ -78,9 +78,9 @@ class ComposePress(BasePress):
         "global" (the paper's): one top-k over every layer's composite scores decides how many each layer
         keeps. "uniform": every layer keeps the same number of composite tokens (the ablation).
         "global_normalized": the global top-k over each head's scores divided by their sum (sinks and
-        ``layer_floor`` apart), so that a layer competes with how its scores are spread, not their scale: in a
-        replay, copying layers score nearly every token near 1 and took most of the budget under "global"
-        (docs/real-model-sources.md).
+        ``layer_floor`` apart), so that a layer competes with how its scores are spread, not their scale (on
+        SmolLM2, "global" gave two layers most of the budget and starved the layers whose attention sits on the
+        sink tokens: docs/real-model-sources.md). Use it with ``n_sink``.
     composite_tokens : bool, default=True
         True (the paper's): each head keeps its own top positions. False (the ablation): one set of positions
         per layer, ranked by the head-aggregated (``agg_head``) score and shared by every head.

@@ -79,10 +79,10 @@ def test_per_head_shares_divide_finite_scores_by_their_sum_and_leave_infinities(
 
 
 def test_normalised_allocation_does_not_favour_a_layer_that_scores_every_token_high():
-    # layer 0 copies: every token near 1; layer 1 attends to two tokens. Raw scores give layer 0 everything.
-    copying = torch.tensor([0.95, 0.95, 0.9, 0.9, 0.9, 0.9])
+    # layer 0 scores every token high; layer 1 attends to two tokens. Raw scores give layer 0 all but one.
+    high_everywhere = torch.tensor([0.95, 0.95, 0.9, 0.9, 0.9, 0.9])
     peaked = torch.tensor([0.8, 0.7, 0.05, 0.05, 0.05, 0.05])
-    sorted_scores = torch.stack([copying, peaked])[:, None, None]  # (L=2, b=1, H=1, n=6)
+    sorted_scores = torch.stack([high_everywhere, peaked])[:, None, None]  # (L=2, b=1, H=1, n=6)
     assert layer_budgets(composite_scores(sorted_scores, "mean"), 6, 1).tolist() == [5, 1]
     # shares: layer 0 each ~0.17, layer 1: 0.47, 0.41, then 0.03: the peaked layer keeps its two tokens
     shares = composite_scores(per_head_shares(sorted_scores), "mean")
