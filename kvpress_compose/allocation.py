@@ -31,6 +31,18 @@ def stack_layer_scores(layer_scores: list[torch.Tensor]) -> torch.Tensor:
                         for scores in layer_scores])
 
 
+def with_sinks_kept(scores: torch.Tensor, valid: torch.Tensor, n_sink: int) -> torch.Tensor:
+    """``scores`` ``(layers, batch, kv_heads, n)`` with ``+inf`` at the first ``n_sink`` valid positions of each row
+    (``valid`` ``(batch, n)``; the first entries where a layer holds fewer): the attention sinks, which every head
+    keeps and which do not compete for the budget (KVzip keeps them the same way)."""
+    if n_sink == 0:
+        return scores
+    n = scores.shape[-1]
+    valid = valid[:, :n].to(scores.device) if valid.shape[1] >= n else torch.ones(scores.shape[1], n, dtype=torch.bool)
+    sinks = valid & (valid.long().cumsum(dim=1) <= n_sink)  # (batch, n)
+    return scores.masked_fill(sinks[None, :, None] & (scores > float("-inf")), float("inf"))
+
+
 def rank_tokens(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each head's scores sorted descending and the token order; equal scores keep position order."""
     return torch.sort(scores, dim=-1, descending=True, stable=True)
@@ -59,6 +71,25 @@ def top_entries(scores: torch.Tensor, n_kept: int, n_forced: int) -> torch.Tenso
 def layer_budgets(composite: torch.Tensor, n_kept: int, min_per_layer: int) -> torch.Tensor:
     """Composite tokens kept per layer, ``(layers,)``: global top ``n_kept`` with ``min_per_layer`` each."""
     return top_entries(composite[None], n_kept, min_per_layer)[0]
+
+
+def per_head_shares(sorted_scores: torch.Tensor) -> torch.Tensor:
+    """Each head's finite scores divided by their sum, ``(layers, batch, kv_heads, n)``: a share of what the head
+    spreads over the tokens that compete, so that layers compete by how their scores are spread, not by their
+    scale. On SmolLM2 a replay's scores differ by layer in scale (upper deciles 10x apart) and some layers put half
+    their attention on the sink tokens: raw scores gave two layers most of the budget and starved those
+    (docs/real-model-sources.md). ``+inf`` (always kept: sinks) and ``-inf`` (never kept) entries are left as
+    they are and count for nothing; the order within a head is unchanged."""
+    finite = torch.isfinite(sorted_scores)
+    total = sorted_scores.masked_fill(~finite, 0.0).sum(dim=-1, keepdim=True)
+    shares = sorted_scores / total.clamp_min(torch.finfo(sorted_scores.dtype).tiny)
+    return torch.where(finite, shares, sorted_scores)
+
+
+def floor_per_layer(n_kept: int, n_layers: int, floor: float, min_per_layer: int) -> int:
+    """Composite tokens every layer keeps whatever the global ranking says: ``floor`` of the uniform budget
+    ``n_kept // n_layers``, and at least ``min_per_layer``."""
+    return max(min_per_layer, math.floor(floor * (n_kept // n_layers)))
 
 
 def uniform_budgets(composite: torch.Tensor, n_kept: int, min_per_layer: int) -> torch.Tensor:

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 from kvpress import BasePress, ScorerPress
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from kvpress_compose import attention_lse
-from kvpress_compose.allocation import compute_n_kept
+from kvpress_compose.allocation import compute_n_kept, with_sinks_kept
 from kvpress_compose.cache_gather import layer_states
 from kvpress_compose.compression import CompositeCompression
 from kvpress_compose.head_masks import install_head_mask_hooks
@@ -29,7 +29,7 @@ from kvpress_compose.model_attachment import (
 )
 from kvpress_compose.prefill_inputs import decoder_arguments, prefill_inputs
 from kvpress_compose.prefill_run import PREFILL, SCORED, PrefillRun
-from kvpress_compose.query_sources import query_source_for
+from kvpress_compose.query_sources import RepeatPrompt, query_source_for, repeat_prompt_for
 from kvpress_compose.settings import SETTINGS
 from kvpress_compose.windowed_layers import layers_to_compress, record_window
 
@@ -76,13 +76,21 @@ class ComposePress(CompositeCompression, BasePress):
         forward pass, whose attention covers three times the prefill's (query, key) pairs; the cache never keeps
         the re-fed tokens. "replay_local": the replay with KVzip's cheaper attention, each re-fed chunk attending
         to the context and its own tokens only. Ignored when ``scorer`` is given. On CPU with sdpa, scoring
-        reuses the log-sum-exp of the model's own attention.
+        reuses the log-sum-exp of the model's own attention. "prefill_seen" (needs ``agg_task="mean"``): the
+        prefill's causal attention averaged over the queries that could see each key, not over all of them.
+        "replay_prompted": the replay framed as an instruct model reads it, KVzip's way: the context is re-fed as
+        the assistant's answer to "Repeat the previous context exactly." in the model's chat template
+        (``replay_prompt_ids``); use it with ``n_sink=4``.
     structured : bool, default=True
         False gives the unstructured upper bound: per-(layer, head) budgets applied with kvpress's head-wise
         masking. That saves no memory (evicted entries are masked, not removed) and needs sdpa or flash.
     layer_allocation : str, default="global"
         "global" (the paper's): one top-k over every layer's composite scores decides how many each layer
         keeps. "uniform": every layer keeps the same number of composite tokens (the ablation).
+        "global_normalized": the global top-k over each head's scores divided by their sum (sinks and
+        ``layer_floor`` apart), so that a layer competes with how its scores are spread, not their scale (on
+        SmolLM2, "global" gave two layers most of the budget and starved the layers whose attention sits on the
+        sink tokens: docs/real-model-sources.md). Use it with ``n_sink``.
     composite_tokens : bool, default=True
         True (the paper's): each head keeps its own top positions. False (the ablation): one set of positions
         per layer, ranked by the head-aggregated (``agg_head``) score and shared by every head.
@@ -98,6 +106,17 @@ class ComposePress(CompositeCompression, BasePress):
         Add the mean over KV heads of a token's score to each head's score.
     min_tokens_per_layer : int, default=1
         Composite tokens every layer keeps (per head, when ``structured=False``).
+    n_sink : int, default=0
+        The first ``n_sink`` context tokens of each row (the attention sinks) are kept in every head of every
+        layer, outside the competition for the budget (they count in it); KVzip keeps 4.
+    layer_floor : float, default=0.0
+        Under global allocation, every layer keeps at least this fraction of the uniform budget (``n_kept //
+        layers`` composite tokens); the global top-k spreads the rest. In [0, 1].
+    replay_prompt_ids : sequence of int, optional
+        The tokens "replay_prompted" feeds before re-feeding the context (the whole context is then re-fed). By
+        default they are built from the model's tokenizer, loaded from ``model.name_or_path``: the repeat
+        instruction closing a user's turn and opening the assistant's, and the template's opening is not re-fed
+        where the context starts with it.
     score_block_size : int, optional
         Queries scored at once where scores come from a softmax (eager, flash-attn, CUDA, windowed replay); by
         default a block of float32 probabilities is about 10% of the full KV cache (at least 16 queries), so
@@ -132,6 +151,9 @@ class ComposePress(CompositeCompression, BasePress):
     add_v_norm: bool = False
     add_mean_across_heads: bool = True
     min_tokens_per_layer: int = 1
+    n_sink: int = 0
+    layer_floor: float = 0.0
+    replay_prompt_ids: tuple[int, ...] | None = None
     score_block_size: int | None = None
     last_budgets: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     last_scores: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
@@ -153,16 +175,19 @@ class ComposePress(CompositeCompression, BasePress):
                 raise
 
     def _check_combination(self):
-        if not self.structured and (self.layer_allocation != "global" or not self.composite_tokens):
+        if not self.structured and (self.layer_allocation != "global" or not self.composite_tokens
+                                    or self.layer_floor > 0):
             raise ValueError(
                 "structured=False ranks every head's tokens on their own against one global budget: "
-                "layer_allocation and composite_tokens apply to the structured press only"
+                "layer_allocation, layer_floor and composite_tokens apply to the structured press only"
             )
 
     def __post_init__(self):
         self._check_combination()
         self._attachment: DecoderAttachment | None = None  # our decoder hooks, while the press is in use
         self._run: PrefillRun | None = None  # the prefill under way, if any
+        self._model_name: str | None = None  # where "replay_prompted" loads the tokenizer from
+        self._template_prompts: dict[str, RepeatPrompt] = {}  # by model name, built once
 
     # -- being used on a model ----------------------------------------------------------------------------
 
@@ -172,6 +197,7 @@ class ComposePress(CompositeCompression, BasePress):
         attention_modules = [layer.self_attn for layer in language_model.layers]
         if not self.structured:
             refuse_unstructured(model)
+        self._model_name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         attention_lse.install()
         install_layer_mask_hooks(language_model, attention_modules)
         if not self.structured:
@@ -257,7 +283,7 @@ class ComposePress(CompositeCompression, BasePress):
             refuse_unstructured(None, attachment, compressed_layers)
         self._run = PrefillRun(
             inputs=inputs,
-            source=query_source_for(self.query_source, self.scorer),
+            source=query_source_for(self.query_source, self.scorer, self._repeat_prompt),
             language_model=attachment.language_model,
             attention_modules=attachment.attention_modules,
             agg_task=self.agg_task,
@@ -267,6 +293,23 @@ class ComposePress(CompositeCompression, BasePress):
             cache=cache,
             compressed_layers=compressed_layers,
         )
+
+    def _repeat_prompt(self) -> RepeatPrompt:
+        """``replay_prompt_ids``, else the repeat prompt built from the model's tokenizer (once per model)."""
+        if self.replay_prompt_ids is not None:
+            return RepeatPrompt(ids=self.replay_prompt_ids)
+        name = self._model_name
+        if name not in self._template_prompts:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name)
+            except Exception as error:  # noqa: BLE001 - any failure means the same: no tokenizer to build it from
+                raise ValueError(
+                    f"query_source='replay_prompted' builds its repeat prompt with the model's tokenizer, which could "
+                    f"not be loaded from the model's name_or_path {name!r} ({type(error).__name__}: {error}): give "
+                    "replay_prompt_ids (the tokens fed before the re-fed context)"
+                ) from error
+            self._template_prompts[name] = repeat_prompt_for(tokenizer)
+        return self._template_prompts[name]
 
     def _finish_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
         """Decoder forward hook, run only when the decoder call returns normally: when the call that started the
@@ -321,7 +364,7 @@ class ComposePress(CompositeCompression, BasePress):
     # -- allocation and compression -----------------------------------------------------------------------
 
     def _compress(self, run: PrefillRun, cache):
-        scores = self._stacked_scores(run, cache)  # the compressed layers' only: the ratio is on their entries
+        scores = with_sinks_kept(self._stacked_scores(run, cache), run.inputs.valid, self.n_sink)  # compressed layers'
         if self.structured:
             n_kept = compute_n_kept(scores.shape[0] * scores.shape[-1], self.compression_ratio)
             positions = self.compress_scored(cache, scores, n_kept, run.compressed_layers)

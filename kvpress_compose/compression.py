@@ -14,11 +14,13 @@ import torch
 
 from kvpress_compose.allocation import (
     composite_scores,
+    floor_per_layer,
     head_budgets,
     kept_positions,
     layer_budgets,
     rank_tokens,
     stack_layer_scores,
+    per_head_shares,
     uniform_budgets,
 )
 from kvpress_compose.attention_scores import aggregate
@@ -40,7 +42,8 @@ class CompositeCompression:
     def _ranked(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each head's scores, enhanced as the settings say, sorted, with the token order (``rank_tokens``)."""
         if self.add_mean_across_heads:
-            scores = scores + mean_of_finite(scores, dim=2)
+            # a never-kept (-inf) entry stays so, whatever the other heads hold
+            scores = torch.where(scores > float("-inf"), scores + mean_of_finite(scores, dim=2), scores)
         if not self.composite_tokens:  # one ranking per layer, shared by every head
             scores = aggregate(scores, self.agg_head, dim=2)[:, :, None].expand_as(scores).contiguous()
         self.last_scores = scores
@@ -85,12 +88,15 @@ class CompositeCompression:
                 f"the budget allows"
             )
             n_kept = n_layers * self.min_tokens_per_layer
+        if self.layer_allocation == "global_normalized":
+            sorted_scores = per_head_shares(sorted_scores)
         composite = composite_scores(sorted_scores, self.agg_head)
-        if self.layer_allocation == "global":
-            budgets = layer_budgets(composite, n_kept, self.min_tokens_per_layer)
-        else:
+        if self.layer_allocation == "uniform":
             budgets = uniform_budgets(composite, n_kept, self.min_tokens_per_layer)
-        if self.layer_allocation == "global" and int(budgets.sum()) < n_kept:
+        else:
+            floor = floor_per_layer(n_kept, n_layers, self.layer_floor, self.min_tokens_per_layer)
+            budgets = layer_budgets(composite, n_kept, floor)
+        if self.layer_allocation != "uniform" and int(budgets.sum()) < n_kept:
             logger.warning(
                 f"kept {int(budgets.sum())} composite tokens instead of {n_kept}: only that many have a finite score "
                 "in every head and batch row (padding and a scorer's -inf scores are never kept, and batch rows "
@@ -119,13 +125,11 @@ class CompositeCompression:
 
 
 def mean_of_finite(scores: torch.Tensor, dim: int) -> torch.Tensor:
-    """The mean over ``dim`` (kept) of the finite scores: a head's ``-inf`` (never kept) leaves the other heads'
-    scores alone; ``-inf`` where no score is finite."""
-    finite = torch.isfinite(scores)
-    mean = scores.mean(dim=dim, keepdim=True)
-    if bool(finite.all()):
-        return mean
-    count = finite.sum(dim=dim, keepdim=True)
-    finite_mean = scores.masked_fill(~finite, 0.0).sum(dim=dim, keepdim=True) / count.clamp_min(1)
-    finite_mean = torch.where(count > 0, finite_mean, torch.full_like(mean, float("-inf")))
-    return torch.where(finite.all(dim=dim, keepdim=True), mean, finite_mean)  # unchanged where all are finite
+    """The mean over ``dim`` (kept) of the scores above ``-inf``: a head's ``-inf`` (never kept) leaves the other
+    heads' scores alone, a ``+inf`` (always kept: a sink) stays ``+inf``; ``-inf`` where every score is."""
+    kept = scores > float("-inf")
+    if bool(kept.all()):
+        return scores.mean(dim=dim, keepdim=True)
+    count = kept.sum(dim=dim, keepdim=True)
+    total = scores.masked_fill(~kept, 0.0).sum(dim=dim, keepdim=True)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("-inf")))

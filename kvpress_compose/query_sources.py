@@ -9,7 +9,9 @@ writing one class and, for a string name, one entry of :data:`QUERY_SOURCES`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from kvpress import ScorerPress
@@ -18,6 +20,7 @@ from torch import nn
 from kvpress_compose import attention_lse
 from kvpress_compose.attention_lse import LseCapture
 from kvpress_compose.attention_scores import (
+    aggregate,
     attention_statistics,
     finish_scores,
     merge_statistics,
@@ -25,6 +28,7 @@ from kvpress_compose.attention_scores import (
     statistics_from_lse,
 )
 from kvpress_compose.cache_gather import full_cache_bytes
+from kvpress_compose.prefill_inputs import PrefillInputs
 from kvpress_compose.prefill_run import REPLAY, PrefillRun
 from kvpress_compose.replay import ReplayCache, run_replay
 
@@ -75,6 +79,21 @@ class CausalPrefill(QuerySource):
         return captured.lse
 
 
+class CausalPrefillSeen(CausalPrefill):
+    """``"prefill_seen"``: the prefill's own causal attention averaged over the queries that could see each key
+    (``agg_task="mean"`` only): key j of n is seen by the n - j queries from j on, so a plain mean over all n
+    queries favours early keys by their position alone. No extra pass."""
+
+    def layer_scores(self, run, layer_idx):
+        if run.agg_task != "mean":
+            raise ValueError(f"query_source='prefill_seen' averages over the queries that saw each key: it needs "
+                             f"agg_task='mean', got {run.agg_task!r}")
+        stat = run.statistics[layer_idx]  # (batch, kv_heads, group, n): summed over queries
+        valid = run.inputs.valid.to(stat.device)
+        seen_by = valid.flip(-1).long().cumsum(dim=-1).flip(-1)  # (batch, n) valid queries at or after each key
+        return aggregate(stat / seen_by.clamp(min=1)[:, None, None], run.agg_group, dim=2)
+
+
 class BidirectionalPrefill(CausalPrefill):
     """``"bidirectional"``: the prefill's queries attending to every context key (no extra pass); works after
     presses that pruned the layer, whose kept keys' positions are unknown."""
@@ -105,16 +124,22 @@ class Replay(QuerySource):
         # every context key, and the model's own masks (windowed layers included) apply to the re-fed tokens
         capture = LseCapture(run.attention_modules) if run.local_span is None else None
         scored_modules = [run.attention_modules[layer_idx] for layer_idx in run.compressed_layers]
+        self.refed = self.refed_inputs(run)
         hooks = [module.register_forward_hook(self.refed_hook(run, replay_cache, capture), with_kwargs=True)
                  for module in scored_modules]
         phase, run.phase = run.phase, REPLAY
         try:
             with capture if capture is not None else nullcontext():
-                run_replay(run.language_model, run.inputs, replay_cache, capture)
+                run_replay(run.language_model, run.inputs, replay_cache, capture,
+                           None if self.refed is run.inputs else self.refed)
         finally:
             run.phase = phase
             for hook in hooks:
                 hook.remove()
+
+    def refed_inputs(self, run: PrefillRun) -> PrefillInputs:
+        """What the second pass feeds: the context itself."""
+        return run.inputs
 
     def refed_hook(self, run: PrefillRun, replay_cache: ReplayCache, capture: LseCapture | None):
         def score_refed_chunk(module, args, kwargs, output):
@@ -128,16 +153,19 @@ class Replay(QuerySource):
         hidden_states = kwargs["hidden_states"]
         keys = replay_cache.attended_keys.pop(module.layer_idx)  # original context, then re-fed tokens
         start, n_context, valid = replay_cache.replayed, run.inputs.length, run.inputs.valid
+        refed_valid = self.refed.valid  # (batch, re-fed tokens): the context's own, unless prompted
         end = start + hidden_states.shape[1]
         captured = capture.take(module, *hidden_states.shape[:2]) if capture is not None else None
         if captured is not None:  # normalised over everything the re-fed queries saw; every context key is visible
-            chunk = statistics_from_lse(captured.query_blocks(), captured.lse, captured.keys, valid[:, start:end],
-                                        n_scored=n_context, causal_offset=None, agg_task=run.agg_task)
+            chunk = statistics_from_lse(captured.query_blocks(), captured.lse, captured.keys,
+                                        refed_valid[:, start:end], n_scored=n_context, causal_offset=None,
+                                        agg_task=run.agg_task)
         else:
             queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
             refed_start = start if self.chunk_local else 0  # the first re-fed token the keys hold
-            chunk = softmax_statistics(run, module, queries, keys, torch.cat([valid, valid[:, refed_start:end]], dim=1),
-                                       valid[:, start:end], n_context + start - refed_start)
+            key_valid = torch.cat([valid, refed_valid[:, refed_start:end]], dim=1)
+            chunk = softmax_statistics(run, module, queries, keys, key_valid, refed_valid[:, start:end],
+                                       n_context + start - refed_start)
         layer = module.layer_idx
         run.statistics[layer] = merge_statistics(run.statistics.get(layer), chunk, run.agg_task)
 
@@ -147,6 +175,81 @@ class LocalReplay(Replay):
     and its own tokens only, not to earlier chunks (about n^2 + n c / 2 pairs for chunks of c, against 1.5 n^2)."""
 
     chunk_local = True
+
+
+REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly."  # KVzip's (https://arxiv.org/abs/2505.23416)
+TEMPLATE_MARK = "<<compose-context>>"  # stands for the user's message when a chat template is rendered
+
+
+@dataclass(frozen=True)
+class RepeatPrompt:
+    """What ``"replay_prompted"`` feeds in its second pass besides the context.
+
+    Parameters
+    ----------
+    ids : the tokens fed before the re-fed context: the repeat instruction, closing the user's turn and opening
+        the assistant's where the model has a chat template.
+    template_prefix : the chat template's opening (system turn, user header): where every row of the context
+        starts with these tokens, they are not re-fed (the assistant repeats the user's message, not the template).
+    """
+
+    ids: tuple[int, ...]
+    template_prefix: tuple[int, ...] = ()
+
+
+def repeat_prompt_for(tokenizer) -> RepeatPrompt:
+    """The repeat instruction as ``tokenizer``'s chat template frames a user's turn and opens the assistant's
+    reply (the instruction and a newline where it has no template)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        prefix, suffix = "", "\n"
+    else:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": TEMPLATE_MARK}], tokenize=False,
+                                                 add_generation_prompt=True)
+        if rendered.count(TEMPLATE_MARK) != 1:
+            raise ValueError("the tokenizer's chat template does not render the user's message once: give "
+                             "replay_prompt_ids")
+        prefix, suffix = rendered.split(TEMPLATE_MARK)
+
+    def encode(text):
+        return tuple(tokenizer.encode(text, add_special_tokens=False)) if text else ()
+
+    return RepeatPrompt(ids=encode(REPEAT_INSTRUCTION) + encode(suffix), template_prefix=encode(prefix))
+
+
+class PromptedReplay(Replay):
+    """``"replay_prompted"``: the replay as an instruct model reads a repeat request, KVzip's framing: after the
+    context, the repeat instruction in the model's chat template (:class:`RepeatPrompt`), then the context
+    re-fed as the assistant's answer (without the template's opening where the context starts with it). The
+    instruction's and the re-fed tokens' queries score the context's keys only; the cache keeps the context
+    only. KVzip also keeps 4 sink tokens: use it with ``n_sink=4``."""
+
+    needs_prompt = True
+
+    def __init__(self, prompt: RepeatPrompt):
+        self.prompt = prompt
+
+    def refed_inputs(self, run: PrefillRun) -> PrefillInputs:
+        inputs = run.inputs
+        if inputs.input_ids is None:
+            raise ValueError("query_source='replay_prompted' needs the context as input_ids (it feeds the repeat "
+                             "prompt as tokens), got inputs_embeds: use query_source='replay'")
+        ids, batch, device = inputs.input_ids, inputs.input_ids.shape[0], inputs.input_ids.device
+        prefix = torch.tensor(self.prompt.template_prefix, dtype=ids.dtype, device=device)
+        skip = len(prefix) if 0 < len(prefix) < ids.shape[1] and bool((ids[:, :len(prefix)] == prefix).all()) else 0
+        prompt = torch.tensor(self.prompt.ids, dtype=ids.dtype, device=device)[None].expand(batch, -1)
+        n_prompt = prompt.shape[1]
+        prompt_valid = torch.ones(batch, n_prompt, dtype=torch.bool, device=device)
+        first = inputs.position_ids.amax(dim=-1, keepdim=True) + 1  # each row's re-fed tokens follow its context
+        prompt_positions = first + torch.arange(n_prompt, device=device)[None]
+        context_positions = inputs.position_ids[:, skip:] - skip + first + n_prompt
+        mask = inputs.attention_mask
+        return PrefillInputs(
+            input_ids=torch.cat([prompt, ids[:, skip:]], dim=1),
+            inputs_embeds=None,
+            attention_mask=None if mask is None else torch.cat([prompt_valid.to(mask.dtype), mask[:, skip:]], dim=1),
+            position_ids=torch.cat([prompt_positions, context_positions], dim=1),
+            valid=torch.cat([prompt_valid, inputs.valid[:, skip:]], dim=1),
+        )
 
 
 class Scorer(QuerySource):
@@ -197,15 +300,26 @@ def checked_scorer_scores(scorer: ScorerPress, module: nn.Module, *args) -> torc
 
 QUERY_SOURCES: dict[str, type[QuerySource]] = {
     "prefill": CausalPrefill,
+    "prefill_seen": CausalPrefillSeen,
     "bidirectional": BidirectionalPrefill,
     "replay": Replay,
     "replay_local": LocalReplay,
+    "replay_prompted": PromptedReplay,
 }
 
 
-def query_source_for(query_source: str, scorer: ScorerPress | None) -> QuerySource:
-    """The source a press's ``query_source`` name (or ``scorer``, which takes precedence) stands for."""
-    return Scorer(scorer) if scorer is not None else QUERY_SOURCES[query_source]()
+def query_source_for(query_source: str, scorer: ScorerPress | None,
+                     repeat_prompt: Callable[[], RepeatPrompt] | None = None) -> QuerySource:
+    """The source a press's ``query_source`` name (or ``scorer``, which takes precedence) stands for; a source
+    that ``needs_prompt`` is given ``repeat_prompt()``."""
+    if scorer is not None:
+        return Scorer(scorer)
+    source = QUERY_SOURCES[query_source]
+    if getattr(source, "needs_prompt", False):
+        if repeat_prompt is None:
+            raise ValueError(f"query_source={query_source!r} needs a repeat prompt")
+        return source(repeat_prompt())
+    return source()
 
 
 def softmax_statistics(run: PrefillRun, module, queries, keys, key_valid, query_valid, causal_offset):

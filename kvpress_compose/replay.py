@@ -102,17 +102,21 @@ def stopped_after(last_attention: nn.Module):
         handle.remove()
 
 
-def refed_attention_mask(inputs: PrefillInputs, start: int, end: int, refed_start: int, mask_unread: bool):
-    """The mask of re-fed tokens ``[start, end)``, which attend to the context and the re-fed tokens from
-    ``refed_start``: a placeholder where attention never reads it, else the context's own (2D) mask extended over
-    them, or None."""
+def refed_attention_mask(inputs: PrefillInputs, start: int, end: int, refed_start: int, mask_unread: bool,
+                         refed: PrefillInputs | None = None):
+    """The mask of re-fed tokens ``[start, end)`` (of ``refed``, by default the context itself), which attend to
+    the context and the re-fed tokens from ``refed_start``: a placeholder where attention never reads it, else the
+    context's own (2D) mask extended over them, or None."""
+    refed = inputs if refed is None else refed
     if mask_unread:  # (batch, 1, chunk, keys) of one stored element: transformers uses a 4D mask as it is
         batch = inputs.position_ids.shape[0]
         placeholder = torch.ones((), dtype=torch.bool, device=inputs.position_ids.device)
         return placeholder.expand(batch, 1, end - start, inputs.length + end - refed_start)
-    if inputs.attention_mask is None:
+    if inputs.attention_mask is None and refed.attention_mask is None:
         return None
-    return torch.cat([inputs.attention_mask, inputs.attention_mask[:, refed_start:end]], dim=-1)
+    context_mask = inputs.attention_mask if inputs.attention_mask is not None else inputs.valid.long()
+    refed_mask = refed.attention_mask if refed.attention_mask is not None else refed.valid.long()
+    return torch.cat([context_mask, refed_mask[:, refed_start:end].to(context_mask.dtype)], dim=-1)
 
 
 def replay_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -192,23 +196,26 @@ def prefill_frequencies(rotary_emb: nn.Module):
         handle.remove()
 
 
-def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache, capture: LseCapture | None) -> None:
+def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache, capture: LseCapture | None,
+               refed: PrefillInputs | None = None) -> None:
     """Feed the captured context again over the replay cache: in one pass without a mask where every layer is
     sure to take the unmasked split of ``capture`` (sdpa on CPU, no padding) and that saves memory, else in
     chunks (each attending to the context and only its own tokens where the replay cache is ``chunk_local``).
-    The re-fed positions are rotated with the prefill's frequencies, and the model's rotary embedding is left as
-    it was before."""
-    positions = replay_position_ids(inputs.position_ids)
+    ``refed``, when given, is fed instead of the context itself, at its own positions (the prompted replay: a
+    repeat instruction, then the context). The re-fed positions are rotated with the prefill's frequencies, and
+    the model's rotary embedding is left as it was before."""
+    positions = replay_position_ids(inputs.position_ids) if refed is None else refed.position_ids
+    refed = inputs if refed is None else refed
     attention_modules = [layer.self_attn for layer in language_model.layers]
     keys = layer_states(replay_cache.source, 0)[0]  # (batch, kv_heads, n, head_dim)
-    unpadded = bool(inputs.valid.all())
+    unpadded = bool(inputs.valid.all()) and bool(refed.valid.all())
     mask_unread = unpadded and capture is not None and all(map(capture.split_possible, attention_modules))
     kv_values_per_token = 2 * len(attention_modules) * keys.shape[1] * keys.shape[3]
     single_pass = (mask_unread and not replay_cache.chunk_local
                    and single_pass_saves_memory(language_model.config, kv_values_per_token))
     replay_cache.keep_refed = not (single_pass or replay_cache.chunk_local)
     if single_pass:
-        chunk_size = inputs.length
+        chunk_size = refed.length
     else:
         activation_values = activation_values_per_token(language_model.config) if mask_unread else None
         activation_bytes = activation_values * keys.element_size() if activation_values else None
@@ -217,8 +224,8 @@ def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache,
     rotary_emb = language_model.rotary_emb
     with (torch.no_grad(), preserved_state(rotary_emb), prefill_frequencies(rotary_emb),
           stopped_after(attention_modules[-1])):
-        for start in range(0, inputs.length, chunk_size):
-            end = min(start + chunk_size, inputs.length)
+        for start in range(0, refed.length, chunk_size):
+            end = min(start + chunk_size, refed.length)
             # every re-fed query sees the whole context and the re-fed tokens before its chunk (none when local)
             refed_start = start if replay_cache.chunk_local else 0
             if capture is not None:
@@ -226,9 +233,9 @@ def run_replay(language_model, inputs: PrefillInputs, replay_cache: ReplayCache,
                                                mask_ignored=mask_unread)
             with suppress(ReplayScored):
                 language_model(
-                    input_ids=None if inputs.input_ids is None else inputs.input_ids[:, start:end],
-                    inputs_embeds=None if inputs.inputs_embeds is None else inputs.inputs_embeds[:, start:end],
-                    attention_mask=refed_attention_mask(inputs, start, end, refed_start, mask_unread),
+                    input_ids=None if refed.input_ids is None else refed.input_ids[:, start:end],
+                    inputs_embeds=None if refed.inputs_embeds is None else refed.inputs_embeds[:, start:end],
+                    attention_mask=refed_attention_mask(inputs, start, end, refed_start, mask_unread, refed),
                     position_ids=positions[:, start:end],
                     past_key_values=replay_cache,
                     use_cache=True,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import numbers
 
+import torch
+
 from kvpress import ScorerPress
 
 from kvpress_compose.attention_scores import AGGREGATIONS
 from kvpress_compose.query_sources import QUERY_SOURCES
 
-LAYER_ALLOCATIONS = ("global", "uniform")
+LAYER_ALLOCATIONS = ("global", "uniform", "global_normalized")
 
 
 def ratio_setting(name, value):
@@ -30,6 +32,34 @@ def positive_int_setting(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return int(value)
+
+
+def non_negative_int_setting(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def fraction_setting(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not 0 <= value <= 1:  # NaN fails too
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def token_ids_setting(name, value):
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of token ids (ints) or None, got {type(value).__name__}")
+    value = tuple(value)
+    if not value or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ValueError(f"{name} must be a non-empty sequence of token ids (ints >= 0), got {value!r}")
+    return tuple(int(v) for v in value)
 
 
 def optional_positive_int_setting(name, value):
@@ -70,5 +100,8 @@ SETTINGS = {
     "add_v_norm": bool_setting,
     "add_mean_across_heads": bool_setting,
     "min_tokens_per_layer": positive_int_setting,
+    "n_sink": non_negative_int_setting,
+    "layer_floor": fraction_setting,
+    "replay_prompt_ids": token_ids_setting,
     "score_block_size": optional_positive_int_setting,
 }

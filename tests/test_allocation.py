@@ -5,12 +5,15 @@ import torch
 from kvpress_compose.allocation import (
     composite_scores,
     compute_n_kept,
+    floor_per_layer,
     head_budgets,
     kept_positions,
     layer_budgets,
+    per_head_shares,
     rank_tokens,
     stack_layer_scores,
     top_entries,
+    with_sinks_kept,
 )
 
 INF = float("inf")
@@ -66,3 +69,39 @@ def test_stack_layer_scores_pads_shorter_layers_with_minus_infinity():
     assert stacked.shape == (2, 1, 2, 5)
     assert torch.equal(stacked[0, ..., :3], short) and torch.isinf(stacked[0, ..., 3:]).all()
     assert torch.equal(stacked[1], long)
+
+
+def test_per_head_shares_divide_finite_scores_by_their_sum_and_leave_infinities():
+    sorted_scores = torch.tensor([[[[INF, 0.6, 0.2, 0.2], [0.5, 0.5, -INF, -INF]]]])  # (L=1, b=1, H=2, n=4)
+    torch.testing.assert_close(per_head_shares(sorted_scores),
+                               torch.tensor([[[[INF, 0.6, 0.2, 0.2], [0.5, 0.5, -INF, -INF]]]]))
+    torch.testing.assert_close(per_head_shares(sorted_scores * 4), per_head_shares(sorted_scores))
+
+
+def test_normalised_allocation_does_not_favour_a_layer_that_scores_every_token_high():
+    # layer 0 scores every token high; layer 1 attends to two tokens. Raw scores give layer 0 all but one.
+    high_everywhere = torch.tensor([0.95, 0.95, 0.9, 0.9, 0.9, 0.9])
+    peaked = torch.tensor([0.8, 0.7, 0.05, 0.05, 0.05, 0.05])
+    sorted_scores = torch.stack([high_everywhere, peaked])[:, None, None]  # (L=2, b=1, H=1, n=6)
+    assert layer_budgets(composite_scores(sorted_scores, "mean"), 6, 1).tolist() == [5, 1]
+    # shares: layer 0 each ~0.17, layer 1: 0.47, 0.41, then 0.03: the peaked layer keeps its two tokens
+    shares = composite_scores(per_head_shares(sorted_scores), "mean")
+    assert layer_budgets(shares, 6, 1).tolist() == [4, 2]
+
+
+def test_floor_per_layer_is_a_fraction_of_the_uniform_budget():
+    assert floor_per_layer(n_kept=100, n_layers=4, floor=0.5, min_per_layer=1) == 12  # floor(0.5 * 25)
+    assert floor_per_layer(n_kept=100, n_layers=4, floor=0.0, min_per_layer=3) == 3
+    assert floor_per_layer(n_kept=100, n_layers=4, floor=1.0, min_per_layer=1) == 25
+    composite = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.1, 0.05, 0.04, 0.03]])
+    assert layer_budgets(composite, 4, floor_per_layer(4, 2, 1.0, 1)).tolist() == [2, 2]
+
+
+def test_sinks_are_the_first_valid_positions_of_each_row_and_never_padding():
+    scores = torch.full((2, 2, 1, 5), 0.5)  # (L=2, b=2, H=1, n=5)
+    scores[:, 1, :, :2] = -INF  # row 1 is left-padded by 2
+    valid = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    kept = with_sinks_kept(scores, valid, n_sink=2)
+    assert kept[0, 0, 0].tolist() == [INF, INF, 0.5, 0.5, 0.5]
+    assert kept[1, 1, 0].tolist() == [-INF, -INF, INF, INF, 0.5]
+    assert torch.equal(with_sinks_kept(scores, valid, n_sink=0), scores)

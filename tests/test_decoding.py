@@ -218,6 +218,55 @@ def test_the_decoding_benchmark_compares_on_the_same_continuation(tmp_path):
         assert results[name]["kl"] > 0
 
 
+@pytest.mark.parametrize("settings", [["--buffer", "32"], ["--interval", "64"]])
+def test_the_decoding_benchmark_names_a_buffer_too_short_for_snapkv(settings, capsys):
+    from evaluation import bench_decoding
+
+    with pytest.raises(SystemExit):
+        bench_decoding.main(["--tokens", "8", *settings])
+    assert "--buffer must be >= 64 and --interval >= 65" in capsys.readouterr().err
+
+
+def test_the_decoding_benchmark_bootstrap_interval_brackets_the_mean():
+    from evaluation.bench_decoding import bootstrap_mean_interval
+
+    assert bootstrap_mean_interval([0.5]) == (0.5, 0.5)  # one context: nothing to resample
+    assert bootstrap_mean_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    low, high = bootstrap_mean_interval([0.0, 1.0] * 50)  # mean 0.5, standard error 0.05
+    assert 0.39 < low < 0.42 and 0.58 < high < 0.61  # about 0.5 -/+ 1.96 x 0.05
+    assert bootstrap_mean_interval([0.0, 1.0, 3.0], seed=1) == bootstrap_mean_interval([0.0, 1.0, 3.0], seed=1)
+    low, high = bootstrap_mean_interval([0.0, 1.0, 3.0])
+    assert 0.0 <= low < 4 / 3 < high <= 3.0
+    with pytest.raises(ValueError, match="values must be a non-empty 1-d sequence"):
+        bootstrap_mean_interval([])
+
+
+def test_the_decoding_benchmark_cuts_consecutive_prose_windows():
+    from evaluation.bench_decoding import leading_special_tokens, prose_windows
+
+    ids = list(range(1000))
+    pairs = prose_windows(ids, n_contexts=4, context_tokens=100, continuation_tokens=50, seed=3)
+    assert len(pairs) == 4
+    starts = [context[0] for context, _ in pairs]
+    for i, (context, continuation) in enumerate(pairs):
+        assert len(context) == 100 and len(continuation) == 50
+        assert context + continuation == list(range(context[0], context[0] + 150))  # the text goes on unbroken
+        assert 250 * i <= context[0] <= 250 * (i + 1) - 150  # inside its own quarter: windows never overlap
+    assert pairs == prose_windows(ids, 4, 100, 50, seed=3) and starts != [c[0] for c, _ in prose_windows(
+        ids, 4, 100, 50, seed=4)]
+    with pytest.raises(ValueError, match="fewer than n_contexts=4 windows"):
+        prose_windows(list(range(500)), 4, 100, 50)
+    with pytest.raises(ValueError, match="context_tokens must be an int >= 1"):
+        prose_windows(ids, 4, 0, 50)
+
+    class Tokenizer:  # adds a BOS (id 1) before the text's words
+        def __call__(self, text, add_special_tokens=True):
+            words = [len(word) + 10 for word in text.split()]
+            return type("Encoding", (), {"input_ids": [1] * add_special_tokens + words})
+
+    assert leading_special_tokens(Tokenizer()) == [1]
+
+
 def test_a_cache_that_cannot_be_compressed_is_named():
     from transformers import StaticCache
 

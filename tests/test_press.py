@@ -116,6 +116,11 @@ def test_a_scorer_scaled_differently_per_layer_gets_the_same_budgets():
         ({"structured": "False"}, TypeError, "structured"),
         ({"add_v_norm": 1}, TypeError, "add_v_norm"),
         ({"add_mean_across_heads": None}, TypeError, "add_mean_across_heads"),
+        ({"n_sink": -1}, ValueError, "n_sink"),
+        ({"n_sink": 2.0}, ValueError, "n_sink"),
+        ({"layer_floor": 1.5}, ValueError, "layer_floor"),
+        ({"layer_floor": "0.5"}, TypeError, "layer_floor"),
+        ({"layer_allocation": "normalized"}, ValueError, "layer_allocation"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, error, words):
@@ -220,6 +225,41 @@ def test_shared_positions_keep_the_same_positions_in_every_head():
 def test_ablations_apply_to_the_structured_press_only():
     with pytest.raises(ValueError, match="structured press only"):
         ComposePress(0.5, structured=False, layer_allocation="uniform")
+    with pytest.raises(ValueError, match="structured press only"):
+        ComposePress(0.5, structured=False, layer_floor=0.5)
+
+
+@pytest.mark.parametrize("layer_allocation", ["global", "global_normalized", "uniform"])
+def test_sinks_are_kept_in_every_head_of_every_layer(layer_allocation):
+    model, ids = tiny_model(layers=4), random_ids(1, 50)
+    press = ComposePress(0.9, query_source="bidirectional", layer_allocation=layer_allocation, n_sink=3)
+    cache = prefill(model, ids, press)
+    full = prefill(model, ids)
+    assert sum(cache_layer_lengths(cache)) == compute_n_kept(4 * 50, 0.9)
+    for kept, full_layer in zip(cache.layers, full.layers):
+        torch.testing.assert_close(kept.keys[:, :, :3], full_layer.keys[:, :, :3])
+    assert torch.isinf(press.last_scores[..., :3]).all() and torch.isfinite(press.last_scores[..., 3:]).all()
+
+
+def test_layer_floor_gives_every_layer_its_share_of_the_uniform_budget():
+    model, ids = tiny_model(layers=4), random_ids(1, 50)
+    plain = ComposePress(0.6, query_source="bidirectional")
+    prefill(model, ids, plain)
+    assert int(plain.last_budgets.min()) < 18  # the global allocation gives a layer 13 on this model
+    floored = ComposePress(0.6, query_source="bidirectional", layer_floor=0.9)
+    prefill(model, ids, floored)
+    assert int(floored.last_budgets.min()) >= 18 == int(0.9 * (compute_n_kept(4 * 50, 0.6) // 4))
+    assert int(floored.last_budgets.sum()) == compute_n_kept(4 * 50, 0.6)
+
+
+def test_normalised_allocation_is_the_global_top_k_of_each_heads_shares():
+    from kvpress_compose.allocation import composite_scores, layer_budgets, per_head_shares, rank_tokens
+
+    model, ids = tiny_model(layers=4), random_ids(1, 50)
+    press = ComposePress(0.6, query_source="bidirectional", layer_allocation="global_normalized")
+    prefill(model, ids, press)
+    shares = composite_scores(per_head_shares(rank_tokens(press.last_scores)[0]), "mean")
+    assert press.last_budgets.tolist() == layer_budgets(shares, compute_n_kept(4 * 50, 0.6), 1).tolist()
 
 
 def test_a_new_query_source_is_one_class(monkeypatch):
