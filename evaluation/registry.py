@@ -66,25 +66,33 @@ def compose_press(**settings) -> PressFactory:
     return lambda ratio: ComposePress(compression_ratio=ratio, **settings)
 
 
+# every variant names its source and allocation, so that a change of ComposePress's defaults changes only "compose"
+GLOBAL = dict(layer_allocation="global")
 COMPOSE_PRESSES: dict[str, PressFactory] = {
-    "compose": compose_press(),
-    "compose_prefill": compose_press(query_source="prefill"),
-    "compose_bidirectional": compose_press(query_source="bidirectional"),
-    "compose_replay": compose_press(query_source="replay"),
-    "compose_replay_local": compose_press(query_source="replay_local"),
-    "compose_snapkv": lambda ratio: ComposePress(compression_ratio=ratio, scorer=SnapKVPress()),
-    "compose_expected_attention": lambda ratio: ComposePress(compression_ratio=ratio, scorer=ExpectedAttentionPress()),
+    "compose": compose_press(),  # the defaults: replay, uniform allocation
+    "compose_prefill": compose_press(query_source="prefill", **GLOBAL),
+    "compose_bidirectional": compose_press(query_source="bidirectional", **GLOBAL),
+    "compose_replay": compose_press(query_source="replay", **GLOBAL),  # the paper's
+    "compose_replay_local": compose_press(query_source="replay_local", **GLOBAL),
+    # KVzip's framing of the replay for instruct models, with its sinks, under the allocation that fixes global's
+    # scale problem (docs/real-model-sources.md)
+    "compose_replay_prompted": compose_press(query_source="replay_prompted", n_sink=4,
+                                             layer_allocation="global_normalized"),
+    "compose_snapkv": lambda ratio: ComposePress(compression_ratio=ratio, scorer=SnapKVPress(), **GLOBAL),
+    "compose_expected_attention": lambda ratio: ComposePress(compression_ratio=ratio, scorer=ExpectedAttentionPress(),
+                                                             **GLOBAL),
     # its sinks' scores (max + 1) dwarf the rest of a layer where expected attention is peaked: global allocation
-    # then empties that layer (README, "Findings"); one budget per layer cannot
+    # then empties that layer (docs/findings.md); one budget per layer cannot
     "compose_expected_attention_uniform": lambda ratio: ComposePress(
         compression_ratio=ratio, scorer=ExpectedAttentionPress(), layer_allocation="uniform"),
-    # the ablations: each part of KVCompose taken away in turn, from the paper's replay and from the default
-    "compose_unstructured": compose_press(query_source="replay", structured=False),
+    # the ablations: each part of KVCompose taken away in turn, from the paper's replay and from bidirectional
+    "compose_unstructured": compose_press(query_source="replay", structured=False, **GLOBAL),
     "compose_uniform": compose_press(query_source="replay", layer_allocation="uniform"),
-    "compose_shared_positions": compose_press(query_source="replay", composite_tokens=False),
-    "compose_bidirectional_unstructured": compose_press(query_source="bidirectional", structured=False),
+    "compose_shared_positions": compose_press(query_source="replay", composite_tokens=False, **GLOBAL),
+    "compose_bidirectional_unstructured": compose_press(query_source="bidirectional", structured=False, **GLOBAL),
     "compose_bidirectional_uniform": compose_press(query_source="bidirectional", layer_allocation="uniform"),
-    "compose_bidirectional_shared_positions": compose_press(query_source="bidirectional", composite_tokens=False),
+    "compose_bidirectional_shared_positions": compose_press(query_source="bidirectional", composite_tokens=False,
+                                                            **GLOBAL),
 }
 
 # kvpress's presses under the names and with the settings of kvpress's evaluation/evaluate_registry.py

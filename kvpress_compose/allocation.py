@@ -100,10 +100,15 @@ def uniform_budgets(composite: torch.Tensor, n_kept: int, min_per_layer: int) ->
     return available.clamp(max=per_layer).clamp(min=min_per_layer)
 
 
-def head_budgets(sorted_scores: torch.Tensor, compression_ratio: float, min_per_head: int) -> torch.Tensor:
-    """Unstructured variant: tokens kept per (row, layer, head), ``(batch, layers, kv_heads)``, from one
-    global top-k per row over every head's sorted scores."""
+def head_budgets(sorted_scores: torch.Tensor, compression_ratio: float, min_per_head: int,
+                 per_layer: bool = False) -> torch.Tensor:
+    """Unstructured variant: tokens kept per (row, layer, head), ``(batch, layers, kv_heads)``, from one global
+    top-k per row over every head's sorted scores, or with ``per_layer`` one top-k per row and layer (every layer
+    keeps the same number; its heads compete for it)."""
     layers, batch, heads, n = sorted_scores.shape
+    if per_layer:
+        n_kept = compute_n_kept(heads * n, compression_ratio)
+        return torch.stack([top_entries(sorted_scores[layer], n_kept, min_per_head) for layer in range(layers)], 1)
     per_row = sorted_scores.permute(1, 0, 2, 3).reshape(batch, layers * heads, n)
     n_kept = compute_n_kept(layers * heads * n, compression_ratio)
     return top_entries(per_row, n_kept, min_per_head).view(batch, layers, heads)

@@ -117,7 +117,8 @@ class CompositeCompression:
         return positions
 
     def _mask_unstructured(self, run: PrefillRun, sorted_scores, token_order):
-        budgets = head_budgets(sorted_scores, self.compression_ratio, self.min_tokens_per_layer)  # (b, L, H)
+        budgets = head_budgets(sorted_scores, self.compression_ratio, self.min_tokens_per_layer,
+                               per_layer=self.layer_allocation == "uniform")  # (b, L, H)
         self.last_budgets = budgets.cpu()
         self.last_layers = run.compressed_layers
         mask_evicted_entries([run.attention_modules[i] for i in run.compressed_layers], token_order, budgets)

@@ -105,3 +105,11 @@ def test_sinks_are_the_first_valid_positions_of_each_row_and_never_padding():
     assert kept[0, 0, 0].tolist() == [INF, INF, 0.5, 0.5, 0.5]
     assert kept[1, 1, 0].tolist() == [-INF, -INF, INF, INF, 0.5]
     assert torch.equal(with_sinks_kept(scores, valid, n_sink=0), scores)
+
+
+def test_head_budgets_per_layer_give_every_layer_the_same_budget_its_heads_compete_for():
+    # (layers=2, batch=1, heads=2, n=4), each head's scores sorted: layer 0's first head dominates, layer 1 is even
+    sorted_scores = torch.tensor([[[[9.0, 8, 7, 6], [1, 0.5, 0.2, 0.1]]], [[[3.0, 2, 1, 0], [3, 2, 1, 0]]]])
+    assert head_budgets(sorted_scores, 0.5, min_per_head=1).tolist() == [[[4, 1], [2, 1]]]  # one global top-8
+    per_layer = head_budgets(sorted_scores, 0.5, min_per_head=1, per_layer=True)
+    assert per_layer.tolist() == [[[3, 1], [2, 2]]]  # 4 per layer, split by each layer's own scores

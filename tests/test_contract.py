@@ -14,10 +14,10 @@ from kvpress_compose import ComposePress, compute_n_kept
 from tests.models import cache_layer_lengths, prefill, random_ids, tiny_model
 
 PRESSES = {
-    "prefill": lambda: ComposePress(0.5, query_source="prefill"),
-    "bidirectional": lambda: ComposePress(0.5, query_source="bidirectional"),
-    "replay": lambda: ComposePress(0.5, query_source="replay"),
-    "scorer": lambda: ComposePress(0.5, scorer=KnormPress()),
+    "prefill": lambda: ComposePress(0.5, query_source="prefill", layer_allocation="global"),
+    "bidirectional": lambda: ComposePress(0.5, query_source="bidirectional", layer_allocation="global"),
+    "replay": lambda: ComposePress(0.5, query_source="replay", layer_allocation="global"),
+    "scorer": lambda: ComposePress(0.5, scorer=KnormPress(), layer_allocation="global"),
 }
 
 
@@ -51,7 +51,7 @@ def test_the_cache_is_compressed_to_the_global_budget(name):
 
 
 def test_layers_keep_different_numbers_where_their_scores_differ():
-    cache = prefill(tiny_model(layers=4), random_ids(1, 48), ComposePress(0.5, query_source="bidirectional"))
+    cache = prefill(tiny_model(layers=4), random_ids(1, 48), ComposePress(0.5, query_source="bidirectional", layer_allocation="global"))
     assert len(set(cache_layer_lengths(cache))) > 1  # not int((1 - r) n) in every layer
 
 
@@ -62,7 +62,7 @@ def test_pipeline_with_and_without_questions(questions, tmp_path):
     folder = tiny_model_folder(tmp_path / "model")
     pipe = pipeline("kv-press-text-generation", model=str(folder), tokenizer=build_tokenizer(), device="cpu")
     context = " ".join(["| k001 v002"] + ["tree"] * 40)
-    press = ComposePress(0.5, query_source="replay")
+    press = ComposePress(0.5, query_source="replay", layer_allocation="global")
     if questions is None:  # no question: our tokenizer has no chat template, so the answer prefix is all that follows
         output = pipe(context, answer_prefix="? k001", press=press, max_new_tokens=2)
         assert isinstance(output["answer"], str)
@@ -77,7 +77,7 @@ def test_pipeline_with_and_without_questions(questions, tmp_path):
 
 
 def test_a_log_line_says_what_each_layer_kept(caplog):
-    press = ComposePress(0.5, query_source="prefill")
+    press = ComposePress(0.5, query_source="prefill", layer_allocation="global")
     with caplog.at_level(logging.INFO, logger="kvpress_compose.compose_press"):
         prefill(tiny_model(layers=3), random_ids(1, 30), press)
     expected = ("kept 45 of 90 entries per KV head (budget 45, compression_ratio=0.5); "

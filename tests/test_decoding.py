@@ -134,7 +134,8 @@ def test_decoding_compression_matches_the_masked_reference(attn, prefill_ratio):
 
 def test_composite_tokens_and_global_allocation_during_decoding():
     model = tiny_model(layers=4)
-    press = ComposeDecodingPress(ComposePress(0.0, query_source="prefill"), compression_interval=6, target_size=8)
+    press = ComposeDecodingPress(ComposePress(0.0, query_source="prefill", layer_allocation="global"),
+                                 compression_interval=6, target_size=8)
     with torch.no_grad(), press(model):
         cache = DynamicCache()
         model.generate(random_ids(1, 30), past_key_values=cache, max_new_tokens=7, do_sample=False)

@@ -190,9 +190,13 @@ def test_expected_attention_with_uniform_allocation_is_registered():
     assert press.scorer is not registry.make_press("compose_expected_attention_uniform", 0.5).scorer  # built per press
 
 
-def test_the_default_query_source_is_the_one_the_study_chose():
-    assert ComposePress().query_source == "bidirectional"
-    assert registry.make_press("compose", 0.5).query_source == "bidirectional"
+def test_the_defaults_are_the_ones_the_real_model_chose():
+    assert (ComposePress().query_source, ComposePress().layer_allocation) == ("replay", "uniform")
+    compose = registry.make_press("compose", 0.5)
+    assert (compose.query_source, compose.layer_allocation) == ("replay", "uniform")
+    # every other variant names its source and allocation: a change of defaults moves only "compose"
+    assert registry.make_press("compose_replay", 0.5).layer_allocation == "global"
+    assert registry.make_press("compose_bidirectional", 0.5).query_source == "bidirectional"
 
 
 def test_unknown_press_lists_the_known_ones():

@@ -22,7 +22,7 @@ def assert_same_logits(compressed, reference, atol=2e-5):
 @pytest.mark.parametrize("query_source", ["prefill", "bidirectional", "replay"])
 def test_question_and_greedy_decode_match_masked_reference(attn, query_source):
     model = tiny_model("llama", attn=attn, layers=4)
-    press = ComposePress(compression_ratio=0.6, query_source=query_source)
+    press = ComposePress(compression_ratio=0.6, query_source=query_source, layer_allocation="global")
     compressed, reference, kept = compressed_vs_reference(model, random_ids(1, 48), press, random_ids(1, 6, seed=7))
     lengths = [int(k[0, 0].sum()) for k in kept]
     assert len(set(lengths)) > 1, f"layers should keep different lengths to exercise the mask fix: {lengths}"
@@ -48,7 +48,8 @@ class LayerRankedScorer(ScorerPress):
 def test_layer0_shorter_or_longer_than_the_others(attn, layer0_shortest):
     """4.57 leaks future tokens when layer 0 is longest-but-not-all; crashes when another layer is longer."""
     model = tiny_model("llama", attn=attn, layers=4)
-    press = ComposePress(compression_ratio=0.5, scorer=LayerRankedScorer(layer0_shortest=layer0_shortest))
+    press = ComposePress(compression_ratio=0.5, scorer=LayerRankedScorer(layer0_shortest=layer0_shortest),
+                         layer_allocation="global")
     compressed, reference, kept = compressed_vs_reference(model, random_ids(1, 40), press, random_ids(1, 6, seed=7))
     lengths = [int(k[0, 0].sum()) for k in kept]
     assert (lengths[0] == min(lengths)) if layer0_shortest else (lengths[0] == max(lengths)), lengths
@@ -59,14 +60,14 @@ def test_layer0_shorter_or_longer_than_the_others(attn, layer0_shortest):
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def test_every_family_matches_reference(family):
     model = tiny_model(family, layers=3, seed=3)
-    press = ComposePress(compression_ratio=0.5, query_source="bidirectional")
+    press = ComposePress(compression_ratio=0.5, query_source="bidirectional", layer_allocation="global")
     compressed, reference, _ = compressed_vs_reference(model, random_ids(1, 40), press, random_ids(1, 5, seed=9))
     assert_same_logits(compressed, reference)
 
 
 def test_multi_head_attention_without_gqa():
     model = tiny_model("llama", heads=4, kv_heads=4)
-    press = ComposePress(compression_ratio=0.5, query_source="prefill")
+    press = ComposePress(compression_ratio=0.5, query_source="prefill", layer_allocation="global")
     compressed, reference, kept = compressed_vs_reference(model, random_ids(1, 40), press, random_ids(1, 5, seed=9))
     assert kept[0].shape[1] == 4
     assert_same_logits(compressed, reference)
@@ -74,7 +75,7 @@ def test_multi_head_attention_without_gqa():
 
 def test_unstructured_variant_matches_reference_and_keeps_the_whole_context():
     model = tiny_model("llama", attn="sdpa", layers=3)
-    press = ComposePress(compression_ratio=0.5, query_source="replay", structured=False)
+    press = ComposePress(compression_ratio=0.5, query_source="replay", layer_allocation="global", structured=False)
     ids = random_ids(1, 40)
     compressed, reference, _ = _unstructured_run(model, ids, press)
     assert_same_logits(compressed, reference, atol=1e-4)
@@ -114,6 +115,6 @@ def test_chunked_replay_with_padding_matches_reference(monkeypatch):
     monkeypatch.setattr("kvpress_compose.replay.MIN_REPLAY_CHUNK", 9)
     monkeypatch.setattr("kvpress_compose.replay.MAX_REPLAY_CHUNK", 9)
     model = tiny_model("qwen3", layers=3)
-    press = ComposePress(compression_ratio=0.6, query_source="replay", agg_task="mean")
+    press = ComposePress(compression_ratio=0.6, query_source="replay", layer_allocation="global", agg_task="mean")
     compressed, reference, _ = compressed_vs_reference(model, random_ids(1, 40), press, random_ids(1, 5, seed=9))
     assert_same_logits(compressed, reference)

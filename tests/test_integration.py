@@ -28,11 +28,11 @@ def test_pipeline_answers_several_questions_from_one_compression():
     sample = make_sample("niah_multiquery", 120, random.Random(0))
     questions = sample.questions[:2]
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
-    press = ComposePress(compression_ratio=0.5, query_source="replay")
+    press = ComposePress(compression_ratio=0.5, query_source="replay", layer_allocation="global")
     answers = pipe(sample.context, questions=questions, press=press, max_new_tokens=4)["answers"]
     # the same computation by hand: compress once, then each question from the same compressed cache
     context_ids = tokenizer.encode("<s>" + sample.context, add_special_tokens=False, return_tensors="pt")
-    cache = prefill(model, context_ids, ComposePress(compression_ratio=0.5, query_source="replay"))
+    cache = prefill(model, context_ids, ComposePress(compression_ratio=0.5, query_source="replay", layer_allocation="global"))
     assert sum(cache_layer_lengths(cache)) == compute_n_kept(3 * context_ids.shape[1], 0.5)
     lengths = cache_layer_lengths(cache)
     for question, answer in zip(questions, answers):
@@ -59,14 +59,14 @@ def test_generate_compresses_after_prefill_and_decodes_from_the_compressed_cache
     model.generation_config.eos_token_id = None
     ids = random_ids(1, 40)
     cache = DynamicCache()
-    press = ComposePress(compression_ratio=0.5, query_source="replay")
+    press = ComposePress(compression_ratio=0.5, query_source="replay", layer_allocation="global")
     with torch.no_grad(), press(model):
         generated = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)
     budgets = press.last_budgets.tolist()
     assert cache_layer_lengths(cache) == [b + 4 for b in budgets]  # the 5th token is not cached yet
     # by hand: the first token comes from the (uncompressed) prefill logits, the rest from the compressed cache
     manual_cache = DynamicCache()
-    with torch.no_grad(), ComposePress(compression_ratio=0.5, query_source="replay")(model):
+    with torch.no_grad(), ComposePress(compression_ratio=0.5, query_source="replay", layer_allocation="global")(model):
         first = model(ids, past_key_values=manual_cache).logits[:, -1:].argmax(-1)
     logits, tokens = question_and_decode(model, manual_cache, first, 40, 3)
     manual = [first] + tokens + [logits[-1][:, -1:].argmax(-1)]
@@ -94,7 +94,7 @@ def test_left_padded_batch_never_keeps_padding_and_matches_the_reference(chunk, 
         monkeypatch.setattr("kvpress_compose.replay.MIN_REPLAY_CHUNK", chunk)
         monkeypatch.setattr("kvpress_compose.replay.MAX_REPLAY_CHUNK", chunk)
     model = tiny_model(layers=3)
-    press = ComposePress(compression_ratio=0.5, query_source="replay")
+    press = ComposePress(compression_ratio=0.5, query_source="replay", layer_allocation="global")
     compressed, full, kept = padded_batch_caches(model, press, padding=8)
     for layer_idx, (layer_kept, budget) in enumerate(zip(kept, press.last_budgets.tolist())):
         assert not layer_kept[1, :, :8].any(), "padding must never be kept"
@@ -114,7 +114,7 @@ def test_left_padded_batch_never_keeps_padding_and_matches_the_reference(chunk, 
 
 def test_composed_press_with_compose_press_last():
     model = tiny_model(layers=3)
-    press = ComposedPress([KnormPress(compression_ratio=0.25), ComposePress(0.5, query_source="bidirectional")])
+    press = ComposedPress([KnormPress(compression_ratio=0.25), ComposePress(0.5, query_source="bidirectional", layer_allocation="global")])
     cache = prefill(model, random_ids(1, 40), press)
     assert sum(cache_layer_lengths(cache)) == compute_n_kept(3 * 30, 0.5)
     assert press.compression_ratio == pytest.approx(1 - 0.75 * 0.5)
@@ -123,8 +123,8 @@ def test_composed_press_with_compose_press_last():
 @pytest.mark.parametrize(
     "presses, words",
     [
-        (lambda: [ComposePress(0.5, query_source="bidirectional"), KnormPress(0.25)], "last"),
-        (lambda: [KnormPress(0.25), ComposePress(0.5, query_source="prefill")], "bidirectional"),
+        (lambda: [ComposePress(0.5, query_source="bidirectional", layer_allocation="global"), KnormPress(0.25)], "last"),
+        (lambda: [KnormPress(0.25), ComposePress(0.5, query_source="prefill", layer_allocation="global")], "bidirectional"),
     ],
 )
 def test_composed_press_in_an_unsupported_order_names_the_supported_one(presses, words):
@@ -151,7 +151,7 @@ def test_any_scorer_gains_composite_tokens_and_global_allocation(scorer):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_models_score_in_float32(dtype):
     model = tiny_model(layers=3, dtype=dtype)
-    press = ComposePress(compression_ratio=0.5, query_source="replay")
+    press = ComposePress(compression_ratio=0.5, query_source="replay", layer_allocation="global")
     compressed, reference, _ = compressed_vs_reference(model, random_ids(1, 40), press, random_ids(1, 5, seed=2))
     assert press.last_scores.dtype == torch.float32
     assert compressed[0].dtype == dtype
@@ -163,13 +163,13 @@ def test_quantized_cache_is_compressed_with_different_layer_lengths():
     pytest.importorskip("optimum.quanto")
     model = tiny_model(layers=4)
     ids, question = random_ids(1, 40), random_ids(1, 5, seed=2)
-    press = ComposePress(compression_ratio=0.5, scorer=LayerRankedScorer())
+    press = ComposePress(compression_ratio=0.5, scorer=LayerRankedScorer(), layer_allocation="global")
     cache = quantized_cache(model)
     prefill(model, ids, press, cache=cache)
     lengths = press.last_budgets.tolist()
     assert cache_layer_lengths(cache) == lengths and len(set(lengths)) == 4
     assert all(layer.keys.numel() == 0 for layer in cache.layers)  # everything kept is quantized
-    dense = prefill(model, ids, ComposePress(compression_ratio=0.5, scorer=LayerRankedScorer()))
+    dense = prefill(model, ids, ComposePress(compression_ratio=0.5, scorer=LayerRankedScorer(), layer_allocation="global"))
     quantized_logits, _ = question_and_decode(model, cache, question, 40, 0)
     dense_logits, _ = question_and_decode(model, dense, question, 40, 0)
     assert quantized_logits[0].shape == dense_logits[0].shape
@@ -181,7 +181,7 @@ def test_heavily_padded_row_with_a_full_length_mask_matches_the_reference(attn):
     """generate() and batched question passes give a 2D mask spanning the original context; a row whose padding
     exceeds layer 0's kept length must still see its own later tokens."""
     model = tiny_model(attn=attn, layers=3)
-    press = ComposePress(compression_ratio=0.5, query_source="bidirectional")
+    press = ComposePress(compression_ratio=0.5, query_source="bidirectional", layer_allocation="global")
     compressed, full, kept = padded_batch_caches(model, press, padding=30)
     context_mask = left_padding_mask(padding=30)
     assert min(press.last_budgets.tolist()) < 30
@@ -204,7 +204,7 @@ def test_generate_on_a_padded_batch_decodes_like_the_reference():
     model.generation_config.eos_token_id = None
     ids = random_ids(2, 40)
     context_mask = left_padding_mask(padding=30)
-    press = ComposePress(compression_ratio=0.5, query_source="bidirectional")
+    press = ComposePress(compression_ratio=0.5, query_source="bidirectional", layer_allocation="global")
     with torch.no_grad(), press(model):
         generated = model.generate(ids, attention_mask=context_mask, max_new_tokens=4, do_sample=False)
     # the padded row keeps all 10 of its tokens here, so it must decode like the row alone, uncompressed
@@ -215,7 +215,7 @@ def test_generate_on_a_padded_batch_decodes_like_the_reference():
 
 
 def test_compose_press_first_with_replay_names_the_supported_order():
-    press = ComposedPress([ComposePress(0.5, query_source="replay"), KnormPress(0.25)])
+    press = ComposedPress([ComposePress(0.5, query_source="replay", layer_allocation="global"), KnormPress(0.25)])
     with pytest.raises(ValueError, match="last"):
         prefill(tiny_model(layers=3), random_ids(1, 40), press)
 
@@ -224,7 +224,7 @@ def test_sliding_window_caches_are_compressed_and_longer_contexts_refused():
     model = tiny_model("mistral", layers=3)
     model.config.sliding_window = 64
     cache = DynamicCache(config=model.config)
-    press = ComposePress(compression_ratio=0.5, query_source="bidirectional")
+    press = ComposePress(compression_ratio=0.5, query_source="bidirectional", layer_allocation="global")
     prefill(model, random_ids(1, 40), press, cache=cache)
     assert cache_layer_lengths(cache) == press.last_budgets.tolist()
     logits, _ = question_and_decode(model, cache, random_ids(1, 5, seed=2), 40, 2)
@@ -235,7 +235,7 @@ def test_sliding_window_caches_are_compressed_and_longer_contexts_refused():
 
 def test_composed_press_leaves_no_capture_hook_behind():
     model = tiny_model(layers=3)
-    press = ComposedPress([KnormPress(0.25), ComposePress(0.5, query_source="bidirectional")])
+    press = ComposedPress([KnormPress(0.25), ComposePress(0.5, query_source="bidirectional", layer_allocation="global")])
     prefill(model, random_ids(1, 40), press)
     assert len(model.model._forward_pre_hooks) == 1  # the permanent decoder mask hook only
 
@@ -245,7 +245,7 @@ def test_contexts_longer_than_an_attention_chunk_are_refused():
     scores over keys the queries never saw would be silently wrong. Its cache layers keep chunk - 1 tokens."""
     model = tiny_model(layers=2)
     model.config.attention_chunk_size = 64
-    press = ComposePress(compression_ratio=0.5, query_source="prefill")
+    press = ComposePress(compression_ratio=0.5, query_source="prefill", layer_allocation="global")
     cache = DynamicCache(config=model.config)
     prefill(model, random_ids(1, 63), press, cache=cache)
     assert cache_layer_lengths(cache) == press.last_budgets.tolist()

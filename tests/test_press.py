@@ -28,7 +28,8 @@ def test_ratio_zero_is_identical_to_no_press(query_source):
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
 def test_total_kept_is_the_target_and_every_layer_keeps_its_minimum(ratio):
     model = tiny_model(layers=4)
-    press = ComposePress(compression_ratio=ratio, query_source="prefill", min_tokens_per_layer=2)
+    press = ComposePress(compression_ratio=ratio, query_source="prefill", min_tokens_per_layer=2,
+                         layer_allocation="global")
     cache = prefill(model, random_ids(1, 50), press)
     lengths = cache_layer_lengths(cache)
     assert sum(lengths) == compute_n_kept(4 * 50, ratio)
@@ -62,7 +63,7 @@ def test_each_head_keeps_exactly_its_top_budget_tokens_in_order():
 
 def test_allocation_follows_the_scores():
     model = tiny_model(layers=4)
-    press = ComposePress(compression_ratio=0.5, scorer=LayerRankedScorer(layer0_shortest=True))
+    press = ComposePress(compression_ratio=0.5, scorer=LayerRankedScorer(layer0_shortest=True), layer_allocation="global")
     lengths = cache_layer_lengths(prefill(model, random_ids(1, 40), press))
     assert lengths == sorted(lengths) and lengths[-1] > lengths[0], lengths  # deeper layers score higher
 
@@ -202,7 +203,7 @@ def test_uniform_layer_allocation_keeps_the_same_number_in_every_layer():
     uniform = ComposePress(0.6, query_source="bidirectional", layer_allocation="uniform")
     cache = prefill(model, ids, uniform)
     assert cache_layer_lengths(cache) == [compute_n_kept(4 * 50, 0.6) // 4] * 4 == [20] * 4
-    global_press = ComposePress(0.6, query_source="bidirectional")
+    global_press = ComposePress(0.6, query_source="bidirectional", layer_allocation="global")
     prefill(model, ids, global_press)
     assert len(set(global_press.last_budgets.tolist())) > 1  # the global allocation does differ per layer here
 
@@ -224,7 +225,18 @@ def test_shared_positions_keep_the_same_positions_in_every_head():
 
 def test_ablations_apply_to_the_structured_press_only():
     with pytest.raises(ValueError, match="structured press only"):
-        ComposePress(0.5, structured=False, layer_allocation="uniform")
+        ComposePress(0.5, structured=False, layer_allocation="global_normalized")
+    with pytest.raises(ValueError, match="structured press only"):
+        ComposePress(0.5, structured=False, composite_tokens=False)
+    # per-head budgets: "uniform" (the default) gives every layer the same budget, "global" one for the model
+    model, ids = tiny_model(layers=4), random_ids(1, 50)
+    for allocation in ("uniform", "global"):
+        press = ComposePress(0.6, query_source="bidirectional", structured=False, layer_allocation=allocation)
+        prefill(model, ids, press)
+        per_layer = press.last_budgets.sum(dim=-1)[0].tolist()  # (batch, layers, heads) -> tokens per layer
+        assert sum(per_layer) == compute_n_kept(4 * 2 * 50, 0.6) or allocation == "uniform"
+        if allocation == "uniform":
+            assert per_layer == [compute_n_kept(2 * 50, 0.6)] * 4
     with pytest.raises(ValueError, match="structured press only"):
         ComposePress(0.5, structured=False, layer_floor=0.5)
 
@@ -243,10 +255,10 @@ def test_sinks_are_kept_in_every_head_of_every_layer(layer_allocation):
 
 def test_layer_floor_gives_every_layer_its_share_of_the_uniform_budget():
     model, ids = tiny_model(layers=4), random_ids(1, 50)
-    plain = ComposePress(0.6, query_source="bidirectional")
+    plain = ComposePress(0.6, query_source="bidirectional", layer_allocation="global")
     prefill(model, ids, plain)
     assert int(plain.last_budgets.min()) < 18  # the global allocation gives a layer 13 on this model
-    floored = ComposePress(0.6, query_source="bidirectional", layer_floor=0.9)
+    floored = ComposePress(0.6, query_source="bidirectional", layer_floor=0.9, layer_allocation="global")
     prefill(model, ids, floored)
     assert int(floored.last_budgets.min()) >= 18 == int(0.9 * (compute_n_kept(4 * 50, 0.6) // 4))
     assert int(floored.last_budgets.sum()) == compute_n_kept(4 * 50, 0.6)

@@ -44,7 +44,7 @@ def test_a_4096_token_context_is_compressed_in_the_full_layers_only(gemma):
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
         model.model(input_ids=ids, past_key_values=cache)
-    lengths = [cache.get_seq_length(i) for i in range(config.num_hidden_layers)]
+    lengths = [cache.layers[i].keys.shape[-2] for i in range(config.num_hidden_layers)]  # entries held
     assert press.last_layers == full
     assert sum(lengths[i] for i in full) == compute_n_kept(len(full) * 4096, 0.5)  # one budget over full layers
     windowed = {lengths[i] for i in range(config.num_hidden_layers) if i not in full}
