@@ -34,8 +34,8 @@ from .sweep import plan, run_sweep
 TOY_MODELS = Path(__file__).parent / "models"  # models trained on the word-level tasks (their tokens are words)
 SHIPPED_MODEL = TOY_MODELS / "retrieval-llama"
 DEFAULT_MODEL = "smollm2-135m"
-# the default ComposePress, the paper's replay, KVzip (masks; holds the whole cache) and SnapKV (no extra pass)
-DEFAULT_PRESSES = ["no_press", "compose", "compose_bidirectional", "kvzip", "snapkv"]
+# the default ComposePress (replay, uniform allocation), KVzip (masks; holds the whole cache), SnapKV (no extra pass)
+DEFAULT_PRESSES = ["no_press", "compose", "kvzip", "snapkv"]
 DEFAULT_RATIOS = [0.5, 0.75]
 DEFAULT_CONTEXTS = 2
 DEFAULT_WORDS = 1024
