@@ -69,10 +69,16 @@ def compressed_vs_reference(model, ids, press, question_ids, decode_steps=4):
     full_cache = prefill(model, ids)
     kept = kept_from_cache(full_cache, compressed_cache)
     compressed, tokens = question_and_decode(model, compressed_cache, question_ids, n_context, decode_steps)
-    handles = install_reference_masks(model, kept, n_context)
+    reference = decoded_under(install_reference_masks(model, kept, n_context), question_and_decode, model, full_cache,
+                              question_ids, n_context, decode_steps, tokens)
+    return compressed, reference, kept
+
+
+def decoded_under(handles, decode, *args):
+    """The logits ``decode(*args)`` gives while the reference mask hooks ``handles`` are on; they are removed
+    afterwards."""
     try:
-        reference, _ = question_and_decode(model, full_cache, question_ids, n_context, decode_steps, tokens)
+        return decode(*args)[0]
     finally:
         for handle in handles:
             handle.remove()
-    return compressed, reference, kept

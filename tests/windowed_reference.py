@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
 
 from tests.models import VOCAB
+from tests.reference import decoded_under
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -109,10 +110,6 @@ def windowed_compressed_vs_reference(model, ids, context_mask, press, question_i
         model.model(input_ids=ids, attention_mask=context_mask, past_key_values=full_cache)
     kept = kept_entries(full_cache, cache, context_mask.bool())
     compressed, tokens = question_and_decode(model, cache, question_ids, context_mask, decode_steps)
-    handles = install_windowed_reference_masks(model, kept, n_context)
-    try:
-        reference, _ = question_and_decode(model, full_cache, question_ids, context_mask, decode_steps, tokens)
-    finally:
-        for handle in handles:
-            handle.remove()
+    reference = decoded_under(install_windowed_reference_masks(model, kept, n_context), question_and_decode, model,
+                              full_cache, question_ids, context_mask, decode_steps, tokens)
     return compressed, reference, kept
