@@ -1,6 +1,6 @@
 """Evaluate KV cache presses on RULER's retrieval tasks (a real model) or the word-level tasks (a toy model).
 
-    python -m evaluation                  # the quick sweep: SmolLM2-135M-Instruct, RULER at 1024 tokens, 5 presses
+    python -m evaluation                  # the quick sweep: SmolLM2-135M-Instruct, RULER at 1024 tokens, 4 presses
     python -m evaluation --presses snapkv compose_replay --ratios 0.25 0.5 0.75 --fidelity
     python -m evaluation --model Qwen/Qwen3-0.6B --tokens 4096 --contexts 5 --tasks niah_single_1 niah_multikey_1
     python -m evaluation --model evaluation/models/retrieval-llama      # the trained toy model, word-level tasks
@@ -78,6 +78,9 @@ def ruler_data_dir(model: str, n_tokens: int, n_contexts: int, tasks: list[str])
 def ensure_ruler_data(model: str, data_dir: Path, n_tokens: int, n_contexts: int, tasks: list[str]) -> Path:
     """``data_dir``, after writing RULER's ``tasks`` there in ``model``'s tokens if it holds none."""
     if data.has_dataset(data_dir):
+        missing = sorted(set(tasks) - {path.stem.removeprefix("test-") for path in data_dir.glob("test-*.jsonl")})
+        if missing:  # an interrupted generation
+            raise SystemExit(f"error: {data_dir} lacks {missing}: remove the folder, it is written again")
         print(f"data: {data_dir}")
         return data_dir
     import json

@@ -54,7 +54,8 @@ def methods(interval: int, target_size: int, buffer: int) -> dict:
     settings = dict(compression_interval=interval, target_size=target_size, hidden_states_buffer_size=buffer)
     return {
         "none": None,
-        "compose_decoding": ComposeDecodingPress(ComposePress(), **settings),
+        # global allocation over the layers, as measured in docs/bench_decoding_smollm2-135m.json
+        "compose_decoding": ComposeDecodingPress(ComposePress(layer_allocation="global"), **settings),
         "decoding_snapkv": DecodingPress(base_press=SnapKVPress(), **settings),
         "decoding_knorm": DecodingPress(base_press=KnormPress(), **settings),
     }

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from . import data
 from .real_models import REAL_MODELS
+from .ruler import RULER_TASKS
 from .run import RunConfig, run
 from .study import (
     STUDY_SEED,
@@ -81,6 +82,9 @@ def dataset_dir(model: str, n_tokens: int) -> Path:
 def write_data(model: str, data_dir: Path, n_tokens: int, n_contexts: int) -> None:
     """RULER's tasks for ``model`` in ``data_dir`` unless a dataset with enough contexts per task is there."""
     if data.has_dataset(data_dir):
+        missing = sorted(set(RULER_TASKS) - {path.stem.removeprefix("test-") for path in data_dir.glob("test-*.jsonl")})
+        if missing:  # an interrupted generation
+            raise SystemExit(f"error: {data_dir} lacks {missing}: remove the folder, it is written again")
         available = data.load_rows(data_dir).groupby("task")["context"].nunique()
         if available.min() >= n_contexts:
             return
@@ -97,13 +101,17 @@ def write_data(model: str, data_dir: Path, n_tokens: int, n_contexts: int) -> No
 
 def screening_config(model: str, data_dir: Path, out: Path, n_contexts: int) -> RunConfig:
     """``no_press`` on the first ``n_contexts`` contexts of every task."""
-    return RunConfig(model, str(data_dir), BASELINE, 0.0, dataset="ruler", output_dir=str(out / f"study__{data_dir.name}" /
+    return RunConfig(model, str(data_dir), BASELINE, 0.0, dataset="ruler", retry_failed=True, output_dir=str(out / f"study__{data_dir.name}" /
                      f"screen-{n_contexts}"), max_contexts=n_contexts)
 
 
 def screening(config: RunConfig, min_accuracy: float) -> tuple[dict[str, float], list[str]]:
     """The uncompressed model's accuracy per task, and the tasks at or above ``min_accuracy``."""
-    scores = json.loads((config.results_dir() / "metrics.json").read_text())["scores"]
+    metrics = json.loads((config.results_dir() / "metrics.json").read_text())
+    if metrics.get("status") != "ok":
+        raise SystemExit(f"error: the screening run failed ({'; '.join(metrics.get('errors', []))}): fix it and "
+                         "rerun (a failed run is run again)")
+    scores = metrics["scores"]
     return scores, [task for task, score in scores.items() if score >= min_accuracy]
 
 
@@ -222,6 +230,8 @@ def main(argv: list[str] | None = None) -> Path:
     plan = study_plan(args.model, eligible_dir, args.out, args.contexts, args.field_contexts,
                       tuple(args.claim_ratios), tuple(args.ratios), args.field_presses or field_presses(),
                       leaders=tuple(args.leaders), dataset="ruler")
+    for config in plan["claims"] + plan["field"]:
+        config.retry_failed = True  # a run that failed (a crash, memory) runs again when the study resumes
     plan = {tier: priority(configs, tuple(args.leaders)) for tier, configs in plan.items()}
     every_run = plan["claims"] + plan["field"]
     for config in every_run:

@@ -60,6 +60,8 @@ CHECKOUT = Path(__file__).resolve().parents[1]  # a model folder in here is name
 # before it was recorded, e.g. docs/study-4096/runs) counts as unknown and is not held against the run: those
 # archives stay usable. data_dir, output_dir and device say where, not what, and differ across checkouts;
 # model, dataset, press and ratio are in the folder's name.
+# registry names whose press changed after runs were made without a press record (those runs are stale)
+REDEFINED = {"compose": "is ComposePress's defaults, which became replay with uniform allocation on 2026-12-06"}
 RECORD_FIELDS = ("data_fingerprint", "press", "max_contexts", "seed", "attn_implementation", "fidelity")
 FIDELITY_FIELDS = ("fidelity_rows", "greedy_tokens")  # compared only where fidelity was measured
 VERSIONED = ("kvpress", "transformers", "torch", "kvpress-compose")  # recorded; a difference warns, never reruns
@@ -191,6 +193,8 @@ def record_differences(recorded: dict, config: RunConfig) -> list[str]:
     current = asdict(config) | {"data_fingerprint": lambda: fingerprint(config.data_dir)}
     fields = RECORD_FIELDS + (FIDELITY_FIELDS if config.fidelity else ())
     differences = []
+    if "press" not in recorded and config.press_name in REDEFINED:
+        differences.append(f"press: not recorded, and {config.press_name!r} {REDEFINED[config.press_name]}")
     for name in fields:
         if name not in recorded:
             continue

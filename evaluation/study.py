@@ -64,10 +64,10 @@ LEADERS = (
 )
 # (a, b, what a - b measures): the paired comparisons the findings rest on
 COMPARISONS = (
-    ("compose_bidirectional", "kvzip", "ComposePress (default, no extra pass) against KVzip"),
+    ("compose_bidirectional", "kvzip", "ComposePress (bidirectional, no extra pass) against KVzip"),
     ("compose_replay", "kvzip", "the paper's replay against KVzip"),
     ("compose_replay_local", "kvzip", "the cheaper replay against KVzip"),
-    ("compose_bidirectional", "compose_replay", "the default source against the paper's replay"),
+    ("compose_bidirectional", "compose_replay", "the bidirectional source against the paper's replay"),
     ("compose_replay_local", "compose_replay", "cheaper replay against exact replay"),
     ("compose_bidirectional", "compose_bidirectional_unstructured",
      "what the dense structure costs (unstructured frees no memory)"),
@@ -136,7 +136,9 @@ def archive_run(config: RunConfig, docs: Path) -> None:
     if (target / "metrics.json").is_file() and (target / "metrics.json").read_bytes() == metrics:
         return
     target.mkdir(parents=True, exist_ok=True)
-    if (source / "predictions.csv").is_file():
+    if not (source / "predictions.csv").is_file():
+        (target / "predictions.csv").unlink(missing_ok=True)  # a failed rerun: the old answers are not its own
+    else:
         frame = pd.read_csv(source / "predictions.csv", keep_default_na=False)
         frame["context"] = frame["context"].map(lambda text: hashlib.sha1(text.encode()).hexdigest()[:12])
         frame[["task", "context", "question", "answer", "predicted_answer"]].to_csv(target / "predictions.csv",
@@ -260,7 +262,7 @@ def leaders_sections(claims: pd.DataFrame, configs: list[RunConfig], docs: Path,
     per_task = [f"## Per task at {ratio:.2f}, {n_contexts} contexts per task\n\n"
                 f"{markdown(per_task_table(claims, ratio, tasks))}" for ratio in sorted(set(claims["ratio"]) - {0.0})[-2:]]
     paired = ("## Paired differences (A - B in points, same questions; a verdict only where the interval "
-              f"excludes 0)\n\n{markdown(paired_table(configs, docs, comparisons), index=False)}")
+              f"excludes 0)\n\n{markdown(paired_table(done(configs), docs, comparisons), index=False)}")
     memory = (f"## Cache memory held (fraction of the full cache)\n\n{markdown(by_ratio(claims, 'memory'))}\n\n"
               "![accuracy against memory held](accuracy_vs_memory.png)")
     return [leaders, *per_task, paired, memory]

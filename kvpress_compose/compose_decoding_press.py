@@ -11,7 +11,7 @@ from kvpress.presses.base_press import is_prefilling
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, QuantizedCache
 
-from kvpress_compose.allocation import stack_layer_scores
+from kvpress_compose.allocation import stack_layer_scores, with_sinks_kept
 from kvpress_compose.attention_scores import attention_statistics, finish_scores, query_blocks
 from kvpress_compose.cache_gather import full_cache_bytes, layer_states
 from kvpress_compose.compose_press import ComposePress
@@ -76,7 +76,7 @@ def follow_reordering(cache, run: DecodingRun) -> None:
 class ComposeDecodingPress(DecodingPress):
     """KVCompose during decoding: every ``compression_interval`` generated tokens, every layer's cache is
     compressed so that the layers together keep ``n_layers x target_size`` entries per KV head, with composite
-    tokens and global layer allocation (``base_press``'s settings), in dense ``(batch, kv_heads, k_l, head_dim)``
+    tokens and the layer allocation of ``base_press`` (its settings apply, ``n_sink`` included), in dense ``(batch, kv_heads, k_l, head_dim)``
     tensors. Between compressions the cache grows as usual. On a model with sliding-window or chunked layers only
     the full-attention ones are compressed (``n_layers`` counts them), and windowed ones are left as their cache
     keeps them; a model whose every layer is windowed is refused. Shaped like kvpress's ``DecodingPress``; the
@@ -214,6 +214,8 @@ class ComposeDecodingPress(DecodingPress):
         if sum(lengths) <= n_kept:
             return
         scores = stack_layer_scores([self._layer_scores(run, layer.self_attn, cache) for layer in layers])
+        rows = torch.ones(scores.shape[1], scores.shape[-1], dtype=torch.bool, device=scores.device)
+        scores = with_sinks_kept(scores, rows, self.base_press.n_sink)  # the first cached entries: the sinks
         self.base_press.compress_scored(cache, scores, n_kept, self._full_layers)
 
     def _layer_scores(self, run: DecodingRun, module: nn.Module, cache) -> torch.Tensor:

@@ -288,3 +288,18 @@ def test_a_quantized_cache_is_compressed_during_decoding():
     with torch.no_grad(), press(model):
         model.generate(random_ids(1, 30), past_key_values=cache, max_new_tokens=5, do_sample=False)
     assert sum(cache_layer_lengths(cache)) == 2 * 10
+
+
+def test_the_base_press_sinks_are_kept_by_every_decoding_compression():
+    model = tiny_model(layers=3)
+    ids = random_ids(1, 30)
+    with_sinks = ComposeDecodingPress(ComposePress(0.0, query_source="prefill", n_sink=2), compression_interval=6,
+                                      target_size=6)
+    full = DynamicCache()
+    with torch.no_grad():
+        model.model(input_ids=ids, past_key_values=full)
+    with torch.no_grad(), with_sinks(model):
+        cache = DynamicCache()
+        model.generate(ids, past_key_values=cache, max_new_tokens=7, do_sample=False)
+    for kept, whole in zip(cache.layers, full.layers):  # the first two context entries of every head survive
+        torch.testing.assert_close(kept.keys[:, :, :2], whole.keys[:, :, :2])

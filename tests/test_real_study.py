@@ -24,7 +24,7 @@ def test_screening_keeps_the_tasks_the_uncompressed_model_can_do(tmp_path, datas
     assert config.press_name == "no_press" and config.max_contexts == 2 and config.dataset == "ruler"
     config.results_dir().mkdir(parents=True)
     scores = {"niah_single": 100.0, "niah_multikey": 39.9, "niah_multivalue": 40.0}
-    (config.results_dir() / "metrics.json").write_text(json.dumps({"scores": scores}))
+    (config.results_dir() / "metrics.json").write_text(json.dumps({"status": "ok", "scores": scores}))
     assert real_study.screening(config, 40.0) == (scores, ["niah_single", "niah_multivalue"])
     section = real_study.screening_section(scores, ["niah_single", "niah_multivalue"], 2, 40.0)
     assert "| niah_multikey | 39.9 | no |" in section and "Left out of every average (under 40): niah_multikey" \
@@ -64,3 +64,14 @@ def test_a_run_claimed_by_a_live_process_is_skipped_and_a_dead_claim_is_taken_ov
         sleeper.kill()
         sleeper.wait()
     assert real_study.claim(config)  # its holder died: taken over
+
+
+def test_a_failed_screening_is_named_and_a_partial_dataset_refused(tmp_path, dataset):
+    config = real_study.screening_config("m", dataset, tmp_path / "out", 2)
+    assert config.retry_failed  # it runs again when the study resumes
+    config.results_dir().mkdir(parents=True)
+    (config.results_dir() / "metrics.json").write_text(json.dumps({"status": "failed", "errors": ["OOM"]}))
+    with pytest.raises(SystemExit, match="screening run failed \\(OOM\\)"):
+        real_study.screening(config, 40.0)
+    with pytest.raises(SystemExit, match="lacks .*'vt'.*remove the folder"):  # an interrupted generation
+        real_study.write_data("m", dataset, 64, 1)

@@ -113,7 +113,8 @@ def test_a_record_without_the_new_fields_counts_as_done(model_dir, data_dir, tmp
 
 def test_the_archived_4096_study_is_still_done_and_its_report_rebuilds(tmp_path):
     """Every run archived in docs/study-4096 (records without fingerprints, data_dir of another checkout) is
-    restored into a fresh results folder as done, and the leaders' table rebuilds as committed."""
+    restored into a fresh results folder as done, but the field's ``compose`` runs, made when ``compose`` meant
+    other defaults; and the leaders' table rebuilds as committed."""
     docs = tmp_path / "docs"
     shutil.copytree(REPO / "docs" / "study-4096", docs)
     plan = study.study_plan("evaluation/models/retrieval-llama-gqa", tmp_path / "data" / "study-4096",
@@ -123,9 +124,11 @@ def test_the_archived_4096_study_is_still_done_and_its_report_rebuilds(tmp_path)
         study.restore_run(config, docs)
     archived = {path.parent.name + "/" + path.name for path in (docs / "runs").glob("*/*")}
     done = {f"{c.results_dir().parent.name}/{c.results_dir().name}" for c in study.done(every_run)}
-    assert len(archived) > 200 and done == archived & {f"{c.results_dir().parent.name}/{c.results_dir().name}"
-                                                      for c in every_run}
-    assert len(done) >= 230
+    redefined = {name for name in archived if "__compose__" in name}
+    assert len(redefined) == 5  # the field's ratios
+    assert len(archived) > 200 and done == (archived - redefined) & {
+        f"{c.results_dir().parent.name}/{c.results_dir().name}" for c in every_run}
+    assert len(done) >= 225
     committed = (REPO / "docs" / "study-4096" / "summary.md").read_text()
     text = study.write_report(plan, docs, None).read_text()
     leaders = text.split("## Leaders")[1].split("##")[0]
@@ -338,3 +341,32 @@ def test_a_press_field_added_later_at_its_default_keeps_the_run_and_a_changed_se
 
     assert press_differences(recorded | {"add_v_norm": "True"}, config) == [
         "press.add_v_norm: True recorded, now False"]
+
+
+def test_a_compose_run_recorded_before_press_records_is_stale_since_its_defaults_changed(tmp_path):
+    from evaluation.run import RunConfig, record_differences
+
+    old_record = {"max_contexts": 4, "seed": 0}  # the 4096 study's archive: no press recorded
+    compose = RunConfig("m", str(tmp_path), "compose", 0.75, max_contexts=4)
+    assert record_differences(old_record, compose)[0].startswith("press: not recorded, and 'compose' is")
+    assert record_differences(old_record, RunConfig("m", str(tmp_path), "compose_replay", 0.75, max_contexts=4)) == []
+
+
+def test_archiving_a_failed_rerun_drops_the_answers_of_the_run_before(model_dir, data_dir, tmp_path):
+    from evaluation.study import archive_run
+
+    run_dir = run_knorm(model_dir, data_dir, tmp_path / "out", max_contexts=1)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    from evaluation.run import RunConfig
+
+    run_config = RunConfig(str(model_dir), str(data_dir), "knorm", 0.5, output_dir=str(tmp_path / "out"),
+                           max_contexts=config["max_contexts"])
+    docs = tmp_path / "docs"
+    archive_run(run_config, docs)
+    target = next(docs.rglob("predictions.csv")).parent
+    (run_dir / "predictions.csv").unlink()  # the rerun failed: no answers
+    metrics = json.loads((run_dir / "metrics.json").read_text()) | {"status": "failed"}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    archive_run(run_config, docs)
+    assert not (target / "predictions.csv").exists()
+    assert json.loads((target / "metrics.json").read_text())["status"] == "failed"
