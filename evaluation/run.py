@@ -61,7 +61,7 @@ CHECKOUT = Path(__file__).resolve().parents[1]  # a model folder in here is name
 # archives stay usable. data_dir, output_dir and device say where, not what, and differ across checkouts;
 # model, dataset, press and ratio are in the folder's name.
 # registry names whose press changed after runs were made without a press record (those runs are stale)
-REDEFINED = {"compose": "is ComposePress's defaults, which became replay with uniform allocation on 2026-12-06"}
+REDEFINED = {"compose": "is ComposePress's defaults, which became the replay source on 2026-12-06"}
 RECORD_FIELDS = ("data_fingerprint", "press", "max_contexts", "seed", "attn_implementation", "fidelity")
 FIDELITY_FIELDS = ("fidelity_rows", "greedy_tokens")  # compared only where fidelity was measured
 VERSIONED = ("kvpress", "transformers", "torch", "kvpress-compose")  # recorded; a difference warns, never reruns
