@@ -5,14 +5,14 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from kvpress import BasePress, ScorerPress
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from kvpress_compose import attention_lse
-from kvpress_compose.allocation import compute_n_kept, with_sinks_kept
 from kvpress_compose.cache_gather import layer_states
 from kvpress_compose.compression import CompositeCompression
 from kvpress_compose.head_masks import install_head_mask_hooks
@@ -22,16 +22,15 @@ from kvpress_compose.model_attachment import (
     check_context_length,
     language_model_of,
     refuse_if_in_use,
-    refuse_more_context,
-    refuse_non_empty_cache,
+    refuse_uncompressed_context,
     refuse_static_cache,
     refuse_unstructured,
 )
 from kvpress_compose.prefill_inputs import decoder_arguments, prefill_inputs
 from kvpress_compose.prefill_run import PREFILL, SCORED, PrefillRun
-from kvpress_compose.query_sources import RepeatPrompt, query_source_for, repeat_prompt_for
-from kvpress_compose.settings import SETTINGS
-from kvpress_compose.windowed_layers import layers_to_compress, record_window
+from kvpress_compose.query_sources import query_source_for, repeat_prompt_from
+from kvpress_compose.settings import SETTINGS, check_combination
+from kvpress_compose.windowed_layers import layers_to_compress
 
 START_LOCK = threading.Lock()  # one thread at a time checks for, and starts, a press's prefill
 
@@ -61,52 +60,34 @@ class ComposePress(CompositeCompression, BasePress):
     ...     logits = model(question_ids, past_key_values=cache, position_ids=torch.arange(n, n + q)[None]).logits
 
     Later tokens need ``position_ids`` continuing from the ORIGINAL context length ``n``, as kvpress's pipeline
-    passes them: the cache is shorter than ``n`` after compression, and positions counted from its length would
-    be wrong (a warning says so). ``model.generate`` inside ``with press(model):`` and kvpress's
-    ``pipeline("kv-press-text-generation")`` need nothing more.
+    passes them: the cache is shorter than ``n`` after compression (a warning says so otherwise).
+    ``model.generate`` inside ``with press(model):`` and kvpress's ``pipeline("kv-press-text-generation")``
+    need nothing more.
 
     Parameters
     ----------
     compression_ratio : float, default=0.0
         Fraction of the model's context KV entries to remove, in [0, 1); checked whenever it is set.
     query_source : str, default="replay"
-        Which queries score the context (one class each in :mod:`kvpress_compose.query_sources`). "replay" (the
-        paper's, and the default: on a real model, SmolLM2-135M-Instruct, it is the only source that keeps the
-        facts a later question asks for; docs/real-model-sources.md): the context re-fed after itself in a
-        second forward pass, whose attention covers three times the prefill's (query, key) pairs; the cache never
-        keeps the re-fed tokens (about 3x a plain prefill on CPU). "prefill": the prefill's own queries, causal
-        (no extra pass). "bidirectional": the prefill's queries attending to every context key (no extra pass;
-        on SmolLM2 it keeps a quarter of the needles' tokens and scores 0-25% where replay scores 53-69%).
-        "replay_local": the replay with KVzip's cheaper attention, each re-fed chunk attending
-        to the context and its own tokens only. Ignored when ``scorer`` is given. On CPU with sdpa, scoring
-        reuses the log-sum-exp of the model's own attention. "prefill_seen" (needs ``agg_task="mean"``): the
-        prefill's causal attention averaged over the queries that could see each key, not over all of them.
-        "replay_prompted": the replay framed as an instruct model reads it, KVzip's way: the context is re-fed as
-        the assistant's answer to "Repeat the previous context exactly." in the model's chat template
-        (``replay_prompt_ids``); use it with ``n_sink=4``.
+        Which queries score the context (:mod:`kvpress_compose.query_sources`; costs and evidence in
+        docs/design.md). "replay" (the paper's): the context re-fed after itself in a second pass, about 3x a
+        plain prefill on CPU; on real models only the replays keep what later questions ask for. "replay_local":
+        KVzip's cheaper chunk attention. "replay_prompted": KVzip's framing, re-fed after "Repeat the previous
+        context exactly." in the chat template (use with ``n_sink=4``). "bidirectional", "prefill" and
+        "prefill_seen" (needs ``agg_task="mean"``) use the prefill's own queries, no extra pass.
     structured : bool, default=True
-        False gives the unstructured upper bound: per-(layer, head) budgets applied with kvpress's head-wise
-        masking. That saves no memory (evicted entries are masked, not removed) and needs sdpa or flash.
+        False: the unstructured upper bound, per-(layer, head) budgets as kvpress's head-wise masks (frees no
+        memory; sdpa or flash).
     layer_allocation : str, default="global"
-        "global" (the paper's, and the default): one top-k over every layer's composite scores decides how many
-        each layer keeps. "uniform": every layer keeps the same number of composite tokens. On SmolLM2's RULER
-        study (120 questions at 0.75) global beat uniform by 40.8 points [32.5, 49.2]: on prose haystacks a few
-        layers need most of the budget. (On a 4-needle noise haystack uniform had led by 3-16 points on three
-        samples of 32 questions: docs/real-model-sources.md.) With ``structured=False``, "uniform" gives every layer the same budget (its heads compete
-        for it) and "global" one budget for the whole model.
-        "global_normalized": the global top-k over each head's scores divided by their sum (sinks and
-        ``layer_floor`` apart), so that a layer competes with how its scores are spread, not their scale (on
-        SmolLM2, "global" gave two layers most of the budget and starved the layers whose attention sits on the
-        sink tokens: docs/real-model-sources.md). Use it with ``n_sink``.
+        "global" (the paper's): one top-k over every layer's composite scores (on SmolLM2's RULER study +40.8
+        points [32.5, 49.2] over "uniform" at 0.75). "uniform": every layer keeps the same number.
+        "global_normalized": the global top-k over each head's score shares (use with ``n_sink``).
     composite_tokens : bool, default=True
-        True (the paper's): each head keeps its own top positions. False (the ablation): one set of positions
-        per layer, ranked by the head-aggregated (``agg_head``) score and shared by every head.
+        False (the ablation): one set of positions per layer, ranked by the ``agg_head`` score, for every head.
     scorer : ScorerPress, optional
-        Any kvpress ScorerPress (SnapKV, ExpectedAttention, Knorm, TOVA, ...) used as the token scores in place
-        of attention scores; its own compression_ratio is ignored.
+        A kvpress ScorerPress (SnapKV, Knorm, ...) whose scores replace attention scores (its ratio is ignored).
     agg_task, agg_group, agg_head : str, default "max", "mean", "mean"
-        Aggregation ("max" or "mean") over query positions, over the query heads of a KV head (GQA), and over
-        heads to score a composite token.
+        Aggregation ("max" or "mean") over queries, over the query heads of a KV head, and over heads.
     add_v_norm : bool, default=False
         Multiply each token's score by the norm of its value vector.
     add_mean_across_heads : bool, default=True
@@ -114,36 +95,26 @@ class ComposePress(CompositeCompression, BasePress):
     min_tokens_per_layer : int, default=1
         Composite tokens every layer keeps (per head, when ``structured=False``).
     n_sink : int, default=0
-        The first ``n_sink`` context tokens of each row (the attention sinks) are kept in every head of every
-        layer, outside the competition for the budget (they count in it); KVzip keeps 4.
+        The first ``n_sink`` tokens of each row are kept everywhere, inside the budget (KVzip keeps 4).
     layer_floor : float, default=0.0
-        Under global allocation, every layer keeps at least this fraction of the uniform budget (``n_kept //
-        layers`` composite tokens); the global top-k spreads the rest. In [0, 1].
+        Under global allocation, each layer keeps at least this fraction (in [0, 1]) of the uniform budget.
     replay_prompt_ids : sequence of int, optional
-        The tokens "replay_prompted" feeds before re-feeding the context (the whole context is then re-fed). By
-        default they are built from the model's tokenizer, loaded from ``model.name_or_path``: the repeat
-        instruction closing a user's turn and opening the assistant's, and the template's opening is not re-fed
-        where the context starts with it.
+        What "replay_prompted" feeds before the re-fed context (default: built from the model's tokenizer).
     score_block_size : int, optional
-        Queries scored at once where scores come from a softmax (eager, flash-attn, CUDA, windowed replay); by
-        default a block of float32 probabilities is about 10% of the full KV cache (at least 16 queries), so
-        scoring adds memory O(block x context), never O(context^2). The log-sum-exp path (sdpa on CPU) scores
-        in fixed tiles of 256 query columns x 512 keys and does not use it.
+        Queries scored at once where scores come from a softmax (default: a block's probabilities are about
+        10% of the KV cache), so scoring never takes O(context^2) memory.
 
-    On a model with sliding-window or chunked-attention layers (``config.layer_types``: Gemma 3, Qwen2 with
-    ``max_window_layers``, Llama 4), only the full-attention layers are compressed and ``compression_ratio`` is a
-    fraction of their entries; every windowed layer is left as the model's cache keeps it (at most its window).
-    Where every layer is windowed (Mistral's ``sliding_window``), the layers are compressed as full ones while the
-    context fits the window, and a longer context is refused (:mod:`kvpress_compose.windowed_layers`).
+    On a model with sliding-window or chunked-attention layers (Gemma 3, Qwen2 with ``max_window_layers``,
+    Llama 4), only the full-attention layers are compressed and ``compression_ratio`` is a fraction of their
+    entries. Where every layer is windowed (Mistral), the layers are compressed while the context fits the window
+    and a longer context is refused (:mod:`kvpress_compose.windowed_layers`).
 
     After each prefill, ``last_budgets`` holds what each compressed layer kept (``(layers,)`` composite tokens,
     or ``(batch, layers, kv_heads)`` tokens when ``structured=False``), ``last_layers`` which layers those are,
-    and ``last_scores`` the scores ranked; they take no part in comparisons (two presses are equal when their
-    settings are).
+    and ``last_scores`` the scores ranked; they take no part in comparisons.
 
-    One press is used by one ``with`` block at a time, on one model, from one thread: entering it again while it
-    is in use (on the same model or another) raises, and so does a prefill from a second thread while another
-    thread's is under way. Used sequentially, one press serves any number of blocks and models.
+    One press serves one ``with`` block at a time, on one model, from one thread: entering it again while it is
+    in use raises, and so does a prefill from a second thread while another's is under way.
     """
 
     compression_ratio: float = 0.0
@@ -176,26 +147,15 @@ class ComposePress(CompositeCompression, BasePress):
         super().__setattr__(name, validate(name, value))
         if "_run" in self.__dict__:  # constructed: settings that depend on each other are checked together
             try:
-                self._check_combination()
+                check_combination(self)
             except ValueError:
                 super().__setattr__(name, previous)
                 raise
 
-    def _check_combination(self):
-        if not self.structured and (self.layer_allocation == "global_normalized" or not self.composite_tokens
-                                    or self.layer_floor > 0):
-            raise ValueError(
-                "structured=False ranks every head's tokens on their own, against one budget per layer "
-                "(layer_allocation='uniform') or one for the whole model ('global'): layer_allocation="
-                "'global_normalized', layer_floor and composite_tokens=False apply to the structured press only"
-            )
-
     def __post_init__(self):
-        self._check_combination()
+        check_combination(self)
         self._attachment: DecoderAttachment | None = None  # our decoder hooks, while the press is in use
         self._run: PrefillRun | None = None  # the prefill under way, if any
-        self._model_name: str | None = None  # where "replay_prompted" loads the tokenizer from
-        self._template_prompts: dict[str, RepeatPrompt] = {}  # by model name, built once
 
     # -- being used on a model ----------------------------------------------------------------------------
 
@@ -205,13 +165,13 @@ class ComposePress(CompositeCompression, BasePress):
         attention_modules = [layer.self_attn for layer in language_model.layers]
         if not self.structured:
             refuse_unstructured(model)
-        self._model_name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         attention_lse.install()
         install_layer_mask_hooks(language_model, attention_modules)
         if not self.structured:
             install_head_mask_hooks(attention_modules)
         self._detach()
-        self._attachment = DecoderAttachment(self, language_model, attention_modules, type(model).__name__)
+        model_path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        self._attachment = DecoderAttachment(self, language_model, attention_modules, type(model).__name__, model_path)
         if self.scorer is not None:
             self.scorer.post_init_from_model(model)
 
@@ -278,11 +238,8 @@ class ComposePress(CompositeCompression, BasePress):
             self._end_run()  # left by a forward that ended without its hooks (KeyboardInterrupt)
         if self.compression_ratio == 0:
             return
-        if not fresh:
-            refuse_more_context(attachment, cache, arguments)
-            if not attachment.hands_later_tokens_to_decoding():
-                refuse_non_empty_cache(cache, arguments)
-            return
+        if not fresh:  # later tokens (a question, generated ones): nothing to compress, some to refuse
+            return refuse_uncompressed_context(attachment, cache, arguments)
         refuse_static_cache(cache)
         inputs = prefill_inputs(arguments)
         check_context_length(inputs, self.min_tokens_per_layer)
@@ -291,7 +248,8 @@ class ComposePress(CompositeCompression, BasePress):
             refuse_unstructured(None, attachment, compressed_layers)
         self._run = PrefillRun(
             inputs=inputs,
-            source=query_source_for(self.query_source, self.scorer, self._repeat_prompt),
+            source=query_source_for(self.query_source, self.scorer,
+                                    partial(repeat_prompt_from, self.replay_prompt_ids, attachment.model_path)),
             language_model=attachment.language_model,
             attention_modules=attachment.attention_modules,
             agg_task=self.agg_task,
@@ -301,23 +259,6 @@ class ComposePress(CompositeCompression, BasePress):
             cache=cache,
             compressed_layers=compressed_layers,
         )
-
-    def _repeat_prompt(self) -> RepeatPrompt:
-        """``replay_prompt_ids``, else the repeat prompt built from the model's tokenizer (once per model)."""
-        if self.replay_prompt_ids is not None:
-            return RepeatPrompt(ids=self.replay_prompt_ids)
-        name = self._model_name
-        if name not in self._template_prompts:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(name)
-            except Exception as error:  # noqa: BLE001 - any failure means the same: no tokenizer to build it from
-                raise ValueError(
-                    f"query_source='replay_prompted' builds its repeat prompt with the model's tokenizer, which could "
-                    f"not be loaded from the model's name_or_path {name!r} ({type(error).__name__}: {error}): give "
-                    "replay_prompt_ids (the tokens fed before the re-fed context)"
-                ) from error
-            self._template_prompts[name] = repeat_prompt_for(tokenizer)
-        return self._template_prompts[name]
 
     def _finish_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
         """Decoder forward hook, run only when the decoder call returns normally: when the call that started the
@@ -330,7 +271,7 @@ class ComposePress(CompositeCompression, BasePress):
             return
         with torch.no_grad():  # scoring and compression are never differentiated, even if the forward is
             run.source.finish(run, run.cache)
-            self._compress(run, run.cache)
+            self.compress_run(run, run.cache, self._attachment.windows)
         self._attachment.compressed.add(run.cache)
 
     def _end_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
@@ -368,18 +309,3 @@ class ComposePress(CompositeCompression, BasePress):
             run.close()  # the prefill's captured attention is no longer needed
             run.phase = SCORED  # compressed when the decoder call returns (_finish_prefill)
         return output
-
-    # -- allocation and compression -----------------------------------------------------------------------
-
-    def _compress(self, run: PrefillRun, cache):
-        scores = with_sinks_kept(self._stacked_scores(run, cache), run.inputs.valid, self.n_sink)  # compressed layers'
-        if self.structured:
-            n_kept = compute_n_kept(scores.shape[0] * scores.shape[-1], self.compression_ratio)
-            positions = self.compress_scored(cache, scores, n_kept, run.compressed_layers)
-            for layer_idx, kept in positions.items():  # a windowed layer compressed as a full one (short context)
-                window = self._attachment.windows[layer_idx]
-                if window is not None:
-                    record_window(cache.layers[layer_idx], window, kept, run.inputs.valid)
-        else:
-            sorted_scores, token_order = self._ranked(scores)
-            self._mask_unstructured(run, sorted_scores, token_order)

@@ -14,6 +14,7 @@ import torch
 
 from kvpress_compose.allocation import (
     composite_scores,
+    compute_n_kept,
     floor_per_layer,
     head_budgets,
     kept_positions,
@@ -22,6 +23,7 @@ from kvpress_compose.allocation import (
     stack_layer_scores,
     per_head_shares,
     uniform_budgets,
+    with_sinks_kept,
 )
 from kvpress_compose.attention_scores import aggregate
 from kvpress_compose.cache_gather import compress_layer, layer_states, mask_evicted_entries
@@ -29,6 +31,7 @@ from kvpress_compose.head_masks import remember_masks
 from kvpress_compose.model_attachment import check_context_length
 from kvpress_compose.prefill_run import PrefillRun
 from kvpress_compose.query_sources import check_cache_unchanged
+from kvpress_compose.windowed_layers import record_window
 
 logger = logging.getLogger("kvpress_compose.compose_press")  # the press's logger: users filter on its name
 
@@ -48,6 +51,19 @@ class CompositeCompression:
             scores = aggregate(scores, self.agg_head, dim=2)[:, :, None].expand_as(scores).contiguous()
         self.last_scores = scores
         return rank_tokens(scores)
+
+    def compress_run(self, run: PrefillRun, cache, windows: list[int | None]) -> None:
+        """Compress ``cache`` after the prefill ``run`` has scored it, at ``compression_ratio`` (``windows``: each
+        layer's attention window, None for full attention)."""
+        scores = with_sinks_kept(self._stacked_scores(run, cache), run.inputs.valid, self.n_sink)  # compressed layers'
+        if not self.structured:
+            self._mask_unstructured(run, *self._ranked(scores))
+            return
+        n_kept = compute_n_kept(scores.shape[0] * scores.shape[-1], self.compression_ratio)
+        positions = self.compress_scored(cache, scores, n_kept, run.compressed_layers)
+        for layer_idx, kept in positions.items():  # a windowed layer compressed as a full one (short context)
+            if windows[layer_idx] is not None:
+                record_window(cache.layers[layer_idx], windows[layer_idx], kept, run.inputs.valid)
 
     def compress_scored(self, cache, scores: torch.Tensor, n_kept: int,
                         layer_indices: list[int] | None = None) -> dict[int, torch.Tensor]:

@@ -30,9 +30,10 @@ class DecoderAttachment:
     next forward, which it leaves untouched."""
 
     def __init__(self, press: BasePress, language_model: nn.Module, attention_modules: list[nn.Module],
-                 model_name: str = "model"):
+                 model_name: str = "model", model_path: str | None = None):
         self.press, self.language_model, self.attention_modules = press, language_model, attention_modules
         self.model_name = model_name  # the class of the model the press was entered on, for errors
+        self.model_path = model_path  # its name_or_path, where a tokenizer can be loaded from
         config = language_model.config.get_text_config()
         self.local_span = local_attention_span(config)
         self.windows = layer_windows(config, len(attention_modules))  # None: full attention
@@ -108,6 +109,14 @@ def refuse_unstructured(model: PreTrainedModel, attachment: DecoderAttachment | 
             "structured=False on a model whose every layer is windowed: kvpress's head-wise masking indexes a "
             "layer's stored keys, which a sliding cache shifts once tokens pass the window. Use structured=True"
         )
+
+
+def refuse_uncompressed_context(attachment: DecoderAttachment, cache, arguments: dict) -> None:
+    """A forward into a non-empty cache is a question or generated tokens, never compressed: what would leave
+    context uncompressed (a second chunk of it, or a prefill into a filled cache) is refused."""
+    refuse_more_context(attachment, cache, arguments)
+    if not attachment.hands_later_tokens_to_decoding():
+        refuse_non_empty_cache(cache, arguments)
 
 
 def refuse_more_context(attachment: DecoderAttachment, cache, arguments: dict) -> None:

@@ -9,13 +9,15 @@ writing one class and, for a string name, one entry of :data:`QUERY_SOURCES`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from kvpress import ScorerPress
 from torch import nn
+from transformers import AutoTokenizer
 
 from kvpress_compose import attention_lse
 from kvpress_compose.attention_lse import LseCapture
@@ -214,6 +216,28 @@ def repeat_prompt_for(tokenizer) -> RepeatPrompt:
         return tuple(tokenizer.encode(text, add_special_tokens=False)) if text else ()
 
     return RepeatPrompt(ids=encode(REPEAT_INSTRUCTION) + encode(suffix), template_prefix=encode(prefix))
+
+
+def repeat_prompt_from(prompt_ids: Sequence[int] | None, model_path: str | None) -> RepeatPrompt:
+    """A press's ``replay_prompt_ids`` as a prompt, else the prompt built from the tokenizer at ``model_path``
+    (the model's ``name_or_path``)."""
+    if prompt_ids is not None:
+        return RepeatPrompt(ids=tuple(prompt_ids))
+    return tokenizer_repeat_prompt(model_path)
+
+
+@lru_cache(maxsize=8)
+def tokenizer_repeat_prompt(model_path: str | None) -> RepeatPrompt:
+    """:func:`repeat_prompt_for` the tokenizer at ``model_path``, loaded once per path."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except Exception as error:  # noqa: BLE001 - any failure means the same: no tokenizer to build it from
+        raise ValueError(
+            f"query_source='replay_prompted' builds its repeat prompt with the model's tokenizer, which could not be "
+            f"loaded from the model's name_or_path {model_path!r} ({type(error).__name__}: {error}): give "
+            "replay_prompt_ids (the tokens fed before the re-fed context)"
+        ) from error
+    return repeat_prompt_for(tokenizer)
 
 
 class PromptedReplay(Replay):

@@ -105,3 +105,15 @@ SETTINGS = {
     "replay_prompt_ids": token_ids_setting,
     "score_block_size": optional_positive_int_setting,
 }
+
+
+def check_combination(press) -> None:
+    """Settings that depend on each other, checked together once ``press`` is constructed and whenever one of
+    them changes."""
+    if not press.structured and (press.layer_allocation == "global_normalized" or not press.composite_tokens
+                                 or press.layer_floor > 0):
+        raise ValueError(
+            "structured=False ranks every head's tokens on their own, against one budget per layer "
+            "(layer_allocation='uniform') or one for the whole model ('global'): layer_allocation="
+            "'global_normalized', layer_floor and composite_tokens=False apply to the structured press only"
+        )

@@ -142,17 +142,18 @@ def test_prompted_replay_scores_equal_attention_of_the_context_after_the_prompt(
 
 
 def test_prompted_replay_does_not_refeed_the_chat_templates_opening(monkeypatch):
+    from kvpress_compose import compose_press
     from kvpress_compose.query_sources import RepeatPrompt
 
     model = tiny_model(attn="eager")
     ids = random_ids(1, 30)
     opening = tuple(ids[0, :4].tolist())  # the context starts with the template's opening
-    monkeypatch.setattr(ComposePress, "_repeat_prompt", lambda self: RepeatPrompt((5, 17, 3), opening))
+    monkeypatch.setattr(compose_press, "repeat_prompt_from", lambda ids, path: RepeatPrompt((5, 17, 3), opening))
     press = ComposePress(compression_ratio=0.5, add_mean_across_heads=False, query_source="replay_prompted")
     prefill(model, ids, press)
     _, expected = prompted_replay_reference([5, 17, 3], skip=4)
     torch.testing.assert_close(press.last_scores, expected, atol=1e-6, rtol=1e-4)
-    monkeypatch.setattr(ComposePress, "_repeat_prompt", lambda self: RepeatPrompt((5, 17, 3), (1, 2, 3, 4)))
+    monkeypatch.setattr(compose_press, "repeat_prompt_from", lambda ids, path: RepeatPrompt((5, 17, 3), (1, 2, 3, 4)))
     prefill(model, ids, press)  # a context that does not start with the opening is re-fed whole
     torch.testing.assert_close(press.last_scores, prompted_replay_reference([5, 17, 3])[1], atol=1e-6, rtol=1e-4)
 
