@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from . import data
-from .ruler import RULER_TASKS
+from .ruler import RULER_TASKS, check_ruler_dataset
 from .run import DEFAULT_OUTPUT_DIR, add_run_options, preflight, run_options
 from .sweep import plan, run_sweep
 
@@ -77,10 +77,7 @@ def ruler_data_dir(model: str, n_tokens: int, n_contexts: int, tasks: list[str])
 
 def ensure_ruler_data(model: str, data_dir: Path, n_tokens: int, n_contexts: int, tasks: list[str]) -> Path:
     """``data_dir``, after writing RULER's ``tasks`` there in ``model``'s tokens if it holds none."""
-    if data.has_dataset(data_dir):
-        missing = sorted(set(tasks) - {path.stem.removeprefix("test-") for path in data_dir.glob("test-*.jsonl")})
-        if missing:  # an interrupted generation
-            raise SystemExit(f"error: {data_dir} lacks {missing}: remove the folder, it is written again")
+    if check_ruler_dataset(data_dir, tuple(tasks), n_contexts):
         print(f"data: {data_dir}")
         return data_dir
     import json

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import data
 from .real_models import REAL_MODELS
-from .ruler import RULER_TASKS
+from .ruler import RULER_TASKS, check_ruler_dataset
 from .run import RunConfig, run
 from .study import (
     STUDY_SEED,
@@ -81,15 +81,8 @@ def dataset_dir(model: str, n_tokens: int) -> Path:
 
 def write_data(model: str, data_dir: Path, n_tokens: int, n_contexts: int) -> None:
     """RULER's tasks for ``model`` in ``data_dir`` unless a dataset with enough contexts per task is there."""
-    if data.has_dataset(data_dir):
-        missing = sorted(set(RULER_TASKS) - {path.stem.removeprefix("test-") for path in data_dir.glob("test-*.jsonl")})
-        if missing:  # an interrupted generation
-            raise SystemExit(f"error: {data_dir} lacks {missing}: remove the folder, it is written again")
-        available = data.load_rows(data_dir).groupby("task")["context"].nunique()
-        if available.min() >= n_contexts:
-            return
-        raise SystemExit(f"error: {data_dir} holds {available.min()} contexts per task, fewer than --contexts "
-                         f"{n_contexts}: remove it (it is regenerated) or lower --contexts")
+    if check_ruler_dataset(data_dir, RULER_TASKS, n_contexts):
+        return
     from transformers import AutoTokenizer
 
     from .real_models import resolve_model

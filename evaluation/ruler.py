@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import string
 import uuid
@@ -668,23 +669,51 @@ def write_ruler_dataset(
     prose_words = (prose if prose is not None else load_prose() if needs_prose else "").split()
     if needs_prose and not prose_words:
         raise ValueError("prose: the essay haystack needs a non-empty text")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows_per_context = {}
+    rows_by_task = {}
     with tqdm(total=len(tasks) * n_contexts, desc="RULER contexts", disable=not progress) as bar:
         for task in tasks:
             generated = MAX_NEW_TOKENS[task_kind(task)]
             cap = n_tokens + int(TOLERANCE * n_tokens)
             cap = min(cap, limit - generated) if limit is not None else cap
-            rows = []
+            rows_by_task[task] = []
             for index in range(n_contexts):
-                rows += context_rows(task, index, seed, n_tokens, tokenizer, prose_words, cap)
+                rows_by_task[task] += context_rows(task, index, seed, n_tokens, tokenizer, prose_words, cap)
                 bar.update()
-            rows_per_context[task] = len(rows) / n_contexts
-            task_file(out_dir, task).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # written only once every context is generated, each file whole (an interrupted run leaves no partial dataset)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for task, rows in rows_by_task.items():
+        write_whole(task_file(out_dir, task), "".join(json.dumps(row) + "\n" for row in rows))
     name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
-    (out_dir / "README.md").write_text(dataset_card(tasks, rows_per_context, n_contexts, n_tokens, name, seed))
+    rows_per_context = {task: len(rows) / n_contexts for task, rows in rows_by_task.items()}
+    write_whole(out_dir / "README.md", dataset_card(tasks, rows_per_context, n_contexts, n_tokens, name, seed))
     return out_dir
+
+
+def write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path`` under a temporary name, then renamed: a reader never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def check_ruler_dataset(data_dir: str | Path, tasks: tuple[str, ...], n_contexts: int = 1) -> bool:
+    """Whether ``data_dir`` holds a RULER dataset (False: none there) with ``tasks`` and at least ``n_contexts``
+    contexts per task; one that lacks either raises ``SystemExit`` saying what to do."""
+    data_dir = Path(data_dir)
+    present = {path.stem.removeprefix("test-") for path in data_dir.glob("test-*.jsonl")}
+    if not present:
+        return False
+    missing = sorted(set(tasks) - present)
+    if missing:
+        raise SystemExit(f"error: {data_dir} lacks the tasks {missing}: remove the folder, it is written again")
+    counts = {task: len({row["context"] for row in map(json.loads, task_file(data_dir, task).read_text().splitlines())})
+              for task in tasks}
+    fewest = min(counts.values())
+    if fewest < n_contexts:
+        raise SystemExit(f"error: {data_dir} holds {fewest} contexts per task, fewer than the {n_contexts} asked: "
+                         "remove the folder (it is written again) or ask for fewer contexts")
+    return True
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

@@ -244,3 +244,30 @@ def test_smollm2_prompts_within_two_percent(n_tokens, tmp_path):
         assert abs(tokens - n_tokens) <= 0.02 * n_tokens, (row.task, tokens)
         assert all(item in row.context for item in row.answer)
     assert json.loads((out / "test-vt.jsonl").read_text().splitlines()[0])["max_new_tokens"] == 30
+
+
+def test_an_interrupted_generation_leaves_no_partial_dataset(tokenizer, tmp_path, monkeypatch):
+    real_rows, calls = ruler.context_rows, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the second task's first context
+            raise KeyboardInterrupt
+        return real_rows(*args, **kwargs)
+
+    monkeypatch.setattr(ruler, "context_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_ruler_dataset(tmp_path / "cut", tokenizer, N_TOKENS, 2, tasks=("niah_single_1", "niah_single_2"),
+                            prose=PROSE)
+    assert not list((tmp_path / "cut").glob("*"))  # no task file, whole or partial
+    assert not ruler.check_ruler_dataset(tmp_path / "cut", ("niah_single_1", "niah_single_2"))
+
+
+def test_a_dataset_lacking_tasks_or_contexts_is_refused(dataset, tmp_path):
+    tasks = ("niah_single_1", "vt")
+    assert ruler.check_ruler_dataset(dataset, tasks, N_CONTEXTS)
+    with pytest.raises(SystemExit, match=f"holds {N_CONTEXTS} contexts per task, fewer than the {N_CONTEXTS + 1}"):
+        ruler.check_ruler_dataset(dataset, tasks, N_CONTEXTS + 1)
+    (tmp_path / "test-vt.jsonl").write_text((dataset / "test-vt.jsonl").read_text())
+    with pytest.raises(SystemExit, match="lacks the tasks \\['niah_single_1'\\]"):
+        ruler.check_ruler_dataset(tmp_path, tasks)
