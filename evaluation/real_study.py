@@ -136,19 +136,42 @@ def priority(configs: list[RunConfig], leaders: tuple[str, ...] = REAL_LEADERS) 
 
 
 def claim(config: RunConfig) -> bool:
-    """Whether this process may run ``config``: it writes its process id to the run's ``.claimed`` file unless a
-    live process holds it (a claim left by a process that died is taken over)."""
+    """Whether this process may run ``config``: it writes its claim (process id and start time) to the run's
+    ``.claimed`` file unless a live process holds it (a claim left by a process that died, or whose id a later
+    process reuses, is taken over)."""
     folder = config.results_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".claimed"
+    mine = process_claim(os.getpid())
     try:
-        holder = int(path.read_text() or 0)
-    except (FileNotFoundError, ValueError):
-        holder = 0
-    if holder and holder != os.getpid() and process_alive(holder):
+        holder = path.read_text().strip()
+    except FileNotFoundError:
+        holder = ""
+    if holder and holder != mine and claim_alive(holder):
         return False
-    path.write_text(str(os.getpid()))
-    return int(path.read_text()) == os.getpid()  # two takers at once: the last writer wins, the other skips
+    path.write_text(mine)
+    return path.read_text() == mine  # two takers at once: the last writer wins, the other skips
+
+
+def process_claim(pid: int) -> str:
+    """``"<pid> <start time>"``: the start time (in clock ticks since boot, from /proc) tells a process from a
+    later one given the same id; ``"<pid>"`` alone where /proc is not there."""
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return str(pid)
+    return f"{pid} {start}"
+
+
+def claim_alive(claim_text: str) -> bool:
+    """Whether the process that wrote ``claim_text`` still runs (the same process, not one reusing its id)."""
+    try:
+        pid = int(claim_text.split()[0])
+    except (IndexError, ValueError):
+        return False  # an unreadable claim holds nothing
+    if not process_alive(pid):
+        return False
+    return len(claim_text.split()) == 1 or process_claim(pid) == claim_text
 
 
 def process_alive(pid: int) -> bool:

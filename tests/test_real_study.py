@@ -54,7 +54,8 @@ def test_runs_go_baseline_first_then_by_ratio_priority_then_leader_order(tmp_pat
 
 def test_a_run_claimed_by_a_live_process_is_skipped_and_a_dead_claim_is_taken_over(tmp_path):
     config = RunConfig("m", "d", "kvzip", 0.75, output_dir=str(tmp_path))
-    assert real_study.claim(config) and (config.results_dir() / ".claimed").read_text() == str(os.getpid())
+    assert real_study.claim(config)
+    assert (config.results_dir() / ".claimed").read_text().split()[0] == str(os.getpid())
     assert real_study.claim(config)  # our own claim
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -64,6 +65,17 @@ def test_a_run_claimed_by_a_live_process_is_skipped_and_a_dead_claim_is_taken_ov
         sleeper.kill()
         sleeper.wait()
     assert real_study.claim(config)  # its holder died: taken over
+
+
+def test_a_claim_whose_process_id_was_reused_is_taken_over(tmp_path):
+    config = RunConfig("m", "d", "kvzip", 0.75, output_dir=str(tmp_path))
+    config.results_dir().mkdir(parents=True)
+    parent = os.getppid()  # alive, but not the process that wrote the claim: its start time differs
+    start = real_study.process_claim(parent).split()[1]
+    (config.results_dir() / ".claimed").write_text(f"{parent} {int(start) + 1}")
+    assert real_study.claim(config)
+    (config.results_dir() / ".claimed").write_text(real_study.process_claim(parent))  # its own claim holds
+    assert not real_study.claim(config)
 
 
 def test_a_failed_screening_is_named_and_a_partial_dataset_refused(tmp_path, dataset):
