@@ -69,6 +69,12 @@ def is_toy_model(model: str) -> bool:
     return path.exists() and path.resolve().is_relative_to(TOY_MODELS.resolve())
 
 
+def holds_other_tasks(data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds a dataset of tasks other than RULER's (the word-level tasks): read as it is."""
+    tasks = {path.stem.removeprefix("test-") for path in Path(data_dir).glob("test-*.jsonl")}
+    return bool(tasks - set(RULER_TASKS))
+
+
 def ruler_data_dir(model: str, n_tokens: int, n_contexts: int, tasks: list[str]) -> Path:
     """Where the quick sweep keeps RULER's ``tasks`` for ``model`` (named by every setting that shapes them)."""
     name = Path(model).name if Path(model).exists() else model.replace("/", "--")
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"--tasks: unknown {unknown}; RULER's tasks here are {list(RULER_TASKS)}")
         data_dir = args.dataset_dir or ruler_data_dir(model, args.tokens, args.contexts, args.tasks)
-    dataset_name = "ruler" if not toy and args.dataset_dir is None else "synthetic"  # a given folder: as before
+    dataset_name = "synthetic" if toy or holds_other_tasks(data_dir) else "ruler"
     try:
         configs = plan(model, args.presses, args.ratios, data_dir, args.out, dataset=dataset_name,
                        **run_options(args))
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     if toy:
         ensure_data(data_dir, args.contexts, args.words)
-    elif args.dataset_dir is None:
+    elif dataset_name == "ruler":  # RULER's tasks, written there unless they are
         ensure_ruler_data(model, data_dir, args.tokens, args.contexts, args.tasks)
     try:
         preflight(configs)

@@ -401,6 +401,20 @@ def test_main_job_runs_ruler_on_the_real_model_and_word_tasks_on_toy_models(tmp_
     assert "--tasks: unknown ['niah_single_9']" in capsys.readouterr().err
 
 
+def test_a_real_models_dataset_dir_gets_rulers_tasks_and_a_word_level_one_is_read(tmp_path, data_dir, monkeypatch):
+    written = []
+
+    def fake_ensure(model, folder, n_tokens, n_contexts, tasks):
+        written.append((model, folder, n_tokens, n_contexts, tuple(tasks)))
+        raise SystemExit("stop")
+
+    monkeypatch.setattr(cli, "ensure_ruler_data", fake_ensure)
+    with pytest.raises(SystemExit, match="stop"):  # an empty folder: RULER's tasks are written there
+        cli.main(["--model", "org/model", "--dataset-dir", str(tmp_path / "new"), "--tokens", "512"])
+    assert written == [("org/model", tmp_path / "new", 512, 2, tuple(cli.QUICK_TASKS))]
+    assert not cli.holds_other_tasks(tmp_path / "new") and cli.holds_other_tasks(data_dir)
+
+
 def test_cli_data_subcommand(tmp_path):
     cli.main(["data", "--out", str(tmp_path / "d"), "--contexts", "1", "--words", "64", "--tasks", "niah_single"])
     assert len(load_rows(tmp_path / "d")) == 1
