@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a hub id or a model folder (default: %(default)s)")
     parser.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES, help="names from evaluation.registry")
     parser.add_argument("--ratios", nargs="+", type=float, default=DEFAULT_RATIOS, help="compression ratios")
-    parser.add_argument("--dataset-dir", type=Path, default=None, help="default: evaluation/data/synthetic-<words>")
+    parser.add_argument("--dataset-dir", type=Path, default=None, help="default: evaluation/data/ruler-<model>-<tokens>-c<contexts>-<tasks> (a real model) or "
+                        "evaluation/data/synthetic-<words> (a toy model); a real model's folder without a dataset "
+                        "gets RULER's tasks")
     parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUTPUT_DIR), help="results folder")
     parser.add_argument("--contexts", type=int, default=DEFAULT_CONTEXTS, help="contexts per task, when generating")
     parser.add_argument("--words", type=int, default=DEFAULT_WORDS, help="words per context, toy models' tasks")
@@ -70,9 +72,10 @@ def is_toy_model(model: str) -> bool:
 
 
 def holds_other_tasks(data_dir: Path) -> bool:
-    """Whether ``data_dir`` holds a dataset of tasks other than RULER's (the word-level tasks): read as it is."""
+    """Whether ``data_dir`` holds a dataset of tasks other than RULER's (the word-level tasks, whose card records
+    their parameters; two of their names are RULER's too): read as it is."""
     tasks = {path.stem.removeprefix("test-") for path in Path(data_dir).glob("test-*.jsonl")}
-    return bool(tasks - set(RULER_TASKS))
+    return bool(tasks - set(RULER_TASKS)) or (bool(tasks) and data.recorded_parameters(data_dir) is not None)
 
 
 def ruler_data_dir(model: str, n_tokens: int, n_contexts: int, tasks: list[str]) -> Path:

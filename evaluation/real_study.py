@@ -18,7 +18,8 @@
 
 Runs are resumable and archived exactly as :mod:`evaluation.study`'s (``--docs``/runs/); the report is rewritten
 after every run, so it always shows what has finished. Several processes may run the same tiers at once: each takes
-the next run that no live process has claimed (a ``.claimed`` file holding its process id, in the run's folder).
+the next run that no live process has claimed (a ``.claimed`` file in the run's folder holding its process id and
+start time; a claim with the id alone, from an earlier version, is honoured while that id runs).
 """
 
 from __future__ import annotations
@@ -169,9 +170,13 @@ def claim_alive(claim_text: str) -> bool:
         pid = int(claim_text.split()[0])
     except (IndexError, ValueError):
         return False  # an unreadable claim holds nothing
+    if pid == os.getpid():  # ours, or left by a process that had our id before us
+        return claim_text == process_claim(pid)
     if not process_alive(pid):
         return False
-    return len(claim_text.split()) == 1 or process_claim(pid) == claim_text
+    now = process_claim(pid)
+    # the same process unless both start times are known and differ (an id alone: alive while the id runs)
+    return len(claim_text.split()) == 1 or len(now.split()) == 1 or now == claim_text
 
 
 def process_alive(pid: int) -> bool:

@@ -679,7 +679,8 @@ def write_ruler_dataset(
             for index in range(n_contexts):
                 rows_by_task[task] += context_rows(task, index, seed, n_tokens, tokenizer, prose_words, cap)
                 bar.update()
-    # written only once every context is generated, each file whole (an interrupted run leaves no partial dataset)
+    # written once every context is generated, each file whole: an interrupted generation leaves no file (a cut
+    # during these few writes can leave some tasks, which check_ruler_dataset names)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for task, rows in rows_by_task.items():
@@ -699,21 +700,33 @@ def write_whole(path: Path, text: str) -> None:
 
 def check_ruler_dataset(data_dir: str | Path, tasks: tuple[str, ...], n_contexts: int = 1) -> bool:
     """Whether ``data_dir`` holds a RULER dataset (False: none there) with ``tasks`` and at least ``n_contexts``
-    contexts per task; one that lacks either raises ``SystemExit`` saying what to do."""
+    contexts per task; one that lacks either, or holds a damaged file, raises ``SystemExit`` saying what to do."""
     data_dir = Path(data_dir)
     present = {path.stem.removeprefix("test-") for path in data_dir.glob("test-*.jsonl")}
     if not present:
         return False
     missing = sorted(set(tasks) - present)
     if missing:
-        raise SystemExit(f"error: {data_dir} lacks the tasks {missing}: remove the folder, it is written again")
-    counts = {task: len({row["context"] for row in map(json.loads, task_file(data_dir, task).read_text().splitlines())})
-              for task in tasks}
-    fewest = min(counts.values())
+        raise SystemExit(f"error: {data_dir} lacks the tasks {missing} (--tasks): remove the folder, it is written "
+                         "again, or ask for its tasks only")
+    fewest = min(count_contexts(task_file(data_dir, task)) for task in tasks)
     if fewest < n_contexts:
-        raise SystemExit(f"error: {data_dir} holds {fewest} contexts per task, fewer than the {n_contexts} asked: "
-                         "remove the folder (it is written again) or ask for fewer contexts")
+        raise SystemExit(f"error: {data_dir} holds {fewest} contexts per task, fewer than the {n_contexts} asked "
+                         "(--contexts): remove the folder (it is written again) or ask for fewer")
     return True
+
+
+def count_contexts(path: Path) -> int:
+    """The distinct contexts of one task file, read line by line; a damaged file raises ``SystemExit``."""
+    contexts = set()
+    with open(path) as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                contexts.add(json.loads(line)["context"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise SystemExit(f"error: {path}, line {number}, is not a RULER row ({type(error).__name__}): "
+                                 "remove the folder, it is written again") from error
+    return len(contexts)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

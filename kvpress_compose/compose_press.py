@@ -60,7 +60,8 @@ class ComposePress(CompositeCompression, BasePress):
     ...     logits = model(question_ids, past_key_values=cache, position_ids=torch.arange(n, n + q)[None]).logits
 
     Later tokens need ``position_ids`` continuing from the ORIGINAL context length ``n``, as kvpress's pipeline
-    passes them: the cache is shorter than ``n`` after compression (a warning says so otherwise).
+    passes them: the cache is shorter than ``n`` after compression, so positions counted from its length would be
+    wrong (a warning says so).
     ``model.generate`` inside ``with press(model):`` and kvpress's ``pipeline("kv-press-text-generation")``
     need nothing more.
 

@@ -31,7 +31,7 @@ from kvpress_compose.head_masks import remember_masks
 from kvpress_compose.model_attachment import check_context_length
 from kvpress_compose.prefill_run import PrefillRun
 from kvpress_compose.query_sources import check_cache_unchanged
-from kvpress_compose.windowed_layers import record_window
+from kvpress_compose.windowed_layers import LayerWindow, record_window
 
 logger = logging.getLogger("kvpress_compose.compose_press")  # the press's logger: users filter on its name
 
@@ -39,7 +39,7 @@ logger = logging.getLogger("kvpress_compose.compose_press")  # the press's logge
 class CompositeCompression:
     """ComposePress's allocation and compression steps, from ``(layers, batch, kv_heads, n)`` scores; they read
     the press's settings (``compression_ratio``, ``structured``, ``layer_allocation``, ``composite_tokens``,
-    ``agg_head``, ``add_v_norm``, ``add_mean_across_heads``, ``min_tokens_per_layer``) and record
+    ``agg_head``, ``add_v_norm``, ``add_mean_across_heads``, ``min_tokens_per_layer``, ``n_sink``) and record
     ``last_budgets``, ``last_layers`` and ``last_scores``."""
 
     def _ranked(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +52,7 @@ class CompositeCompression:
         self.last_scores = scores
         return rank_tokens(scores)
 
-    def compress_run(self, run: PrefillRun, cache, windows: list[int | None]) -> None:
+    def compress_run(self, run: PrefillRun, cache, windows: list[LayerWindow | None]) -> None:
         """Compress ``cache`` after the prefill ``run`` has scored it, at ``compression_ratio`` (``windows``: each
         layer's attention window, None for full attention)."""
         scores = with_sinks_kept(self._stacked_scores(run, cache), run.inputs.valid, self.n_sink)  # compressed layers'

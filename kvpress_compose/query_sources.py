@@ -228,7 +228,8 @@ def repeat_prompt_from(prompt_ids: Sequence[int] | None, model_path: str | None)
 
 @lru_cache(maxsize=8)
 def tokenizer_repeat_prompt(model_path: str | None) -> RepeatPrompt:
-    """:func:`repeat_prompt_for` the tokenizer at ``model_path``, loaded once per path."""
+    """:func:`repeat_prompt_for` the tokenizer at ``model_path`` (a hub id or folder), loaded once per path and
+    process: a folder whose tokenizer is rewritten meanwhile keeps the first prompt (give ``replay_prompt_ids``)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except Exception as error:  # noqa: BLE001 - any failure means the same: no tokenizer to build it from

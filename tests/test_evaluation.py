@@ -413,6 +413,9 @@ def test_a_real_models_dataset_dir_gets_rulers_tasks_and_a_word_level_one_is_rea
         cli.main(["--model", "org/model", "--dataset-dir", str(tmp_path / "new"), "--tokens", "512"])
     assert written == [("org/model", tmp_path / "new", 512, 2, tuple(cli.QUICK_TASKS))]
     assert not cli.holds_other_tasks(tmp_path / "new") and cli.holds_other_tasks(data_dir)
+    cli.main(["data", "--out", str(tmp_path / "words"), "--contexts", "1", "--words", "64", "--tasks",
+              "niah_multiquery"])  # a word-level task that shares its name with one of RULER's
+    assert cli.holds_other_tasks(tmp_path / "words")
 
 
 def test_cli_data_subcommand(tmp_path):

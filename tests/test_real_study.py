@@ -76,6 +76,10 @@ def test_a_claim_whose_process_id_was_reused_is_taken_over(tmp_path):
     assert real_study.claim(config)
     (config.results_dir() / ".claimed").write_text(real_study.process_claim(parent))  # its own claim holds
     assert not real_study.claim(config)
+    (config.results_dir() / ".claimed").write_text(str(parent))  # an id alone (an earlier version): alive
+    assert not real_study.claim(config)
+    (config.results_dir() / ".claimed").write_text(str(os.getpid()))  # our id, left by an earlier process
+    assert real_study.claim(config)
 
 
 def test_a_failed_screening_is_named_and_a_partial_dataset_refused(tmp_path, dataset):

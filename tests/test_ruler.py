@@ -271,3 +271,6 @@ def test_a_dataset_lacking_tasks_or_contexts_is_refused(dataset, tmp_path):
     (tmp_path / "test-vt.jsonl").write_text((dataset / "test-vt.jsonl").read_text())
     with pytest.raises(SystemExit, match="lacks the tasks \\['niah_single_1'\\]"):
         ruler.check_ruler_dataset(tmp_path, tasks)
+    (tmp_path / "test-niah_single_1.jsonl").write_text('{"context": "a"}\n{"cont')  # cut off mid-row
+    with pytest.raises(SystemExit, match="test-niah_single_1.jsonl, line 2, is not a RULER row"):
+        ruler.check_ruler_dataset(tmp_path, tasks)
