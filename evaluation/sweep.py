@@ -65,6 +65,8 @@ def run_summary(results_dir: Path) -> dict:
         "ci_high": metrics.get("average_ci95", [np.nan, np.nan])[1],
         "memory": metrics.get("memory", np.nan),
         "seconds": metrics["seconds"],
+        "contexts": metrics.get("contexts", np.nan),
+        "questions": metrics.get("rows", np.nan),
         **fidelity,
         "error": "; ".join(metrics["errors"]),
     }
@@ -229,11 +231,26 @@ def data_label(data: str) -> str:
     return f"RULER at {match.group(1)} tokens" if match else data
 
 
-def human_title(model: str, data: str, n_tasks: int, n_contexts: int | None, what: str = "") -> str:
-    """A plot's title, e.g. "SmolLM2-135M-Instruct · RULER at 2048 tokens (3 tasks) · 2 contexts per task"."""
+def human_title(model: str, data: str, n_tasks: int, n_contexts: int | None, what: str = "",
+                sample: str | None = None) -> str:
+    """A plot's title, e.g. "SmolLM2-135M-Instruct · RULER at 2048 tokens (3 tasks) · 2 contexts per task";
+    ``sample`` (e.g. "4 contexts, 16 questions") in place of "every context" where it is known, after the
+    contexts per task otherwise."""
     data = data_label(data)
-    contexts = "every context" if n_contexts is None else f"{n_contexts} context{'s' * (n_contexts != 1)} per task"
+    if n_contexts is None:
+        contexts = sample or "every context"
+    else:
+        contexts = f"{n_contexts} context{'s' * (n_contexts != 1)} per task"
+        contexts += f" ({sample})" if sample else ""
     return " · ".join(part for part in (display_name(model), f"{data} ({n_tasks} tasks)", contexts, what) if part)
+
+
+def sample_size(table: pd.DataFrame) -> str | None:
+    """"<contexts> contexts, <questions> questions" of the runs in ``table`` (their largest: a failed run may have
+    fewer), or None where the runs did not record them."""
+    if "contexts" not in table or table["contexts"].isna().all():
+        return None
+    return f"{int(table['contexts'].max())} contexts, {int(table['questions'].max())} questions"
 
 
 def markdown(df: pd.DataFrame, index: bool = True) -> str:
@@ -283,7 +300,8 @@ def run_sweep(configs: list[RunConfig]) -> SweepOutputs:
     runs = [run(config) for config in tqdm(configs, desc="sweep")]
     table = pd.DataFrame([run_summary(results_dir) for results_dir in runs])
     first = configs[0]
-    title = human_title(first.model, dataset_name(first.data_dir), len(task_names(table)), first.max_contexts)
+    title = human_title(first.model, dataset_name(first.data_dir), len(task_names(table)), first.max_contexts,
+                        sample=sample_size(table))
     csv, md, png = write_summary(table, Path(first.output_dir) / f"sweep__{first.setting}", title)
     print(md.read_text())
     return SweepOutputs(runs=runs, summary_csv=csv, summary_md=md, plot=png)

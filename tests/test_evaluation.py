@@ -307,6 +307,9 @@ def test_cli_sweep_writes_runs_table_and_plot(model_dir, data_dir, tmp_path, cap
             "--presses", "no_press", "snapkv", "compose_prefill", "--ratios", "0.5",
             "--fidelity", "--fidelity-rows", "2"]
     cli.main(argv)
+    printed = capsys.readouterr().out
+    title = next(line for line in printed.splitlines() if line.startswith("# "))
+    assert title.endswith(f"· 1 context per task ({len(TASKS)} contexts, 8 questions)")
     model_name = model_dir.name  # a folder outside the checkout: by its own name
     expected = [f"synthetic__synthetic-96__{model_name}__{press}" for press in
                 ("no_press__0.00", "snapkv__0.50", "compose_prefill__0.50")]
@@ -342,11 +345,10 @@ def test_cli_sweep_writes_runs_table_and_plot(model_dir, data_dir, tmp_path, cap
     summary_md = (sweep_dir / "summary.md").read_text()
     assert "| press | 0.00 | 0.50 | mean over ratios |" in summary_md and "95% bootstrap intervals" in summary_md
     assert "`mean over ratios`: a press's average accuracy averaged over the compression ratios it ran" in summary_md
-    assert summary_md.startswith(f"# {model_name} · synthetic-96 ({len(TASKS)} tasks) · 1 context per task\n")
+    assert summary_md.startswith(f"# {model_name} · synthetic-96 ({len(TASKS)} tasks) · 1 context per task (")
     no_press_row = summary.iloc[0]
     assert f"| no_press | {no_press_row['average']:.4g} [{no_press_row['ci_low']:.4g}, " in summary_md
     assert (sweep_dir / "accuracy_vs_ratio.png").read_bytes().startswith(PNG_MAGIC)
-    printed = capsys.readouterr().out
     assert str(sweep_dir / "accuracy_vs_ratio.png") in printed and "## Average accuracy" in printed
 
     cli.main(argv)  # every run is done: all skipped
@@ -464,6 +466,8 @@ def test_human_title_names_model_tasks_and_sample():
     assert human_title("smollm2-135m", "ruler-smollm2-135m-2048-eligible", 3, 10, "leaders") == (
         "SmolLM2-135M-Instruct · RULER at 2048 tokens (3 tasks) · 10 contexts per task · leaders")
     assert human_title("org/model", "d", 5, None, "leaders") == "org/model · d (5 tasks) · every context · leaders"
+    assert human_title("org/model", "d", 2, None, sample="4 contexts, 16 questions") == (
+        "org/model · d (2 tasks) · 4 contexts, 16 questions")
 
 
 
