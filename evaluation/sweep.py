@@ -65,7 +65,7 @@ def run_summary(results_dir: Path) -> dict:
         "ci_high": metrics.get("average_ci95", [np.nan, np.nan])[1],
         "memory": metrics.get("memory", np.nan),
         "seconds": metrics["seconds"],
-        "contexts": metrics.get("contexts", np.nan),
+        "total_contexts": metrics.get("contexts", np.nan),
         "questions": metrics.get("rows", np.nan),
         **fidelity,
         "error": "; ".join(metrics["errors"]),
@@ -248,9 +248,9 @@ def human_title(model: str, data: str, n_tasks: int, n_contexts: int | None, wha
 def sample_size(table: pd.DataFrame) -> str | None:
     """"<contexts> contexts, <questions> questions" of the runs in ``table`` (their largest: a failed run may have
     fewer), or None where the runs did not record them."""
-    if "contexts" not in table or table["contexts"].isna().all():
+    if "total_contexts" not in table or table["total_contexts"].isna().all():
         return None
-    return f"{int(table['contexts'].max())} contexts, {int(table['questions'].max())} questions"
+    return f"{int(table['total_contexts'].max())} contexts, {int(table['questions'].max())} questions"
 
 
 def markdown(df: pd.DataFrame, index: bool = True) -> str:
