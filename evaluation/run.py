@@ -253,10 +253,17 @@ def write_atomic(path: Path, content: str | bytes) -> None:
     try:
         with os.fdopen(handle, "wb" if isinstance(content, bytes) else "w") as file:
             file.write(content)
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's file is private (0600); results are not
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_writable(folder: str | Path) -> None:

@@ -370,3 +370,10 @@ def test_archiving_a_failed_rerun_drops_the_answers_of_the_run_before(model_dir,
     archive_run(run_config, docs)
     assert not (target / "predictions.csv").exists()
     assert json.loads((target / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_result_files_written_whole_are_as_readable_as_any_other(tmp_path):
+    run_module.write_atomic(tmp_path / "metrics.json", "{}")
+    (tmp_path / "plain.json").write_text("{}")
+    assert (tmp_path / "metrics.json").stat().st_mode == (tmp_path / "plain.json").stat().st_mode  # not 0600
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
