@@ -181,6 +181,33 @@ def quiet_press_construction() -> Iterator[None]:
         logger.setLevel(level)
 
 
+UNTESTED_MODEL_LOGGERS = ("kvpress.presses.base_press", KVZIP_LOGGER)  # "Model ... not tested" at every forward
+
+
+class OncePerMessage(logging.Filter):
+    """Lets each distinct message through once (kvpress warns that a model is "not tested, supported models:
+    ..." at every forward of every context, e.g. on Gemma3ForCausalLM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def say_kvpress_warnings_once() -> None:
+    """kvpress's per-forward model warnings, said once per process from here on (idempotent)."""
+    for name in UNTESTED_MODEL_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, OncePerMessage) for existing in logger.filters):
+            logger.addFilter(OncePerMessage())
+
+
 def make_press(name: str, ratio: float) -> BasePress | None:
     """A fresh press ``name`` removing the fraction ``ratio`` of the KV cache (``None`` for ``no_press``)."""
     check_press_name(name)

@@ -51,7 +51,7 @@ from .data import dataset_name, fingerprint, load_rows
 from .fidelity import fidelity, summarize
 from .metrics import average, bootstrap_interval, task_scores
 from .real_models import resolve_model
-from .registry import EAGER_PRESSES, check_press_name, make_press, reset_press_state
+from .registry import EAGER_PRESSES, check_press_name, make_press, reset_press_state, say_kvpress_warnings_once
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEFAULT_OUTPUT_DIR = "results/sweep"  # kvpress's own evaluate.py: results/kvpress (evaluation.kvpress_evaluate)
@@ -377,6 +377,7 @@ def run(config: RunConfig) -> Path:
             tqdm.write(f"warning: {results_dir} was run with {versions}; kept (versions alone do not rerun)")
         tqdm.write(f"skip {results_dir} (done with the same record; overwrite to rerun)")
         return results_dir
+    say_kvpress_warnings_once()
     if results_dir.exists():
         warning = "warning: " if "unreadable" in reason else ""
         tqdm.write(f"{warning}rerun {results_dir}: {reason}")

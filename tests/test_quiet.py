@@ -42,3 +42,23 @@ def test_quiet_press_construction_restores_the_level_after_an_error():
     except KeyError:
         pass
     assert logger.level == logging.NOTSET
+
+
+def test_kvpress_untested_model_warning_is_said_once_per_process(caplog):
+    from evaluation.registry import UNTESTED_MODEL_LOGGERS, say_kvpress_warnings_once
+
+    logger = logging.getLogger(UNTESTED_MODEL_LOGGERS[0])
+    filters = list(logger.filters)
+    try:
+        say_kvpress_warnings_once()
+        say_kvpress_warnings_once()  # idempotent: one filter
+        assert len(logger.filters) == len(filters) + 1
+        with caplog.at_level(logging.WARNING):
+            for model in ("Gemma3ForCausalLM", "Gemma3ForCausalLM", "OtherModel", "Gemma3ForCausalLM"):
+                logger.warning(f"Model {model} not tested, supported models: (...)")
+        assert [r.getMessage() for r in caplog.records] == [
+            "Model Gemma3ForCausalLM not tested, supported models: (...)",
+            "Model OtherModel not tested, supported models: (...)",
+        ]
+    finally:
+        logger.filters[:] = filters
