@@ -74,7 +74,7 @@ def is_toy_model(model: str) -> bool:
 def holds_other_tasks(data_dir: Path) -> bool:
     """Whether ``data_dir`` holds a dataset of tasks other than RULER's (the word-level tasks, whose card records
     their parameters; two of their names are RULER's too): read as it is."""
-    tasks = {path.stem.removeprefix("test-") for path in Path(data_dir).glob("test-*.jsonl")}
+    tasks = data.task_names_in(data_dir)
     return bool(tasks - set(RULER_TASKS)) or (bool(tasks) and data.recorded_parameters(data_dir) is not None)
 
 

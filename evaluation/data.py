@@ -49,6 +49,11 @@ def task_file(data_dir: str | Path, task: str) -> Path:
     return Path(data_dir) / f"test-{task}.jsonl"
 
 
+def task_names_in(data_dir: str | Path) -> set[str]:
+    """The tasks whose files (:func:`task_file`) ``data_dir`` holds (none where it does not exist)."""
+    return {path.stem.removeprefix("test-") for path in Path(data_dir).glob("test-*.jsonl")}
+
+
 def _card(tasks: tuple[str, ...], n_contexts: int, n_words: int, seed: int) -> str:
     """The dataset card: a ``default`` configuration with every task, then one configuration per task."""
     entries = [("default", "test-*.jsonl")] + [(task, task_file("", task).name) for task in tasks]

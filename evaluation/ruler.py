@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import string
 import uuid
@@ -65,7 +64,8 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .data import task_file
+from .data import task_file, task_names_in
+from .files import write_atomic
 from .prose import PROSE_SOURCE, load_prose, split_sentences
 
 # --- RULER's specification (scripts/synthetic.yaml, scripts/data/synthetic/constants.py) -------------------
@@ -684,25 +684,18 @@ def write_ruler_dataset(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for task, rows in rows_by_task.items():
-        write_whole(task_file(out_dir, task), "".join(json.dumps(row) + "\n" for row in rows))
+        write_atomic(task_file(out_dir, task), "".join(json.dumps(row) + "\n" for row in rows))
     name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
     rows_per_context = {task: len(rows) / n_contexts for task, rows in rows_by_task.items()}
-    write_whole(out_dir / "README.md", dataset_card(tasks, rows_per_context, n_contexts, n_tokens, name, seed))
+    write_atomic(out_dir / "README.md", dataset_card(tasks, rows_per_context, n_contexts, n_tokens, name, seed))
     return out_dir
-
-
-def write_whole(path: Path, text: str) -> None:
-    """``text`` into ``path`` under a temporary name, then renamed: a reader never sees half a file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def check_ruler_dataset(data_dir: str | Path, tasks: tuple[str, ...], n_contexts: int = 1) -> bool:
     """Whether ``data_dir`` holds a RULER dataset (False: none there) with ``tasks`` and at least ``n_contexts``
     contexts per task; one that lacks either, or holds a damaged file, raises ``SystemExit`` saying what to do."""
     data_dir = Path(data_dir)
-    present = {path.stem.removeprefix("test-") for path in data_dir.glob("test-*.jsonl")}
+    present = task_names_in(data_dir)
     if not present:
         return False
     missing = sorted(set(tasks) - present)

@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -48,6 +46,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Cache, DynamicCach
 from transformers.utils import logging as transformers_logging
 
 from .data import dataset_name, fingerprint, load_rows
+from .files import write_atomic
 from .fidelity import fidelity, summarize
 from .metrics import average, bootstrap_interval, task_scores
 from .real_models import resolve_model
@@ -245,25 +244,6 @@ def version_warning(config: RunConfig) -> str | None:
     changed = [f"{name} {recorded[name]} (now {now[name]})" for name in VERSIONED
                if name in recorded and recorded[name] != now[name]]
     return ", ".join(changed) or None
-
-
-def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write ``path`` whole or not at all: a temporary file in the same folder, then renamed over it."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb" if isinstance(content, bytes) else "w") as file:
-            file.write(content)
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's file is private (0600); results are not
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def check_writable(folder: str | Path) -> None:

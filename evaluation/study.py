@@ -37,10 +37,11 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from . import data, head_overlap
+from .files import write_atomic
 from .metrics import paired_difference
 from .real_models import REAL_MODELS
 from .registry import KVPRESS_PRESSES, PRESS_REGISTRY
-from .run import RunConfig, check_writable, load_pipeline, rerun_reason, run, write_atomic
+from .run import RunConfig, check_writable, load_pipeline, rerun_reason, run
 from .sweep import BASELINE, by_ratio, human_title, intervals_by_ratio, markdown, plot, run_summary
 from .synthetic_tasks import TASKS
 

@@ -225,7 +225,9 @@ def test_result_files_are_replaced_whole(model_dir, data_dir, tmp_path, monkeypa
     def killed(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module.os, "replace", killed)
+    import evaluation.files
+
+    monkeypatch.setattr(evaluation.files.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         run_knorm(model_dir, data_dir, tmp_path / "out", max_contexts=1)
     run_dirs = list((tmp_path / "out").iterdir())
@@ -373,7 +375,9 @@ def test_archiving_a_failed_rerun_drops_the_answers_of_the_run_before(model_dir,
 
 
 def test_result_files_written_whole_are_as_readable_as_any_other(tmp_path):
-    run_module.write_atomic(tmp_path / "metrics.json", "{}")
+    from evaluation.files import write_atomic
+
+    write_atomic(tmp_path / "metrics.json", "{}")
     (tmp_path / "plain.json").write_text("{}")
     assert (tmp_path / "metrics.json").stat().st_mode == (tmp_path / "plain.json").stat().st_mode  # not 0600
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
