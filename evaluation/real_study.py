@@ -14,6 +14,8 @@
    (``ruler-<model>-<tokens>-eligible``).
 3. **Claims tier**: the leaders (:data:`REAL_LEADERS`) at ``--claim-ratios`` (0.5 / 0.75 / 0.9) on ``--contexts``
    contexts per task, run in :func:`priority` order (0.75 first) so a study cut short has the cells that matter.
+   The tier is sequential: a leader whose interval at the first ratio lies wholly below another leader's is not
+   run at the other ratios (:func:`eliminated`; the baseline and the :data:`FLOORS` always run).
    **Field tier**: every press of the registry at ``--ratios`` on ``--field-contexts`` contexts per task.
 
 Runs are resumable and archived exactly as :mod:`evaluation.study`'s (``--docs``/runs/); the report is rewritten
@@ -43,6 +45,7 @@ from .study import (
     archive_run,
     done,
     field_presses,
+    run_table,
     restore_run,
     study_plan,
     write_report,
@@ -62,6 +65,7 @@ REAL_LEADERS = (
     "snapkv",
     "compose_replay_prompted",  # KVzip's framing and sinks, global allocation over per-head shares
     "compose_replay_local",
+    "compose_replay_prompted_global",  # KVzip's framing and sinks under the default's plain global allocation
 )
 REAL_COMPARISONS = (
     ("compose_replay", "kvzip", "the paper's replay against KVzip"),
@@ -72,8 +76,10 @@ REAL_COMPARISONS = (
     ("compose_replay", "snapkv", "replay against SnapKV (frees memory, no extra pass)"),
     ("compose_replay_prompted", "kvzip", "KVzip's framing in ComposePress against KVzip"),
     ("compose_replay_prompted", "compose_replay", "KVzip's framing, normalized global allocation, against the default"),
+    ("compose_replay_prompted_global", "compose_replay", "KVzip's framing and sinks against the bare replay, both global"),
 )
 MIN_ACCURACY = 40.0
+FLOORS = (BASELINE, "snapkv")  # references: run at every claim ratio whatever they score
 
 
 def dataset_dir(model: str, n_tokens: int) -> Path:
@@ -134,6 +140,47 @@ def priority(configs: list[RunConfig], leaders: tuple[str, ...] = REAL_LEADERS) 
         return (config.press_name != BASELINE, ratio_rank, press_rank)
 
     return sorted(configs, key=key)
+
+
+def first_ratio(claims: list[RunConfig]) -> float | None:
+    """The claim ratio that runs first (:data:`RATIO_PRIORITY`), where leaders are eliminated (None: no ratio)."""
+    ratios = sorted({config.compression_ratio for config in claims if config.press_name != BASELINE})
+    return None if not ratios else min(ratios, key=lambda ratio: RATIO_PRIORITY.index(ratio) if ratio in RATIO_PRIORITY else len(RATIO_PRIORITY))
+
+
+def eliminated(claims: list[RunConfig], floors: tuple[str, ...] = FLOORS) -> dict[str, str]:
+    """``{press: why}`` for the leaders out of the running: at :func:`first_ratio`, the press's 95% interval lies
+    wholly below the interval of another finished leader. Such a press cannot lead at that ratio, and its cells at
+    the others are not run (an accuracy curve falls with the ratio; a press 40 points behind at 0.75 does not lead
+    at 0.9). Presses in ``floors`` are never eliminated; a run not yet finished eliminates nothing."""
+    ratio = first_ratio(claims)
+    if ratio is None:
+        return {}
+    table = run_table([config for config in claims if config.compression_ratio == ratio])
+    table = table[table["press"] != BASELINE].dropna(subset=["ci_low", "ci_high"]) if len(table) else table
+    if table.empty:
+        return {}
+    best = table.loc[table["ci_low"].idxmax()]
+    return {row.press: (f"{row.average:.1f} [{row.ci_low:.1f}, {row.ci_high:.1f}] at {ratio}, wholly below "
+                        f"{best.press}'s [{best.ci_low:.1f}, {best.ci_high:.1f}]")
+            for row in table.itertuples() if row.press not in floors and row.ci_high < best.ci_low}
+
+
+def runs_left_out(claims: list[RunConfig], floors: tuple[str, ...] = FLOORS) -> list[RunConfig]:
+    """The claims runs :func:`eliminated` drops: an eliminated press's runs at every ratio but the first."""
+    out, ratio = eliminated(claims, floors), first_ratio(claims)
+    return [config for config in claims if config.press_name in out and config.compression_ratio != ratio]
+
+
+def elimination_section(claims: list[RunConfig], floors: tuple[str, ...] = FLOORS) -> str:
+    """Markdown naming the eliminated leaders and why ('' when none)."""
+    out = eliminated(claims, floors)
+    if not out:
+        return ""
+    lines = "\n".join(f"- `{press}`: {why}" for press, why in out.items())
+    return (f"## Leaders not run at the other ratios\n\nAt {first_ratio(claims)}, these leaders' intervals lie wholly "
+            f"below another's, so the tier does not spend its other ratios on them ({', '.join(floors)} always run):"
+            f"\n\n{lines}")
 
 
 def claim(config: RunConfig) -> bool:
@@ -261,12 +308,16 @@ def main(argv: list[str] | None = None) -> Path:
     def report() -> Path:
         for config in done(every_run):  # runs made by other processes too
             archive_run(config, docs)
-        return write_report(plan, docs, None, tasks=eligible, comparisons=REAL_COMPARISONS, preface=preface)
+        left_out = runs_left_out(plan["claims"])
+        reported = {"claims": [config for config in plan["claims"] if config not in left_out], "field": plan["field"]}
+        sections = [preface, elimination_section(plan["claims"])]
+        return write_report(reported, docs, None, tasks=eligible, comparisons=REAL_COMPARISONS,
+                            preface="\n\n".join(section for section in sections if section))
 
     if not args.report_only and args.tier != "screen":
         tiers = ["claims", "field"] if args.tier == "all" else [args.tier]
         for config in tqdm([config for tier in tiers for config in plan[tier]], desc="study runs"):
-            if done([config]) or not claim(config):
+            if done([config]) or config in runs_left_out(plan["claims"]) or not claim(config):
                 continue
             run(config)
             archive_run(config, docs)

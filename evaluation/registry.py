@@ -78,6 +78,8 @@ COMPOSE_PRESSES: dict[str, PressFactory] = {
     # scale problem (docs/real-model-sources.md)
     "compose_replay_prompted": compose_press(query_source="replay_prompted", n_sink=4,
                                              layer_allocation="global_normalized"),
+    # the same framing and sinks under the default's plain global allocation: separates framing from allocation
+    "compose_replay_prompted_global": compose_press(query_source="replay_prompted", n_sink=4, **GLOBAL),
     "compose_snapkv": lambda ratio: ComposePress(compression_ratio=ratio, scorer=SnapKVPress(), **GLOBAL),
     "compose_expected_attention": lambda ratio: ComposePress(compression_ratio=ratio, scorer=ExpectedAttentionPress(),
                                                              **GLOBAL),

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from evaluation import data, real_study
@@ -91,3 +92,30 @@ def test_a_failed_screening_is_named_and_a_partial_dataset_refused(tmp_path, dat
         real_study.screening(config, 40.0)
     with pytest.raises(SystemExit, match="lacks the tasks .*'vt'.*remove the folder"):  # an interrupted generation
         real_study.write_data("m", dataset, 64, 1)
+
+
+def test_a_leader_wholly_below_another_at_the_first_ratio_is_not_run_at_the_others(tmp_path, monkeypatch):
+    presses = ("no_press", "compose_replay", "kvzip", "compose_uniform", "snapkv", "compose_bidirectional")
+    configs = [RunConfig("m", "d", press, ratio, output_dir=str(tmp_path)) for press in presses
+               for ratio in ((0.0,) if press == "no_press" else (0.5, 0.75, 0.9))]
+    finished = {  # press -> (average, ci_low, ci_high) at 0.75; compose_bidirectional has not finished
+        "compose_replay": (68.3, 62.5, 74.2), "kvzip": (74.2, 67.5, 80.4),
+        "compose_uniform": (27.5, 22.1, 32.9), "snapkv": (2.9, 0.4, 6.7)}
+
+    def run_table(runs):
+        rows = [{"press": c.press_name, "ratio": c.compression_ratio, "average": finished[c.press_name][0],
+                 "ci_low": finished[c.press_name][1], "ci_high": finished[c.press_name][2]}
+                for c in runs if c.press_name in finished and c.compression_ratio == 0.75]
+        return pd.DataFrame(rows)
+
+    monkeypatch.setattr(real_study, "run_table", run_table)
+    assert real_study.first_ratio(configs) == 0.75
+    out = real_study.eliminated(configs)
+    assert list(out) == ["compose_uniform"]  # snapkv is a floor; compose_replay's interval overlaps kvzip's
+    assert "wholly below kvzip's [67.5, 80.4]" in out["compose_uniform"]
+    assert [(c.press_name, c.compression_ratio) for c in real_study.runs_left_out(configs)] == \
+        [("compose_uniform", 0.5), ("compose_uniform", 0.9)]
+    assert "`compose_uniform`: 27.5 [22.1, 32.9] at 0.75" in real_study.elimination_section(configs)
+    finished["compose_uniform"] = (60.0, 55.0, 68.0)  # overlapping now: nothing is eliminated
+    assert real_study.eliminated(configs) == {} and real_study.elimination_section(configs) == ""
+    assert real_study.eliminated([c for c in configs if c.press_name == "no_press"]) == {}
