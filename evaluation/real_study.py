@@ -65,7 +65,6 @@ REAL_LEADERS = (
     "snapkv",
     "compose_replay_prompted",  # KVzip's framing and sinks, global allocation over per-head shares
     "compose_replay_local",
-    "compose_replay_prompted_global",  # KVzip's framing and sinks under the default's plain global allocation
 )
 REAL_COMPARISONS = (
     ("compose_replay", "kvzip", "the paper's replay against KVzip"),
@@ -76,7 +75,6 @@ REAL_COMPARISONS = (
     ("compose_replay", "snapkv", "replay against SnapKV (frees memory, no extra pass)"),
     ("compose_replay_prompted", "kvzip", "KVzip's framing in ComposePress against KVzip"),
     ("compose_replay_prompted", "compose_replay", "KVzip's framing, normalized global allocation, against the default"),
-    ("compose_replay_prompted_global", "compose_replay", "KVzip's framing and sinks against the bare replay, both global"),
 )
 MIN_ACCURACY = 40.0
 FLOORS = (BASELINE, "snapkv")  # references: run at every claim ratio whatever they score
