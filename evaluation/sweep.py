@@ -107,7 +107,7 @@ def task_names(table: pd.DataFrame) -> list[str]:
 def by_ratio(table: pd.DataFrame, column: str) -> pd.DataFrame:
     """One row per press (in run order), one column per ratio, of ``column``."""
     wide = table.pivot_table(index="press", columns="ratio", values=column, sort=False, dropna=False)
-    wide = wide.reindex(table["press"].unique())
+    wide = wide.reindex(index=table["press"].unique(), columns=sorted(wide.columns))
     wide.columns = [f"{ratio:.2f}" for ratio in wide.columns]
     return wide
 
@@ -120,7 +120,7 @@ def intervals_by_ratio(table: pd.DataFrame) -> pd.DataFrame:
         for avg, low, high, status in zip(table["average"], table["ci_low"], table["ci_high"], table["status"])
     ])
     wide = text.pivot_table(index="press", columns="ratio", values="cell", aggfunc="first", sort=False)
-    wide = wide.reindex(table["press"].unique()).fillna("")
+    wide = wide.reindex(index=table["press"].unique(), columns=sorted(wide.columns)).fillna("")
     wide.columns = [f"{ratio:.2f}" for ratio in wide.columns]
     return wide
 

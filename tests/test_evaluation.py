@@ -515,3 +515,15 @@ def test_interval_tables_mark_failed_runs():
                           "average": [50.0, float("nan")], "ci_low": [40.0, float("nan")],
                           "ci_high": [60.0, float("nan")]})
     assert intervals_by_ratio(table)["0.50"].tolist() == ["50 [40, 60]", "failed"]
+
+
+def test_ratio_columns_are_in_ratio_order_whatever_order_the_runs_finished_in():
+    from evaluation.sweep import by_ratio, intervals_by_ratio
+
+    table = pd.DataFrame({"press": ["no_press", "a", "a", "a"], "ratio": [0.0, 0.75, 0.9, 0.5],
+                          "status": ["ok"] * 4, "average": [80.0, 70.0, 50.0, 75.0], "ci_low": [75.0, 65, 45, 70],
+                          "ci_high": [85.0, 75, 55, 80], "memory": [1.0, 0.25, 0.1, 0.5]})
+    assert list(intervals_by_ratio(table).columns) == ["0.00", "0.50", "0.75", "0.90"]
+    memory = by_ratio(table, "memory")
+    assert list(memory.columns) == ["0.00", "0.50", "0.75", "0.90"]
+    assert memory.loc["a"].tolist()[1:] == [0.5, 0.25, 0.1] and list(memory.index) == ["no_press", "a"]
