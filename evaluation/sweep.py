@@ -73,8 +73,10 @@ def run_summary(results_dir: Path) -> dict:
 
 
 def curves(table: pd.DataFrame) -> dict[str, pd.Series]:
-    """Average accuracy by ratio for each press; starts at no_press's accuracy at ratio 0 when it ran."""
-    by_press = {press: rows.set_index("ratio")["average"] for press, rows in table.groupby("press", sort=False)}
+    """Average accuracy by ratio (ascending, whatever order the runs finished in) for each press; starts at
+    no_press's accuracy at ratio 0 when it ran."""
+    by_press = {press: rows.set_index("ratio")["average"].sort_index()
+                for press, rows in table.groupby("press", sort=False)}
     baseline = by_press.pop(BASELINE, None)
     if baseline is None:
         return by_press

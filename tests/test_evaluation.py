@@ -527,3 +527,8 @@ def test_ratio_columns_are_in_ratio_order_whatever_order_the_runs_finished_in():
     memory = by_ratio(table, "memory")
     assert list(memory.columns) == ["0.00", "0.50", "0.75", "0.90"]
     assert memory.loc["a"].tolist()[1:] == [0.5, 0.25, 0.1] and list(memory.index) == ["no_press", "a"]
+
+    from evaluation.sweep import curves
+
+    curve = curves(table)["a"]
+    assert curve.index.tolist() == [0.0, 0.5, 0.75, 0.9] and curve.tolist() == [80.0, 75.0, 70.0, 50.0]
