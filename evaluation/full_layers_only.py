@@ -1,0 +1,48 @@
+"""kvpress's own rule for Gemma 3, for every hybrid model: compress only the layers without a window.
+
+kvpress's ``BasePress.__call__`` skips the sliding-window layers of ``Gemma3ForConditionalGeneration`` ("Compression
+in Gemma3 is only applied to layer without sliding window attention"), but not those of ``Gemma3ForCausalLM``
+(Gemma-3-270M, Gemma-3-1B), whose windowed layers it then compresses as if they were full: SnapKV scores 0 on
+Gemma-3-270M that way (README). :class:`FullLayersOnly` runs a kvpress press as kvpress means it to run on a hybrid
+model, so that the study compares ComposePress with kvpress's presses on equal terms; on a model without windowed
+layers it is the press itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvpress import BasePress
+
+from kvpress_compose.windowed_layers import layer_windows
+
+
+@dataclass
+class FullLayersOnly(BasePress):
+    """``press`` (a kvpress press that compresses in its forward hook, e.g. SnapKV, Knorm, TOVA, AdaKV), applied to
+    the full-attention layers of a model that has windowed ones; every layer where no layer is windowed.
+
+    Parameters
+    ----------
+    press : BasePress
+        The press to run; its ``compression_ratio`` is this press's.
+    """
+
+    press: BasePress
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.press.compression_ratio
+
+    @compression_ratio.setter
+    def compression_ratio(self, value: float) -> None:
+        self.press.compression_ratio = value
+
+    def post_init_from_model(self, model):
+        self.press.post_init_from_model(model)
+
+    def forward_hook(self, module, input, kwargs, output):
+        windows = layer_windows(module.config, module.config.num_hidden_layers)
+        if windows[module.layer_idx] is not None and None in windows:  # a windowed layer of a hybrid model
+            return output
+        return self.press.forward_hook(module, input, kwargs, output)

@@ -1,0 +1,42 @@
+"""FullLayersOnly: a kvpress press on a hybrid model compresses the full-attention layers only."""
+
+from __future__ import annotations
+
+import torch
+from kvpress import SnapKVPress
+from transformers import DynamicCache
+
+from evaluation.full_layers_only import FullLayersOnly
+from evaluation.registry import make_press
+from tests.windowed_reference import tiny_gemma3
+
+N_CONTEXT = 40  # longer than the window (8) and than SnapKV's observation window (10 here)
+
+
+def prefill_lengths(model, press) -> list[int]:
+    ids = torch.randint(3, model.config.vocab_size, (1, N_CONTEXT), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache()  # what kvpress's pipeline builds: a windowed layer holds every entry
+    with torch.no_grad(), press(model):
+        model(ids, past_key_values=cache)
+    return [layer.keys.shape[2] for layer in cache.layers]
+
+
+def test_only_the_full_attention_layers_of_a_hybrid_model_are_compressed():
+    model = tiny_gemma3()  # layers: sliding, full, sliding, full
+    assert prefill_lengths(model, SnapKVPress(compression_ratio=0.5, window_size=10)) == [20, 20, 20, 20]
+    wrapped = FullLayersOnly(SnapKVPress(compression_ratio=0.5, window_size=10))
+    assert prefill_lengths(model, wrapped) == [40, 20, 40, 20]
+
+
+def test_a_model_without_windowed_layers_is_compressed_everywhere_and_the_ratio_is_the_inner_press_s():
+    model = tiny_gemma3(layer_types=("full_attention",) * 2)  # a window size, but no layer uses it
+    wrapped = FullLayersOnly(SnapKVPress(window_size=10))
+    wrapped.compression_ratio = 0.75
+    assert wrapped.press.compression_ratio == 0.75
+    assert prefill_lengths(model, wrapped) == [10, 10]
+
+
+def test_the_registry_names_the_wrapped_presses():
+    press = make_press("snapkv_full_layers", 0.5)
+    assert isinstance(press, FullLayersOnly) and isinstance(press.press, SnapKVPress)
+    assert press.compression_ratio == 0.5
