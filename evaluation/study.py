@@ -201,7 +201,7 @@ def per_task_table(table: pd.DataFrame, ratio: float, tasks=TASKS) -> pd.DataFra
 def plot_accuracy_vs_memory(table: pd.DataFrame, path: Path, title: str) -> Path:
     """Average accuracy against the cache memory really held (fraction of the full cache), one line per press
     with its intervals as error bars: presses that only mask stay at 1.0 whatever their ratio."""
-    figure = Figure(figsize=(8.5, 5))
+    figure = Figure(figsize=(9, 5.5))
     axes = figure.subplots()
     for index, (press, runs) in enumerate(table[table["status"] == "ok"].groupby("press", sort=False)):
         runs = runs.sort_values("memory")
@@ -209,8 +209,8 @@ def plot_accuracy_vs_memory(table: pd.DataFrame, path: Path, title: str) -> Path
         ours = press.startswith("compose")
         axes.errorbar(runs["memory"].to_numpy(), runs["average"].to_numpy(), yerr=errors, label=press, capsize=3, color=f"C{index % 10}",
                       marker="o" if ours else "s", linestyle="-" if ours else "--")
-    axes.set(xlabel="cache memory held (fraction of the full cache)", ylabel="average accuracy (%)", title=title,
-             xlim=(0, 1.05))
+    axes.set(xlabel="cache memory held (fraction of the full cache)", ylabel="average accuracy (%)", xlim=(0, 1.05))
+    figure.suptitle(title, fontsize="medium")  # over the whole figure: a long title is not cut at the left
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
