@@ -20,7 +20,9 @@ from kvpress_compose.windowed_layers import layer_windows
 @dataclass
 class FullLayersOnly(BasePress):
     """``press`` (a kvpress press that compresses in its forward hook, e.g. SnapKV, Knorm, TOVA, AdaKV), applied to
-    the full-attention layers of a model that has windowed ones; every layer where no layer is windowed.
+    the full-attention layers of a model that has windowed ones; every layer where no layer is windowed, and also
+    where every layer is (Mistral's ``sliding_window``: as kvpress does, with no check that the context fits the
+    window, which ComposePress makes).
 
     Parameters
     ----------

@@ -77,7 +77,9 @@ REAL_COMPARISONS = (
     ("compose_replay_prompted", "compose_replay", "KVzip's framing, normalized global allocation, against the default"),
 )
 MIN_ACCURACY = 40.0
-FLOORS = (BASELINE, "snapkv")  # references: run at every claim ratio whatever they score
+# run at every claim ratio whatever they score: the baseline, the default, KVzip and SnapKV (the presses the
+# claims and most comparisons are about)
+FLOORS = (BASELINE, "compose_replay", "kvzip", "snapkv")
 
 
 def dataset_dir(model: str, n_tokens: int) -> Path:
@@ -129,11 +131,15 @@ def eligible_dataset(data_dir: Path, tasks: list[str]) -> Path:
     return target
 
 
+def ratio_priority(ratio: float) -> tuple[int, float]:
+    """Where ``ratio`` runs in :data:`RATIO_PRIORITY`; a ratio not listed there runs after them, lowest first."""
+    return (RATIO_PRIORITY.index(ratio), 0.0) if ratio in RATIO_PRIORITY else (len(RATIO_PRIORITY), ratio)
+
+
 def priority(configs: list[RunConfig], leaders: tuple[str, ...] = REAL_LEADERS) -> list[RunConfig]:
     """``configs`` in run order: the baseline, then ratio by :data:`RATIO_PRIORITY`, then press by ``leaders``."""
     def key(config):
-        ratio_rank = RATIO_PRIORITY.index(config.compression_ratio) if config.compression_ratio in RATIO_PRIORITY \
-            else len(RATIO_PRIORITY)
+        ratio_rank = ratio_priority(config.compression_ratio)
         press_rank = leaders.index(config.press_name) if config.press_name in leaders else len(leaders)
         return (config.press_name != BASELINE, ratio_rank, press_rank)
 
@@ -143,14 +149,15 @@ def priority(configs: list[RunConfig], leaders: tuple[str, ...] = REAL_LEADERS) 
 def first_ratio(claims: list[RunConfig]) -> float | None:
     """The claim ratio that runs first (:data:`RATIO_PRIORITY`), where leaders are eliminated (None: no ratio)."""
     ratios = sorted({config.compression_ratio for config in claims if config.press_name != BASELINE})
-    return None if not ratios else min(ratios, key=lambda ratio: RATIO_PRIORITY.index(ratio) if ratio in RATIO_PRIORITY else len(RATIO_PRIORITY))
+    return min(ratios, key=ratio_priority) if ratios else None
 
 
 def eliminated(claims: list[RunConfig], floors: tuple[str, ...] = FLOORS) -> dict[str, str]:
     """``{press: why}`` for the leaders out of the running: at :func:`first_ratio`, the press's 95% interval lies
-    wholly below the interval of another finished leader. Such a press cannot lead at that ratio, and its cells at
-    the others are not run (an accuracy curve falls with the ratio; a press 40 points behind at 0.75 does not lead
-    at 0.9). Presses in ``floors`` are never eliminated; a run not yet finished eliminates nothing."""
+    wholly below the interval of another finished leader (unpaired intervals that do not overlap: it is behind).
+    Its cells at the other ratios are not run: at a higher ratio accuracy falls further, and at a lower one curves
+    close in on the uncompressed model, where such a press may catch up with the leaders but has shown no sign of
+    passing them. Presses in ``floors`` are never eliminated; a run not yet finished eliminates nothing."""
     ratio = first_ratio(claims)
     if ratio is None:
         return {}
@@ -165,9 +172,11 @@ def eliminated(claims: list[RunConfig], floors: tuple[str, ...] = FLOORS) -> dic
 
 
 def runs_left_out(claims: list[RunConfig], floors: tuple[str, ...] = FLOORS) -> list[RunConfig]:
-    """The claims runs :func:`eliminated` drops: an eliminated press's runs at every ratio but the first."""
+    """The claims runs :func:`eliminated` drops: an eliminated press's runs at every ratio but the first, unless
+    they have finished (an earlier version, or another process, may have run them: their results are reported)."""
     out, ratio = eliminated(claims, floors), first_ratio(claims)
-    return [config for config in claims if config.press_name in out and config.compression_ratio != ratio]
+    return [config for config in claims if config.press_name in out and config.compression_ratio != ratio
+            and config not in done([config])]
 
 
 def elimination_section(claims: list[RunConfig], floors: tuple[str, ...] = FLOORS) -> str:
@@ -314,8 +323,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     if not args.report_only and args.tier != "screen":
         tiers = ["claims", "field"] if args.tier == "all" else [args.tier]
-        for config in tqdm([config for tier in tiers for config in plan[tier]], desc="study runs"):
-            if done([config]) or config in runs_left_out(plan["claims"]) or not claim(config):
+        for tier, config in tqdm([(tier, config) for tier in tiers for config in plan[tier]], desc="study runs"):
+            if done([config]) or (tier == "claims" and config in runs_left_out(plan["claims"])) or not claim(config):
                 continue
             run(config)
             archive_run(config, docs)

@@ -136,11 +136,11 @@ KVPRESS_PRESSES: dict[str, Callable[[], BasePress]] = {
     "cam_adakv_snapkv": lambda: CAMPress(base_press=AdaKVPress(SnapKVPress())),
     "cam_tova": lambda: CAMPress(base_press=TOVAPress()),
     # not in kvpress's registry: kvpress's Gemma 3 rule (windowed layers left alone) on every hybrid model
-    # (evaluation/full_layers_only.py); on a model without windowed layers each is the press itself
+    # (evaluation/full_layers_only.py); on a model without windowed layers each is the press itself. Not
+    # expected_attention: it calls Gemma 3's rotary embedding without the layer type, which transformers 5.2 needs
     "snapkv_full_layers": lambda: FullLayersOnly(SnapKVPress()),
     "knorm_full_layers": lambda: FullLayersOnly(KnormPress()),
     "tova_full_layers": lambda: FullLayersOnly(TOVAPress()),
-    "expected_attention_full_layers": lambda: FullLayersOnly(AdaKVPress(ExpectedAttentionPress(epsilon=1e-2))),
 }
 
 # presses that need eager attention (the model is loaded so for them, as kvpress's evaluate.py does)

@@ -81,9 +81,14 @@ COMPARISONS = (
 )
 
 
+FULL_LAYERS_SUFFIX = "_full_layers"
+
+
 def field_presses() -> list[str]:
-    """The leaders, then every other press of the registry (kvpress's in registry order, then ours)."""
-    others = [name for name in PRESS_REGISTRY if name not in LEADERS]
+    """The leaders, then every other press of the registry (kvpress's in registry order, then ours), but for the
+    ``*_full_layers`` forms, which differ from their press on hybrid models only (name them with
+    ``--field-presses`` there)."""
+    others = [name for name in PRESS_REGISTRY if name not in LEADERS and not name.endswith(FULL_LAYERS_SUFFIX)]
     kvpress_first = sorted(others, key=lambda name: name not in KVPRESS_PRESSES)
     return list(LEADERS) + kvpress_first
 

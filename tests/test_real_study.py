@@ -119,3 +119,16 @@ def test_a_leader_wholly_below_another_at_the_first_ratio_is_not_run_at_the_othe
     finished["compose_uniform"] = (60.0, 55.0, 68.0)  # overlapping now: nothing is eliminated
     assert real_study.eliminated(configs) == {} and real_study.elimination_section(configs) == ""
     assert real_study.eliminated([c for c in configs if c.press_name == "no_press"]) == {}
+    compose_uniform_at_09 = [c for c in configs if (c.press_name, c.compression_ratio) == ("compose_uniform", 0.9)]
+    finished["compose_uniform"] = (27.5, 22.1, 32.9)
+    monkeypatch.setattr(real_study, "done", lambda runs: [c for c in runs if c in compose_uniform_at_09])
+    assert [(c.press_name, c.compression_ratio) for c in real_study.runs_left_out(configs)] == \
+        [("compose_uniform", 0.5)]  # a run that finished anyway (another process, an earlier version) is reported
+
+
+def test_claim_ratios_outside_the_priority_list_run_lowest_first_and_the_lowest_eliminates(tmp_path):
+    configs = [RunConfig("m", "d", press, ratio, output_dir=str(tmp_path))
+               for press in ("compose_replay", "kvzip") for ratio in (0.8, 0.6)]
+    assert real_study.first_ratio(configs) == 0.6
+    assert [(c.press_name, c.compression_ratio) for c in real_study.priority(configs)] == \
+        [("compose_replay", 0.6), ("kvzip", 0.6), ("compose_replay", 0.8), ("kvzip", 0.8)]
