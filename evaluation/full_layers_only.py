@@ -6,6 +6,11 @@ in Gemma3 is only applied to layer without sliding window attention"), but not t
 Gemma-3-270M that way (README). :class:`FullLayersOnly` runs a kvpress press as kvpress means it to run on a hybrid
 model, so that the study compares ComposePress with kvpress's presses on equal terms; on a model without windowed
 layers it is the press itself.
+
+Its compressed layers then hold fewer entries than the windowed ones, and transformers builds one attention mask
+for all layers (a question pass after the prefill fails on the size mismatch, as kvpress's own ``KVComposePress``
+does). So each layer it compresses is marked as ComposePress marks its own, and ComposePress's per-layer mask hooks
+(:mod:`kvpress_compose.layer_masks`) give it its mask; the tests check the logits against the masked reference.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from dataclasses import dataclass
 
 from kvpress import BasePress
 
+from kvpress_compose.cache_gather import CONTEXT_LENGTH_ATTRIBUTE, ORIGINAL_LENGTH_ATTRIBUTE, processed_positions
+from kvpress_compose.layer_masks import install_layer_mask_hooks
+from kvpress_compose.model_attachment import language_model_of
 from kvpress_compose.windowed_layers import layer_windows
 
 
@@ -42,9 +50,19 @@ class FullLayersOnly(BasePress):
 
     def post_init_from_model(self, model):
         self.press.post_init_from_model(model)
+        language_model = language_model_of(model)
+        install_layer_mask_hooks(language_model, [layer.self_attn for layer in language_model.layers])
 
     def forward_hook(self, module, input, kwargs, output):
         windows = layer_windows(module.config, module.config.num_hidden_layers)
-        if windows[module.layer_idx] is not None and None in windows:  # a windowed layer of a hybrid model
+        if None not in windows or all(window is None for window in windows):  # no hybrid: the press itself
+            return self.press.forward_hook(module, input, kwargs, output)
+        if windows[module.layer_idx] is not None:  # a windowed layer of a hybrid model
             return output
-        return self.press.forward_hook(module, input, kwargs, output)
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        processed = processed_positions(layer)
+        output = self.press.forward_hook(module, input, kwargs, output)
+        if layer.get_seq_length() < processed:  # compressed: its own length, which its mask must follow
+            setattr(layer, CONTEXT_LENGTH_ATTRIBUTE, layer.get_seq_length())
+            setattr(layer, ORIGINAL_LENGTH_ATTRIBUTE, processed)
+        return output

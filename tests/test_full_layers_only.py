@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from kvpress import SnapKVPress
 from transformers import DynamicCache
 
 from evaluation.full_layers_only import FullLayersOnly
 from evaluation.registry import make_press
-from tests.windowed_reference import tiny_gemma3
+from tests.models import random_ids
+from tests.test_exactness import assert_same_logits
+from tests.windowed_reference import tiny_gemma3, windowed_compressed_vs_reference
 
 N_CONTEXT = 40  # longer than the window (8) and than SnapKV's observation window (10 here)
 
@@ -40,3 +43,21 @@ def test_the_registry_names_the_wrapped_presses():
     press = make_press("snapkv_full_layers", 0.5)
     assert isinstance(press, FullLayersOnly) and isinstance(press.press, SnapKVPress)
     assert press.compression_ratio == 0.5
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("cache", ["plain", "sliding"])
+def test_a_question_and_decoding_after_the_prefill_match_the_masked_reference(attn, cache):
+    """The pipeline's flow: prefill under the press, then the question and decoding with the cache; the compressed
+    full layers hold fewer entries than the windowed ones (one mask for all layers fails on that)."""
+    model = tiny_gemma3(attn=attn)  # window 8; layers: sliding, full, sliding, full
+    ids = torch.randint(3, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    compressed_cache = DynamicCache() if cache == "plain" else DynamicCache(config=model.config)
+    press = FullLayersOnly(SnapKVPress(compression_ratio=0.5, window_size=4))
+    compressed, reference, kept = windowed_compressed_vs_reference(
+        model, ids, mask, press, random_ids(1, 4, seed=7), decode_steps=4, cache=compressed_cache)
+    assert [int(k[0, 0].sum()) for k in kept[1::2]] == [12, 12]  # the full layers keep half of 24
+    held = [int(layer.keys.shape[2]) for layer in compressed_cache.layers]  # after 8 more tokens
+    assert held == ([32, 20, 32, 20] if cache == "plain" else [7, 20, 7, 20])
+    assert_same_logits(compressed, reference)
