@@ -239,8 +239,9 @@ def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str
     setting = plan["claims"][0].setting
     pd.concat([claims, field], ignore_index=True).to_csv(docs / "summary.csv", index=False)
     n_runs, n_done = sum(map(len, plan.values())), len(claims) + len(field)
-    progress = "" if n_done == n_runs else (f" **{n_done} of {n_runs} runs done**: the tables hold those; rerun "
-                                            "the command to finish the rest.")
+    progress = "" if n_done == n_runs else (
+        f" **{n_done} of {n_runs} runs done** (claims tier {len(claims)} of {len(plan['claims'])}, field "
+        f"{len(field)} of {len(plan['field'])}): the tables hold those; rerun the command to finish the rest.")
     sections = [(f"# Study: {setting}\n\nWritten by `python -m evaluation.study`. Sample: {len(tasks)} tasks; the "
                 f"leaders on {n_claims} contexts per task, the field on {n_field}. Accuracy in %, 95% bootstrap "
                 f"intervals over contexts (resampled within each task).{progress}")]

@@ -124,7 +124,7 @@ def test_a_study_under_way_is_reported_as_far_as_it_got(tmp_path):
     for config in plan["claims"][:2]:  # no_press and compose_replay only
         study.run(config)
     text = study.write_report(plan, tmp_path / "docs", None).read_text()
-    assert f"**2 of {len(study.LEADERS) + 1} runs done**" in text
+    assert f"**2 of {len(study.LEADERS) + 1} runs done** (claims tier 2 of {len(study.LEADERS)}, field 0 of 1)" in text
     assert "| compose_replay | kvzip |" not in text  # kvzip has not run: nothing to pair
     assert "## Every press" not in text and "## Leaders" in text
     study.main(["--model", str(model), "--data-dir", str(data_dir), "--contexts", "1", "--field-contexts", "1",
