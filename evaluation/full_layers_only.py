@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from kvpress import BasePress
 
-from kvpress_compose.cache_gather import CONTEXT_LENGTH_ATTRIBUTE, ORIGINAL_LENGTH_ATTRIBUTE, processed_positions
+from kvpress_compose.cache_gather import mark_compressed, processed_positions
 from kvpress_compose.layer_masks import install_layer_mask_hooks
 from kvpress_compose.model_attachment import language_model_of
 from kvpress_compose.windowed_layers import layer_windows
@@ -63,6 +63,5 @@ class FullLayersOnly(BasePress):
         processed = processed_positions(layer)
         output = self.press.forward_hook(module, input, kwargs, output)
         if layer.get_seq_length() < processed:  # compressed: its own length, which its mask must follow
-            setattr(layer, CONTEXT_LENGTH_ATTRIBUTE, layer.get_seq_length())
-            setattr(layer, ORIGINAL_LENGTH_ATTRIBUTE, processed)
+            mark_compressed(layer, layer.get_seq_length(), processed)
         return output

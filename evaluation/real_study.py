@@ -148,7 +148,7 @@ def priority(configs: list[RunConfig], leaders: tuple[str, ...] = REAL_LEADERS) 
 
 def first_ratio(claims: list[RunConfig]) -> float | None:
     """The claim ratio that runs first (:data:`RATIO_PRIORITY`), where leaders are eliminated (None: no ratio)."""
-    ratios = sorted({config.compression_ratio for config in claims if config.press_name != BASELINE})
+    ratios = {config.compression_ratio for config in claims if config.press_name != BASELINE}
     return min(ratios, key=ratio_priority) if ratios else None
 
 

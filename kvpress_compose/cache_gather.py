@@ -53,7 +53,13 @@ def write_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.
         layer.keys, layer.values = keys, values
         if hasattr(layer, "cumulative_length"):  # sliding-window layers count their length separately
             layer.cumulative_length = keys.shape[2]
-    setattr(layer, CONTEXT_LENGTH_ATTRIBUTE, keys.shape[2])
+    mark_compressed(layer, keys.shape[2], processed)
+
+
+def mark_compressed(layer, context_length: int, processed: int) -> None:
+    """Record on a cache layer that it now holds ``context_length`` context entries of the ``processed`` positions
+    it had seen (what :mod:`kvpress_compose.layer_masks` builds its mask from)."""
+    setattr(layer, CONTEXT_LENGTH_ATTRIBUTE, context_length)
     setattr(layer, ORIGINAL_LENGTH_ATTRIBUTE, processed)
 
 
