@@ -43,6 +43,33 @@ def with_sinks_kept(scores: torch.Tensor, valid: torch.Tensor, n_sink: int) -> t
     return scores.masked_fill(sinks[None, :, None] & (scores > float("-inf")), float("inf"))
 
 
+def pooled_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Each finite score raised to the largest finite score within ``kernel // 2`` positions of it (``kernel``
+    odd), so a token that scores high keeps its neighbours in the ranking: a needle's other digits, the words
+    of its key. ``+inf`` (always kept: sinks) and ``-inf`` (never kept: padding, positions a layer lacks) stay as
+    they are and lend nothing to their neighbours. ``scores``: ``(..., n)``."""
+    if kernel == 1:
+        return scores
+    finite = torch.isfinite(scores)
+    rows = scores.masked_fill(~finite, float("-inf")).reshape(-1, 1, scores.shape[-1])  # (rows, 1, n)
+    pooled = torch.nn.functional.max_pool1d(rows, kernel, stride=1, padding=kernel // 2).view_as(scores)
+    return torch.where(finite, pooled, scores)
+
+
+def shared_ranking(scores: torch.Tensor) -> torch.Tensor:
+    """One ranking for every layer and head, ``(layers, batch, kv_heads, n)`` like ``scores``: each token's best
+    percentile among the finite scores of any (layer, head) of its batch row, in [0, 1]. A token that one layer
+    singles out is kept by all of them: on Gemma-3-270M only the first full-attention layer's replay picks out a
+    needle in prose (docs/gemma3-default-loss.md). Entries at ``±inf`` stay as they are."""
+    finite = torch.isfinite(scores)
+    ascending = scores.masked_fill(~finite, float("-inf")).argsort(dim=-1, stable=True).argsort(dim=-1)
+    n_finite = finite.sum(dim=-1, keepdim=True)
+    percentile = (ascending - (scores.shape[-1] - n_finite)).float() / (n_finite - 1).clamp_min(1)
+    percentile = percentile.masked_fill(~finite, float("-inf"))
+    best = percentile.amax(dim=(0, 2), keepdim=True).expand_as(scores)  # (1, batch, 1, n) -> every layer and head
+    return torch.where(finite, best.to(scores.dtype), scores)
+
+
 def rank_tokens(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each head's scores sorted descending and the token order; equal scores keep position order."""
     return torch.sort(scores, dim=-1, descending=True, stable=True)

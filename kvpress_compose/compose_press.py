@@ -82,7 +82,10 @@ class ComposePress(CompositeCompression, BasePress):
     layer_allocation : str, default="global"
         "global" (the paper's): one top-k over every layer's composite scores (on SmolLM2's RULER study +40.8
         points [32.5, 49.2] over "uniform" at 0.75). "uniform": every layer keeps the same number.
-        "global_normalized": the global top-k over each head's score shares (use with ``n_sink``).
+        "global_normalized": the global top-k over each head's score shares (use with ``n_sink``). "shared":
+        every layer and head keeps the same tokens, each token ranked by its best within-layer percentile (a
+        token one layer singles out is kept by all), as many per layer; for models whose few full-attention
+        layers score on different scales (Gemma 3: docs/gemma3-default-loss.md; use with ``score_pooling=9``).
     composite_tokens : bool, default=True
         False (the ablation): one set of positions per layer, ranked by the ``agg_head`` score, for every head.
     scorer : ScorerPress, optional
@@ -104,6 +107,10 @@ class ComposePress(CompositeCompression, BasePress):
     score_block_size : int, optional
         Queries scored at once where scores come from a softmax (default: a block's probabilities are about
         10% of the KV cache), so scoring never takes O(context^2) memory.
+    score_pooling : int, default=1
+        Odd window: each score is raised to the best score within ``score_pooling // 2`` positions, so a token
+        kept for its score keeps its neighbours too (a needle's other digits, its key's words); 1 leaves scores
+        as they are.
 
     On a model with sliding-window or chunked-attention layers (Gemma 3, Qwen2 with ``max_window_layers``,
     Llama 4), only the full-attention layers are compressed and ``compression_ratio`` is a fraction of their
@@ -134,6 +141,7 @@ class ComposePress(CompositeCompression, BasePress):
     layer_floor: float = 0.0
     replay_prompt_ids: tuple[int, ...] | None = None
     score_block_size: int | None = None
+    score_pooling: int = 1
     last_budgets: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     last_scores: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     last_layers: list[int] | None = field(default=None, init=False, repr=False, compare=False)

@@ -22,6 +22,8 @@ from kvpress_compose.allocation import (
     rank_tokens,
     stack_layer_scores,
     per_head_shares,
+    pooled_scores,
+    shared_ranking,
     uniform_budgets,
     with_sinks_kept,
 )
@@ -39,7 +41,8 @@ logger = logging.getLogger("kvpress_compose.compose_press")  # the press's logge
 class CompositeCompression:
     """ComposePress's allocation and compression steps, from ``(layers, batch, kv_heads, n)`` scores; they read
     the press's settings (``compression_ratio``, ``structured``, ``layer_allocation``, ``composite_tokens``,
-    ``agg_head``, ``add_v_norm``, ``add_mean_across_heads``, ``min_tokens_per_layer``, ``n_sink``) and record
+    ``agg_head``, ``add_v_norm``, ``add_mean_across_heads``, ``score_pooling``, ``min_tokens_per_layer``,
+    ``n_sink``) and record
     ``last_budgets``, ``last_layers`` and ``last_scores``."""
 
     def _ranked(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +50,9 @@ class CompositeCompression:
         if self.add_mean_across_heads:
             # a never-kept (-inf) entry stays so, whatever the other heads hold
             scores = torch.where(scores > float("-inf"), scores + mean_of_finite(scores, dim=2), scores)
+        scores = pooled_scores(scores, self.score_pooling)
+        if self.layer_allocation == "shared":  # one ranking for every layer and head
+            scores = shared_ranking(scores)
         if not self.composite_tokens:  # one ranking per layer, shared by every head
             scores = aggregate(scores, self.agg_head, dim=2)[:, :, None].expand_as(scores).contiguous()
         self.last_scores = scores
@@ -107,12 +113,12 @@ class CompositeCompression:
         if self.layer_allocation == "global_normalized":
             sorted_scores = per_head_shares(sorted_scores)
         composite = composite_scores(sorted_scores, self.agg_head)
-        if self.layer_allocation == "uniform":
+        if self.layer_allocation in ("uniform", "shared"):
             budgets = uniform_budgets(composite, n_kept, self.min_tokens_per_layer)
         else:
             floor = floor_per_layer(n_kept, n_layers, self.layer_floor, self.min_tokens_per_layer)
             budgets = layer_budgets(composite, n_kept, floor)
-        if self.layer_allocation != "uniform" and int(budgets.sum()) < n_kept:
+        if self.layer_allocation not in ("uniform", "shared") and int(budgets.sum()) < n_kept:
             logger.warning(
                 f"kept {int(budgets.sum())} composite tokens instead of {n_kept}: only that many have a finite score "
                 "in every head and batch row (padding and a scorer's -inf scores are never kept, and batch rows "

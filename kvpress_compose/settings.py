@@ -16,7 +16,7 @@ from kvpress import ScorerPress
 from kvpress_compose.attention_scores import AGGREGATIONS
 from kvpress_compose.query_sources import QUERY_SOURCES
 
-LAYER_ALLOCATIONS = ("global", "uniform", "global_normalized")
+LAYER_ALLOCATIONS = ("global", "uniform", "global_normalized", "shared")
 
 
 def ratio_setting(name, value):
@@ -37,6 +37,12 @@ def positive_int_setting(name, value):
 def non_negative_int_setting(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def odd_positive_int_setting(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or value % 2 == 0:
+        raise ValueError(f"{name} must be an odd int >= 1 (a window centred on each token), got {value!r}")
     return int(value)
 
 
@@ -99,6 +105,7 @@ SETTINGS = {
     "agg_head": choice_setting(AGGREGATIONS),
     "add_v_norm": bool_setting,
     "add_mean_across_heads": bool_setting,
+    "score_pooling": odd_positive_int_setting,
     "min_tokens_per_layer": positive_int_setting,
     "n_sink": non_negative_int_setting,
     "layer_floor": fraction_setting,
@@ -110,10 +117,11 @@ SETTINGS = {
 def check_combination(press) -> None:
     """Settings that depend on each other, checked together once ``press`` is constructed and whenever one of
     them changes."""
-    if not press.structured and (press.layer_allocation == "global_normalized" or not press.composite_tokens
-                                 or press.layer_floor > 0):
+    if not press.structured and (press.layer_allocation in ("global_normalized", "shared")
+                                 or not press.composite_tokens or press.layer_floor > 0):
         raise ValueError(
             "structured=False ranks every head's tokens on their own, against one budget per layer "
             "(layer_allocation='uniform') or one for the whole model ('global'): layer_allocation="
-            "'global_normalized', layer_floor and composite_tokens=False apply to the structured press only"
+            "'global_normalized' or 'shared', layer_floor and composite_tokens=False apply to the structured press "
+            "only"
         )

@@ -10,7 +10,9 @@ from kvpress_compose.allocation import (
     kept_positions,
     layer_budgets,
     per_head_shares,
+    pooled_scores,
     rank_tokens,
+    shared_ranking,
     stack_layer_scores,
     top_entries,
     with_sinks_kept,
@@ -113,3 +115,32 @@ def test_head_budgets_per_layer_give_every_layer_the_same_budget_its_heads_compe
     assert head_budgets(sorted_scores, 0.5, min_per_head=1).tolist() == [[[4, 1], [2, 1]]]  # one global top-8
     per_layer = head_budgets(sorted_scores, 0.5, min_per_head=1, per_layer=True)
     assert per_layer.tolist() == [[[3, 1], [2, 2]]]  # 4 per layer, split by each layer's own scores
+
+
+def test_pooling_raises_each_score_to_its_neighbourhoods_best_and_leaves_infinities():
+    scores = torch.tensor([[INF, 0.1, 0.2, 0.9, 0.1, 0.1, 0.1, 0.3, -INF]])
+    # kernel 3: one neighbour each side; the sink (+inf) and padding (-inf) lend nothing and stay as they are
+    assert torch.equal(pooled_scores(scores, 3), torch.tensor([[INF, 0.2, 0.9, 0.9, 0.9, 0.1, 0.3, 0.3, -INF]]))
+    assert torch.equal(pooled_scores(scores, 5), torch.tensor([[INF, 0.9, 0.9, 0.9, 0.9, 0.9, 0.3, 0.3, -INF]]))
+    assert pooled_scores(scores, 1) is scores
+    batched = torch.stack([scores, scores.flip(-1)])[:, None]  # (2, 1, 1, 9): each row pooled on its own
+    assert pooled_scores(batched, 3)[1, 0, 0].tolist() == pooled_scores(scores.flip(-1), 3)[0].tolist()
+
+
+def test_shared_ranking_keeps_in_every_layer_what_any_layer_ranks_high():
+    # (L=2, b=1, H=1, n=5): layer 0 singles out token 3 on a large scale, layer 1 token 1 on a tiny one
+    scores = torch.tensor([[0.5, 0.4, 0.3, 0.9, 0.2], [0.001, 0.004, 0.002, 0.0, 0.003]])[:, None, None]
+    shared = shared_ranking(scores)
+    assert torch.equal(shared[0], shared[1])
+    # percentiles: layer 0 gives [.75, .5, .25, 1, 0], layer 1 [.25, 1, .5, 0, .75]; each token takes its best
+    torch.testing.assert_close(shared[0, 0, 0], torch.tensor([0.75, 1.0, 0.5, 1.0, 0.75]))
+    assert rank_tokens(shared)[1][0, 0, 0, :2].tolist() == [1, 3]
+
+
+def test_shared_ranking_counts_finite_scores_only_and_keeps_infinities():
+    # layer 1 lacks the last two positions (-inf); the sink (+inf) stays +inf in both layers
+    scores = torch.tensor([[INF, 0.1, 0.3, 0.2, 0.4], [INF, 0.2, 0.1, -INF, -INF]])[:, None, None]
+    shared = shared_ranking(scores)
+    # finite percentiles: layer 0 over 4 tokens [0, 2/3, 1/3, 1], layer 1 over 2 tokens [1, 0]
+    torch.testing.assert_close(shared[0, 0, 0], torch.tensor([INF, 1.0, 2 / 3, 1 / 3, 1.0]))
+    torch.testing.assert_close(shared[1, 0, 0], torch.tensor([INF, 1.0, 2 / 3, -INF, -INF]))

@@ -54,6 +54,21 @@ def test_gemma3_full_layers_compressed_windowed_left_and_logits_match_the_refere
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
+def test_gemma3_shared_allocation_keeps_one_token_set_in_every_full_layer_and_matches_the_reference(attn):
+    """``layer_allocation="shared"`` with ``score_pooling``: each row keeps the same positions in both full layers
+    (the same number each, none of them padding), and the logits equal the masked uncompressed model's."""
+    model = tiny_gemma3(attn=attn)
+    ids, mask = left_padded(2, 24, padding=5)
+    press = ComposePress(compression_ratio=0.5, layer_allocation="shared", score_pooling=3)
+    compressed, reference, kept = windowed_compressed_vs_reference(
+        model, ids, mask, press, random_ids(2, 4, seed=7), decode_steps=4, cache=DynamicCache(config=model.config))
+    assert press.last_layers == [1, 3] and press.last_budgets.tolist() == [12, 12]
+    assert torch.equal(kept[1], kept[3]) and not kept[1][1, :, :5].any()
+    assert [int(k.sum()) for k in kept[1][:, 0]] == [12, 12]
+    assert_same_logits(compressed, reference)
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
 def test_gemma3_with_a_full_first_layer_and_heavy_padding_matches_the_reference(attn):
     """Layer 0 compressed, layer 1 windowed: the 2D padding mask stays as given (the windowed layers read it at the
     original indices) and the later tokens' padding comes from its right end, even where a row's padding (14)

@@ -264,6 +264,44 @@ def test_layer_floor_gives_every_layer_its_share_of_the_uniform_budget():
     assert int(floored.last_budgets.sum()) == compute_n_kept(4 * 50, 0.6)
 
 
+def test_score_pooling_ranks_each_head_by_its_pooled_scores():
+    from kvpress_compose.allocation import pooled_scores
+
+    model, ids = tiny_model(layers=4), random_ids(1, 50)
+    plain = ComposePress(0.6, query_source="bidirectional", layer_allocation="uniform")
+    prefill(model, ids, plain)
+    pooled = ComposePress(0.6, query_source="bidirectional", layer_allocation="uniform", score_pooling=5)
+    prefill(model, ids, pooled)
+    torch.testing.assert_close(pooled.last_scores, pooled_scores(plain.last_scores, 5))
+    assert not torch.equal(pooled.last_scores, plain.last_scores)
+
+
+def test_shared_allocation_keeps_the_same_positions_in_every_layer_and_head():
+    from kvpress_compose.allocation import rank_tokens, shared_ranking
+
+    model, ids = tiny_model(layers=4), random_ids(1, 50)
+    global_press = ComposePress(0.6, query_source="bidirectional", layer_allocation="global")
+    full = prefill(model, ids, global_press)  # its last_scores: every layer's and head's enhanced scores
+    shared = ComposePress(0.6, query_source="bidirectional", layer_allocation="shared")
+    cache, full = prefill(model, ids, shared), prefill(model, ids)
+    budget = compute_n_kept(4 * 50, 0.6) // 4
+    assert shared.last_budgets.tolist() == [budget] * 4
+    order = rank_tokens(shared_ranking(global_press.last_scores))[1]  # equal percentiles: position order
+    expected = order[0, 0, 0, :budget].sort().values
+    for kept, full_layer in zip(cache.layers, full.layers):
+        for head in range(kept.keys.shape[1]):
+            torch.testing.assert_close(kept.keys[0, head], full_layer.keys[0, head, expected])
+
+
+def test_pooling_and_shared_allocation_are_checked():
+    with pytest.raises(ValueError, match="score_pooling must be an odd int"):
+        ComposePress(0.5, score_pooling=4)
+    with pytest.raises(ValueError, match="score_pooling must be an odd int"):
+        ComposePress(0.5, score_pooling=0)
+    with pytest.raises(ValueError, match="structured press only"):
+        ComposePress(0.5, structured=False, layer_allocation="shared")
+
+
 def test_normalised_allocation_is_the_global_top_k_of_each_heads_shares():
     from kvpress_compose.allocation import composite_scores, layer_budgets, per_head_shares, rank_tokens
 
