@@ -65,6 +65,7 @@ REAL_LEADERS = (
     "snapkv",
     "compose_replay_prompted",  # KVzip's framing and sinks, global allocation over per-head shares
     "compose_replay_local",
+    "compose_replay_shared",  # one pooled token ranking for every layer (the Gemma fix)
 )
 REAL_COMPARISONS = (
     ("compose_replay", "kvzip", "the paper's replay against KVzip"),
@@ -75,6 +76,8 @@ REAL_COMPARISONS = (
     ("compose_replay", "snapkv", "replay against SnapKV (frees memory, no extra pass)"),
     ("compose_replay_prompted", "kvzip", "KVzip's framing in ComposePress against KVzip"),
     ("compose_replay_prompted", "compose_replay", "KVzip's framing, normalized global allocation, against the default"),
+    ("compose_replay_shared", "compose_replay", "one pooled token set for every layer against the default"),
+    ("compose_replay_shared", "kvzip", "one pooled token set for every layer against KVzip"),
 )
 MIN_ACCURACY = 40.0
 # run at every claim ratio whatever they score: the baseline, the default, KVzip and SnapKV (the presses the

@@ -82,6 +82,10 @@ COMPOSE_PRESSES: dict[str, PressFactory] = {
                                              layer_allocation="global_normalized"),
     # the same framing and sinks under the default's plain global allocation: separates framing from allocation
     "compose_replay_prompted_global": compose_press(query_source="replay_prompted", n_sink=4, **GLOBAL),
+    # one token set for every layer, each token ranked by its best within-layer percentile of its 9-token
+    # neighbourhood's best replay score: on Gemma-3-270M's prose haystacks only the first full layer's replay
+    # finds the needle (docs/gemma3-default-loss.md)
+    "compose_replay_shared": compose_press(query_source="replay", layer_allocation="shared", score_pooling=9),
     "compose_snapkv": lambda ratio: ComposePress(compression_ratio=ratio, scorer=SnapKVPress(), **GLOBAL),
     "compose_expected_attention": lambda ratio: ComposePress(compression_ratio=ratio, scorer=ExpectedAttentionPress(),
                                                              **GLOBAL),
