@@ -132,6 +132,24 @@ def test_decoding_compression_matches_the_masked_reference(attn, prefill_ratio):
             assert not set(range(5)) & layer[(1, 0)] and not set(range(5)) & layer[(1, 1)]
 
 
+def test_shared_allocation_during_decoding_keeps_one_token_set_and_matches_the_masked_reference():
+    model = tiny_model(layers=3)
+    ids, mask = random_ids(2, 24), torch.ones(2, 24, dtype=torch.long)
+    mask[1, :5] = 0
+    base = ComposePress(0.0, query_source="bidirectional", layer_allocation="shared", score_pooling=3)
+    press = ComposeDecodingPress(base, compression_interval=4, target_size=10, hidden_states_buffer_size=3)
+    logits, tokens, seen, cache = compressed_run(model, ids, mask, press, steps=13)
+    reference = reference_logits(model, ids, mask, tokens, seen)
+    n = ids.shape[1]
+    for step in range(1, len(logits)):
+        torch.testing.assert_close(logits[step][:, -1], reference[:, n + step - 1], atol=2e-5, rtol=1e-4)
+    assert cache_layer_lengths(cache) == [10 + 1] * 3  # the same number in every layer
+    for held_before in seen[5:]:  # once compressed, every layer and head of a row holds the same positions
+        for row in range(2):
+            sets = [layer[(row, head)] for layer in held_before for head in range(2)]
+            assert all(kept == sets[0] for kept in sets)
+
+
 def test_composite_tokens_and_global_allocation_during_decoding():
     model = tiny_model(layers=4)
     press = ComposeDecodingPress(ComposePress(0.0, query_source="prefill", layer_allocation="global"),
