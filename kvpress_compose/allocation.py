@@ -60,14 +60,14 @@ def shared_ranking(scores: torch.Tensor) -> torch.Tensor:
     """One ranking for every layer and head, ``(layers, batch, kv_heads, n)`` like ``scores``: each token's best
     percentile among the finite scores of any (layer, head) of its batch row, in [0, 1]. A token that one layer
     singles out is kept by all of them: on Gemma-3-270M only the first full-attention layer's replay picks out a
-    needle in prose (docs/gemma3-default-loss.md). Entries at ``±inf`` stay as they are."""
+    needle in prose (docs/gemma3-default-loss.md). Entries at ``±inf`` stay as they are; the result is float32."""
     finite = torch.isfinite(scores)
     ascending = scores.masked_fill(~finite, float("-inf")).argsort(dim=-1, stable=True).argsort(dim=-1)
     n_finite = finite.sum(dim=-1, keepdim=True)
     percentile = (ascending - (scores.shape[-1] - n_finite)).float() / (n_finite - 1).clamp_min(1)
     percentile = percentile.masked_fill(~finite, float("-inf"))
     best = percentile.amax(dim=(0, 2), keepdim=True).expand_as(scores)  # (1, batch, 1, n) -> every layer and head
-    return torch.where(finite, best.to(scores.dtype), scores)
+    return torch.where(finite, best, scores.float())  # float32: half precision would tie thousands of percentiles
 
 
 def rank_tokens(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

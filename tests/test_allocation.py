@@ -144,3 +144,9 @@ def test_shared_ranking_counts_finite_scores_only_and_keeps_infinities():
     # finite percentiles: layer 0 over 4 tokens [0, 2/3, 1/3, 1], layer 1 over 2 tokens [1, 0]
     torch.testing.assert_close(shared[0, 0, 0], torch.tensor([INF, 1.0, 2 / 3, 1 / 3, 1.0]))
     torch.testing.assert_close(shared[1, 0, 0], torch.tensor([INF, 1.0, 2 / 3, -INF, -INF]))
+
+
+def test_shared_ranking_of_half_precision_scores_keeps_every_percentile_apart():
+    scores = torch.arange(1, 2001, dtype=torch.int16).view(torch.bfloat16)[None, None, None]  # 2000 distinct
+    shared = shared_ranking(scores)  # percentiles k / 1999: bfloat16 would round most of them together
+    assert shared.dtype == torch.float32 and shared.unique().numel() == 2000
