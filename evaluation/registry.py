@@ -86,6 +86,8 @@ COMPOSE_PRESSES: dict[str, PressFactory] = {
     # neighbourhood's best replay score: on Gemma-3-270M's prose haystacks only the first full layer's replay
     # finds the needle (docs/gemma3-default-loss.md)
     "compose_replay_shared": compose_press(query_source="replay", layer_allocation="shared", score_pooling=9),
+    # the pooling alone, under the default's global allocation
+    "compose_replay_pooled": compose_press(query_source="replay", score_pooling=9, **GLOBAL),
     "compose_snapkv": lambda ratio: ComposePress(compression_ratio=ratio, scorer=SnapKVPress(), **GLOBAL),
     "compose_expected_attention": lambda ratio: ComposePress(compression_ratio=ratio, scorer=ExpectedAttentionPress(),
                                                              **GLOBAL),
