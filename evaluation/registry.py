@@ -147,6 +147,8 @@ KVPRESS_PRESSES: dict[str, Callable[[], BasePress]] = {
     "snapkv_full_layers": lambda: FullLayersOnly(SnapKVPress()),
     "knorm_full_layers": lambda: FullLayersOnly(KnormPress()),
     "tova_full_layers": lambda: FullLayersOnly(TOVAPress()),
+    "compactor_full_layers": lambda: FullLayersOnly(CompactorPress()),
+    "keydiff_full_layers": lambda: FullLayersOnly(KeyDiffPress()),
 }
 
 # presses that need eager attention (the model is loaded so for them, as kvpress's evaluate.py does)

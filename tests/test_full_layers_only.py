@@ -39,10 +39,13 @@ def test_a_model_without_windowed_layers_is_compressed_everywhere_and_the_ratio_
     assert prefill_lengths(model, wrapped) == [10, 10]
 
 
-def test_the_registry_names_the_wrapped_presses():
-    press = make_press("snapkv_full_layers", 0.5)
-    assert isinstance(press, FullLayersOnly) and isinstance(press.press, SnapKVPress)
-    assert press.compression_ratio == 0.5
+@pytest.mark.parametrize("name", ["snapkv_full_layers", "knorm_full_layers", "tova_full_layers",
+                                  "compactor_full_layers", "keydiff_full_layers"])
+def test_the_registry_names_the_wrapped_presses(name):
+    press = make_press(name, 0.5)
+    inner = make_press(name.removesuffix("_full_layers"), 0.5)
+    assert isinstance(press, FullLayersOnly) and type(press.press) is type(inner)
+    assert press.compression_ratio == 0.5 == press.press.compression_ratio
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
