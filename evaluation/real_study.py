@@ -246,6 +246,20 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def failed_section(configs: list[RunConfig]) -> str:
+    """Markdown naming each run of ``configs`` that failed, with its error ('' when none): a failed run is left
+    out of every table (and tried again when the study resumes), so without this section a press that cannot
+    run on the model (KVzip on Gemma 3) would vanish from the report unexplained."""
+    lines = []
+    for config in configs:
+        path = config.results_dir() / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        if metrics.get("status") == "failed":
+            errors = "; ".join(metrics.get("errors", [])) or "no error recorded"
+            lines.append(f"- `{config.press_name}` at {config.compression_ratio:.2f}: {errors}")
+    return "## Runs that failed\n\nLeft out of every table:\n\n" + "\n".join(lines) if lines else ""
+
+
 def screening_section(scores: dict[str, float], eligible: list[str], n_contexts: int, min_accuracy: float) -> str:
     table = pd.DataFrame({"uncompressed accuracy": scores}).rename_axis("task")
     table["in averages"] = ["yes" if task in eligible else "no" for task in table.index]
@@ -320,7 +334,7 @@ def main(argv: list[str] | None = None) -> Path:
             archive_run(config, docs)
         left_out = runs_left_out(plan["claims"])
         reported = {"claims": [config for config in plan["claims"] if config not in left_out], "field": plan["field"]}
-        sections = [preface, elimination_section(plan["claims"])]
+        sections = [preface, elimination_section(plan["claims"]), failed_section(every_run)]
         return write_report(reported, docs, None, tasks=eligible, comparisons=REAL_COMPARISONS,
                             preface="\n\n".join(section for section in sections if section))
 

@@ -94,6 +94,18 @@ def test_a_failed_screening_is_named_and_a_partial_dataset_refused(tmp_path, dat
         real_study.write_data("m", dataset, 64, 1)
 
 
+def test_a_failed_run_is_named_with_its_error_in_the_report(tmp_path):
+    configs = [RunConfig("m", "d", press, 0.75, output_dir=str(tmp_path)) for press in ("kvzip", "snapkv", "tova")]
+    for config, metrics in zip(configs, ({"status": "failed", "errors": ["ValueError: not supported"]},
+                                         {"status": "ok", "average": 1.0})):
+        config.results_dir().mkdir(parents=True)
+        (config.results_dir() / "metrics.json").write_text(json.dumps(metrics))
+    section = real_study.failed_section(configs)  # tova has not run: not a failure
+    assert section.startswith("## Runs that failed") and section.count("\n- ") == 1
+    assert "- `kvzip` at 0.75: ValueError: not supported" in section
+    assert real_study.failed_section(configs[1:]) == ""
+
+
 def test_a_leader_wholly_below_another_at_the_first_ratio_is_not_run_at_the_others(tmp_path, monkeypatch):
     presses = ("no_press", "compose_replay", "kvzip", "compose_uniform", "snapkv", "compose_bidirectional")
     configs = [RunConfig("m", "d", press, ratio, output_dir=str(tmp_path)) for press in presses
