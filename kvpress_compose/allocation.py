@@ -60,9 +60,13 @@ def shared_ranking(scores: torch.Tensor) -> torch.Tensor:
     """One ranking for every layer and head, ``(layers, batch, kv_heads, n)`` like ``scores``: each token's best
     percentile among the finite scores of any (layer, head) of its batch row, in [0, 1]. A token that one layer
     singles out is kept by all of them: on Gemma-3-270M only the first full-attention layer's replay picks out a
-    needle in prose (docs/gemma3-default-loss.md). Entries at ``±inf`` stay as they are; the result is float32."""
+    needle in prose (docs/gemma3-default-loss.md). Equal scores share the lowest percentile of their run, so a
+    (layer, head) that scores every token alike adds nothing. Entries at ``±inf`` stay as they are; the result is
+    float32."""
     finite = torch.isfinite(scores)
-    ascending = scores.masked_fill(~finite, float("-inf")).argsort(dim=-1, stable=True).argsort(dim=-1)
+    masked = scores.masked_fill(~finite, float("-inf")).float().contiguous()
+    # equal scores share the lowest rank of their run (a pooled plateau, a constant head: 0 from a constant one)
+    ascending = torch.searchsorted(masked.sort(dim=-1).values, masked, side="left")
     n_finite = finite.sum(dim=-1, keepdim=True)
     percentile = (ascending - (scores.shape[-1] - n_finite)).float() / (n_finite - 1).clamp_min(1)
     percentile = percentile.masked_fill(~finite, float("-inf"))

@@ -110,7 +110,9 @@ class ComposePress(CompositeCompression, BasePress):
     score_pooling : int, default=1
         Odd window: each score is raised to the best score within ``score_pooling // 2`` positions, so a token
         kept for its score keeps its neighbours too (a needle's other digits, its key's words); 1 leaves scores
-        as they are.
+        as they are. During decoding (:class:`ComposeDecodingPress`) the neighbours are the nearest entries the
+        cache still holds, and ``"shared"`` there assumes the prefill kept one token set too (its own base press
+        does; a different prefill press mixes each slot's tokens across heads).
 
     On a model with sliding-window or chunked-attention layers (Gemma 3, Qwen2 with ``max_window_layers``,
     Llama 4), only the full-attention layers are compressed and ``compression_ratio`` is a fraction of their

@@ -150,3 +150,20 @@ def test_shared_ranking_of_half_precision_scores_keeps_every_percentile_apart():
     scores = torch.arange(1, 2001, dtype=torch.int16).view(torch.bfloat16)[None, None, None]  # 2000 distinct
     shared = shared_ranking(scores)  # percentiles k / 1999: bfloat16 would round most of them together
     assert shared.dtype == torch.float32 and shared.unique().numel() == 2000
+
+
+def test_shared_ranking_gives_equal_scores_one_percentile_and_a_constant_layer_nothing():
+    # layer 1 scores every token alike: it must not favour the later tokens (position order gave 0 .. 1)
+    scores = torch.tensor([[0.9, 0.3, 0.2, 0.1, 0.05], [0.0] * 5])[:, None, None]
+    torch.testing.assert_close(shared_ranking(scores)[0, 0, 0], torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    plateau = torch.tensor([[0.2, 0.9, 0.9, 0.9, 0.3, 0.3, 0.3]])[None, None]  # as pooling leaves them
+    torch.testing.assert_close(shared_ranking(plateau)[0, 0, 0], torch.tensor([0.0, 4, 4, 4, 1, 1, 1]) / 6)
+
+
+def test_shared_ranking_ranks_each_batch_row_on_its_own():
+    scores = torch.rand(3, 2, 2, 11, generator=torch.Generator().manual_seed(0))  # (L, b, H, n)
+    scores[:, 1, :, :4] = -INF  # row 1 left-padded
+    shared = shared_ranking(scores)
+    for row in range(2):
+        torch.testing.assert_close(shared[:, row], shared_ranking(scores[:, row:row + 1])[:, 0])
+    assert torch.equal(shared[:, 1, :, :4], scores[:, 1, :, :4])
