@@ -60,3 +60,37 @@ def test_a_4096_token_context_is_compressed_in_the_full_layers_only(gemma):
         uncompressed = model(input_ids=following, past_key_values=full_cache, position_ids=positions).logits
     agreement = (compressed.argmax(-1) == uncompressed.argmax(-1)).float().mean().item()
     assert torch.isfinite(compressed).all() and agreement >= 0.75, agreement
+
+
+def test_the_gemma_setting_keeps_one_token_set_in_every_full_layer(gemma):
+    """``layer_allocation="shared", score_pooling=9`` (the README's setting for Gemma 3) on a 4096-token context:
+    each full layer keeps the same quarter of the positions at 0.75, and the next tokens mostly agree with the
+    uncompressed model's."""
+    from transformers import DynamicCache
+
+    from evaluation.prose import load_prose
+
+    model, tokenizer = gemma
+    torch.set_num_threads(2)
+    ids = tokenizer(load_prose(), return_tensors="pt").input_ids[:, :4096]
+    full = [5, 11, 17]
+    press = ComposePress(compression_ratio=0.75, layer_allocation="shared", score_pooling=9)
+    cache, full_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        with press(model):
+            model.model(input_ids=ids, past_key_values=cache)
+        model.model(input_ids=ids, past_key_values=full_cache)
+    assert press.last_layers == full and press.last_budgets.tolist() == [compute_n_kept(3 * 4096, 0.75) // 3] * 3
+    probe = torch.randn(model.config.head_dim, generator=torch.Generator().manual_seed(0))
+    kept_positions = []
+    for layer in full:  # each kept key found among the uncompressed layer's keys (one KV head)
+        index = {value: position for position, value in enumerate((full_cache.layers[layer].keys[0, 0] @ probe).tolist())}
+        kept_positions.append([index[value] for value in (cache.layers[layer].keys[0, 0] @ probe).tolist()])
+    assert kept_positions[0] == kept_positions[1] == kept_positions[2] == sorted(kept_positions[0])
+    following = tokenizer(load_prose(), return_tensors="pt").input_ids[:, 4096:4112]
+    positions = torch.arange(4096, 4112)[None]
+    with torch.no_grad():
+        compressed = model(input_ids=following, past_key_values=cache, position_ids=positions).logits
+        uncompressed = model(input_ids=following, past_key_values=full_cache, position_ids=positions).logits
+    agreement = (compressed.argmax(-1) == uncompressed.argmax(-1)).float().mean().item()
+    assert agreement >= 0.75, agreement
