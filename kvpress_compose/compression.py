@@ -113,12 +113,13 @@ class CompositeCompression:
         if self.layer_allocation == "global_normalized":
             sorted_scores = per_head_shares(sorted_scores)
         composite = composite_scores(sorted_scores, self.agg_head)
-        if self.layer_allocation in ("uniform", "shared"):
+        equal_budgets = self.layer_allocation in ("uniform", "shared")  # every layer keeps the same number
+        if equal_budgets:
             budgets = uniform_budgets(composite, n_kept, self.min_tokens_per_layer)
         else:
             floor = floor_per_layer(n_kept, n_layers, self.layer_floor, self.min_tokens_per_layer)
             budgets = layer_budgets(composite, n_kept, floor)
-        if self.layer_allocation not in ("uniform", "shared") and int(budgets.sum()) < n_kept:
+        if not equal_budgets and int(budgets.sum()) < n_kept:
             logger.warning(
                 f"kept {int(budgets.sum())} composite tokens instead of {n_kept}: only that many have a finite score "
                 "in every head and batch row (padding and a scorer's -inf scores are never kept, and batch rows "
