@@ -29,6 +29,21 @@ def gemma():
     return model, AutoTokenizer.from_pretrained(path)
 
 
+def next_tokens_agreement(model, tokenizer, cache, full_cache) -> float:
+    """The share of the 16 prose tokens after the 4096-token context where the model's greedy choice with
+    ``cache`` (compressed) equals its choice with ``full_cache``, at their original positions; the compressed
+    logits must be finite."""
+    from evaluation.prose import load_prose
+
+    following = tokenizer(load_prose(), return_tensors="pt").input_ids[:, 4096:4112]
+    positions = torch.arange(4096, 4112)[None]
+    with torch.no_grad():
+        compressed = model(input_ids=following, past_key_values=cache, position_ids=positions).logits
+        uncompressed = model(input_ids=following, past_key_values=full_cache, position_ids=positions).logits
+    assert torch.isfinite(compressed).all()
+    return (compressed.argmax(-1) == uncompressed.argmax(-1)).float().mean().item()
+
+
 def test_a_4096_token_context_is_compressed_in_the_full_layers_only(gemma):
     from transformers import DynamicCache
 
@@ -51,15 +66,11 @@ def test_a_4096_token_context_is_compressed_in_the_full_layers_only(gemma):
     assert len(windowed) == 1 and 511 <= windowed.pop() <= 512, lengths  # what the model's sliding cache keeps
     # the next 16 tokens of the text, at their original positions: the compressed model's greedy choices mostly agree
     # with the uncompressed model's (half the full layers' entries are gone, every windowed entry is there)
-    following = tokenizer(load_prose(), return_tensors="pt").input_ids[:, 4096:4112]
-    positions = torch.arange(4096, 4112)[None]
+    full_cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        compressed = model(input_ids=following, past_key_values=cache, position_ids=positions).logits
-        full_cache = DynamicCache(config=model.config)
         model.model(input_ids=ids, past_key_values=full_cache)
-        uncompressed = model(input_ids=following, past_key_values=full_cache, position_ids=positions).logits
-    agreement = (compressed.argmax(-1) == uncompressed.argmax(-1)).float().mean().item()
-    assert torch.isfinite(compressed).all() and agreement >= 0.75, agreement
+    agreement = next_tokens_agreement(model, tokenizer, cache, full_cache)
+    assert agreement >= 0.75, agreement
 
 
 def test_the_gemma_setting_keeps_one_token_set_in_every_full_layer(gemma):
@@ -87,10 +98,5 @@ def test_the_gemma_setting_keeps_one_token_set_in_every_full_layer(gemma):
         index = {value: position for position, value in enumerate((full_cache.layers[layer].keys[0, 0] @ probe).tolist())}
         kept_positions.append([index[value] for value in (cache.layers[layer].keys[0, 0] @ probe).tolist()])
     assert kept_positions[0] == kept_positions[1] == kept_positions[2] == sorted(kept_positions[0])
-    following = tokenizer(load_prose(), return_tensors="pt").input_ids[:, 4096:4112]
-    positions = torch.arange(4096, 4112)[None]
-    with torch.no_grad():
-        compressed = model(input_ids=following, past_key_values=cache, position_ids=positions).logits
-        uncompressed = model(input_ids=following, past_key_values=full_cache, position_ids=positions).logits
-    agreement = (compressed.argmax(-1) == uncompressed.argmax(-1)).float().mean().item()
+    agreement = next_tokens_agreement(model, tokenizer, cache, full_cache)
     assert agreement >= 0.75, agreement
