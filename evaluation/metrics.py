@@ -1,4 +1,6 @@
-"""Answer accuracy, RULER-style: the share of the reference answer's items found in the prediction."""
+"""Answer accuracy as RULER and kvpress score it: the share of the reference answer's items found in the
+prediction (kvpress's ``evaluation/benchmarks/ruler/calculate_metrics.py``, RULER's ``string_match_all`` and
+``string_match_part``), with a whole-word variant kept beside it for comparison with older archives."""
 
 from __future__ import annotations
 
@@ -8,35 +10,71 @@ import numpy as np
 import pandas as pd
 
 PUNCTUATION = re.compile(r"[.,;:!?\"'()\[\]{}<>*`]")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f]")  # kvpress removes them from a prediction before matching
+
+
+def answer_items(answer: list[str] | str) -> list[str]:
+    """``answer``'s items: a list of strings (kvpress's RULER format) as it is, a string split on whitespace;
+    an empty item or none raises ValueError."""
+    items = answer.split() if isinstance(answer, str) else list(answer)
+    if not items or not all(str(item).strip() for item in items):
+        raise ValueError(f"answer has an empty item or none: {answer!r}")
+    return [str(item) for item in items]
+
+
+def cleaned_prediction(prediction) -> str:
+    """A prediction as kvpress's RULER scorer reads it: stripped, control characters (newlines included) removed."""
+    return CONTROL_CHARACTERS.sub("", str(prediction).strip()).strip()
+
+
+def string_match_all(prediction: str, answer: list[str] | str) -> float:
+    """RULER's ``string_match_all`` as kvpress computes it, for one row: the fraction of ``answer``'s items that
+    occur in the prediction as case-blind substrings (``1234567`` is found in ``12345678`` and in ``is 1234567.``)."""
+    predicted = cleaned_prediction(prediction).lower()
+    items = answer_items(answer)
+    return sum(item.lower() in predicted for item in items) / len(items)
+
+
+def string_match_part(prediction: str, answer: list[str] | str) -> float:
+    """RULER's ``string_match_part`` (its qa tasks) as kvpress computes it, for one row: 1 if any of ``answer``'s
+    items occurs in the prediction as a case-blind substring, else 0."""
+    predicted = cleaned_prediction(prediction).lower()
+    return float(any(item.lower() in predicted for item in answer_items(answer)))
 
 
 def words_of(text) -> str:
     """``text`` lower-cased, punctuation turned into spaces (a hyphen stays: uuids hold hyphens), whitespace
-    collapsed: the words an answer is matched on."""
+    collapsed: the words :func:`whole_word_match_all` matches on."""
     return " ".join(PUNCTUATION.sub(" ", str(text).lower()).split())
 
 
-def string_match_all(prediction: str, answer: list[str] | str) -> float:
-    """Fraction of ``answer``'s items found in ``prediction`` as whole words (case-blind): an item of several
-    words must appear as that sequence of words. ``answer`` is a list of strings (kvpress's RULER format) or a
-    string, whose whitespace-separated words are then its items. Punctuation is no part of a word
-    (:func:`words_of`: ``"is 1234567."`` holds ``1234567``). Unlike kvpress's substring match, ``v203`` is not
-    found in ``v2030``."""
-    items = answer.split() if isinstance(answer, str) else list(answer)
-    expected = [words_of(item) for item in items]
-    if not expected or not all(expected):
-        raise ValueError(f"answer has an empty item or none: {answer!r}")
+def whole_word_match_all(prediction: str, answer: list[str] | str) -> float:
+    """Fraction of ``answer``'s items found in ``prediction`` as whole words (case-blind, punctuation no part of
+    a word): stricter than :func:`string_match_all`, where ``v203`` is found in ``v2030``. The metric of this
+    project's archives before RULER's own (docs/ names which each used)."""
+    expected = [words_of(item) for item in answer_items(answer)]
+    if not all(expected):
+        raise ValueError(f"answer has an item without a word: {answer!r}")
     predicted = f" {words_of(prediction)} "
     return sum(f" {item} " in predicted for item in expected) / len(expected)
 
 
-def row_scores(df: pd.DataFrame) -> pd.Series:
-    """:func:`string_match_all` of every row's ``predicted_answer`` against its ``answer``."""
+def metric_for(task: str):
+    """kvpress's choice of metric by task: :func:`string_match_part` for RULER's qa tasks, else
+    :func:`string_match_all`."""
+    return string_match_part if str(task).split("_")[0] == "qa" else string_match_all
+
+
+def row_scores(df: pd.DataFrame, metric=None) -> pd.Series:
+    """Every row's score of its ``predicted_answer`` against its ``answer``: by ``metric`` (a function of
+    prediction and answer) when given, else by kvpress's metric for the row's ``task`` (:func:`metric_for`)."""
     missing = {"answer", "predicted_answer"} - set(df.columns)
     if missing:
         raise KeyError(f"predictions need the columns {sorted(missing)}")
     predictions = df["predicted_answer"].fillna("").astype(str)
-    return pd.Series(map(string_match_all, predictions, df["answer"]), index=df.index, dtype=float)
+    tasks = df["task"] if "task" in df.columns else pd.Series("", index=df.index)
+    metrics = [metric or metric_for(task) for task in tasks]
+    return pd.Series(map(lambda f, p, a: f(p, a), metrics, predictions, df["answer"]), index=df.index, dtype=float)
 
 
 def task_scores(df: pd.DataFrame) -> dict[str, float]:

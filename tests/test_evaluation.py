@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import types
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import evaluation.__main__ as cli
 from evaluation import registry
 from evaluation.data import load_rows, write_dataset
 from evaluation.fidelity import fidelity
-from evaluation.metrics import average, bootstrap_interval, string_match_all, task_scores
+from evaluation.metrics import (
+    average, bootstrap_interval, string_match_all, string_match_part, task_scores, whole_word_match_all)
 from evaluation.run import RunConfig, evaluate, load_pipeline
 from evaluation.sweep import MEAN_COLUMN, accuracy_by_ratio, coinciding, human_title, plot, plot_lines
 from evaluation.synthetic_tasks import BASE_TASKS as TASKS
@@ -221,28 +223,63 @@ def test_register_with_kvpress_adds_ours_without_overwriting():
 # -- metrics ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "prediction, answer, expected",
-    [
-        ("v203", "v203", 1.0),
-        ("the answer is v203 </s>", "v203", 1.0),
-        ("v2030", "v203", 0.0),  # whole words, not substrings
-        ("v011 v203", "v203 v011 v145", 2 / 3),
-        ("K007 k001", "k007 k001 v042", 2 / 3),
-        ("", "v203", 0.0),
-        ("v011 v203", ["v203", "v011", "v145"], 2 / 3),  # kvpress's RULER format: a list of items
-        ("v203 tree", ["v203 tree"], 1.0),  # an item of two words counts only as that sequence
-        ("tree v203", ["v203 tree"], 0.0),
-        ("v203 trees", ["v203 tree"], 0.0),
-        # RULER answers end sentences and list words: punctuation at a word's edge is no part of it
-        ("The special magic number is 1234567.", ["1234567"], 1.0),
-        ("ABCDE, FGHIJ and (KLMNO)", ["abcde", "fghij", "klmno"], 1.0),
-        ("is: 1c2f-77ab.", ["1c2f-77ab"], 1.0),  # a uuid keeps its hyphens
-        ("1c2f-77abc", ["1c2f-77ab"], 0.0),
-    ],
-)
-def test_string_match_all(prediction, answer, expected):
-    assert string_match_all(prediction, answer) == pytest.approx(expected)
+# (prediction, answer, kvpress's string_match_all, the whole-word variant)
+MATCH_CASES = [
+    ("v203", "v203", 1.0, 1.0),
+    ("the answer is v203 </s>", "v203", 1.0, 1.0),
+    ("v2030", "v203", 1.0, 0.0),  # kvpress: a substring counts; whole words: it does not
+    ("v011 v203", "v203 v011 v145", 2 / 3, 2 / 3),
+    ("K007 k001", "k007 k001 v042", 2 / 3, 2 / 3),  # case-blind both
+    ("", "v203", 0.0, 0.0),
+    ("v011 v203", ["v203", "v011", "v145"], 2 / 3, 2 / 3),  # kvpress's RULER format: a list of items
+    ("v203 tree", ["v203 tree"], 1.0, 1.0),  # an item of two words counts only as that sequence
+    ("tree v203", ["v203 tree"], 0.0, 0.0),
+    ("v203 trees", ["v203 tree"], 1.0, 0.0),
+    ("The special magic number is 1234567.", ["1234567"], 1.0, 1.0),
+    ("ABCDE, FGHIJ and (KLMNO)", ["abcde", "fghij", "klmno"], 1.0, 1.0),
+    ("is: 1c2f-77ab.", ["1c2f-77ab"], 1.0, 1.0),  # a uuid keeps its hyphens
+    ("1c2f-77abc", ["1c2f-77ab"], 1.0, 0.0),
+    ("123\n4567", ["1234567"], 1.0, 0.0),  # kvpress removes control characters (a newline) before matching
+    ("  1234567\t ", ["1234567"], 1.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("prediction, answer, kvpress, whole_words", MATCH_CASES)
+def test_string_match_all_is_kvpress_and_whole_words_stays_beside_it(prediction, answer, kvpress, whole_words):
+    assert string_match_all(prediction, answer) == pytest.approx(kvpress)
+    assert whole_word_match_all(prediction, answer) == pytest.approx(whole_words)
+
+
+def ruler_formula(name: str, predictions: list[str], references: list[list[str]]) -> float:
+    """RULER's two scores written from their definition: per prediction, the share (all) or any (part) of its
+    reference items that occur in it, case-blind, after removing control characters; mean over rows in percent."""
+    total = 0.0
+    for prediction, reference in zip(predictions, references):
+        text = re.sub(r"[\x00-\x1f]", "", prediction.strip()).strip().lower()
+        found = [item.lower() in text for item in reference]
+        total += sum(found) / len(found) if name == "all" else max(found)
+    return round(100 * total / len(predictions), 2)
+
+
+def test_task_scores_equal_rulers_formulas_on_hand_made_rows():
+    rows = [  # (task, prediction, answer)
+        ("niah_multiquery", "are 1234567, 7654321 and\n999", ["1234567", "7654321", "9990000", "5555555"]),
+        ("niah_multiquery", "none of them", ["1234567", "7654321"]),
+        ("niah_single_1", "The special magic number is 12345678.", ["1234567"]),
+        ("qa_1", "It was in Paris, France.", ["Paris", "Lyon"]),
+        ("qa_1", "Berlin", ["Paris", "Lyon"]),
+        ("qa_1", "LYON, of course", ["Paris", "Lyon"]),
+    ]
+    df = pd.DataFrame(rows, columns=["task", "predicted_answer", "answer"])
+    scores = task_scores(df)
+    for task, group in df.groupby("task"):
+        name = "part" if task.startswith("qa") else "all"
+        expected = ruler_formula(name, group["predicted_answer"].tolist(), group["answer"].tolist())
+        assert scores[task] == pytest.approx(expected, abs=0.01), task
+    assert scores == pytest.approx({"niah_multiquery": 25.0, "niah_single_1": 100.0, "qa_1": 200 / 3}, abs=0.01)
+    assert string_match_part("lyon", ["Paris", "Lyon"]) == 1.0 and string_match_all("lyon", ["Paris", "Lyon"]) == 0.5
+    with pytest.raises(ValueError, match="empty item"):
+        string_match_all("x", ["a", " "])
 
 
 def test_task_scores_and_average():

@@ -116,7 +116,7 @@ def fake_real_model(monkeypatch, tmp_path, tiny_gguf) -> str:
     """A REAL_MODELS entry ``tiny`` whose package is ``json`` (importable) and whose GGUF is the tiny one; the cache
     under tmp_path."""
     monkeypatch.setenv(real_models.CACHE_ENV, str(tmp_path / "cache"))
-    entry = RealModel("tiny", "json", lambda module: tiny_gguf[0], "tiny test llama")
+    entry = RealModel("tiny", "json", lambda module: tiny_gguf[0], "tiny test llama", real_models.file_sha256(tiny_gguf[0]))
     monkeypatch.setattr(real_models, "REAL_MODELS", {"tiny": entry})
     return "tiny"
 
@@ -230,10 +230,10 @@ def test_a_package_whose_own_import_fails_still_gives_its_folder(monkeypatch, tm
     (package / "__init__.py").write_text("import a_module_that_is_not_installed_anywhere\n")
     (package / "weights.gguf").write_bytes(b"GGUF")
     monkeypatch.syspath_prepend(str(tmp_path))
-    model = RealModel("broken", "broken_weights_pkg", real_models._bundled_file("weights.gguf"), "broken")
+    model = RealModel("broken", "broken_weights_pkg", real_models._bundled_file("weights.gguf"), "broken", "0" * 64)
     module = import_package(model)
     assert model.locate_gguf(module) == package / "weights.gguf"
-    assert import_package(RealModel("json", "json", model.locate_gguf, "")) is sys.modules["json"]
+    assert import_package(RealModel("json", "json", model.locate_gguf, "", "0" * 64)) is sys.modules["json"]
 
 
 def test_cache_root_honours_the_environment(monkeypatch, tmp_path):
