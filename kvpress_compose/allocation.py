@@ -89,14 +89,19 @@ def composite_scores(sorted_scores: torch.Tensor, agg_head: str) -> torch.Tensor
 def top_entries(scores: torch.Tensor, n_kept: int, n_forced: int) -> torch.Tensor:
     """Entries kept per group, ``(rows, groups)``, when each row keeps its global top ``n_kept`` of
     ``scores`` ``(rows, groups, n)`` (every group non-increasing along n), the first ``n_forced`` of every group
-    always kept. ``-inf`` entries (padding, missing positions) are never kept, so a row may keep fewer."""
+    always kept, before anything else competes: ``+inf`` entries (sinks) never take a group's forced entries
+    from it, so every group keeps at least ``n_forced`` (more than ``n_kept`` in all where they exceed it).
+    Other ``-inf`` entries (padding, missing positions) are never kept, so a row may keep fewer."""
     rows, groups, n = scores.shape
-    forced = scores.clone()
-    forced[..., :n_forced] = float("inf")
-    flat_order = torch.sort(forced.flatten(1), dim=-1, descending=True, stable=True).indices[:, :n_kept]
-    keep = torch.gather(forced.flatten(1), 1, flat_order) > float("-inf")  # (rows, n_kept)
-    counts = torch.zeros(rows, groups, dtype=torch.long, device=scores.device)
-    return counts.scatter_add_(1, flat_order // n, keep.long())
+    n_forced = min(n_forced, n)
+    counts = torch.full((rows, groups), n_forced, dtype=torch.long, device=scores.device)
+    rest = scores[..., n_forced:].flatten(1)  # what competes for the rest of the budget, group by group
+    n_rest = min(n_kept - groups * n_forced, rest.shape[1])
+    if n_rest <= 0:
+        return counts
+    flat_order = torch.sort(rest, dim=-1, descending=True, stable=True).indices[:, :n_rest]
+    keep = torch.gather(rest, 1, flat_order) > float("-inf")  # (rows, n_rest)
+    return counts.scatter_add_(1, flat_order // (n - n_forced), keep.long())
 
 
 def layer_budgets(composite: torch.Tensor, n_kept: int, min_per_layer: int) -> torch.Tensor:

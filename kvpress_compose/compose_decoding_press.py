@@ -114,7 +114,8 @@ class ComposeDecodingPress(DecodingPress):
     compression_interval : int, default=512
         Generated tokens between compressions.
     target_size : int, default=2048
-        Entries per layer and KV head on average after a compression (the total is ``n_layers x target_size``).
+        Entries per layer and KV head on average after a compression (the total is ``n_layers x target_size``);
+        at least ``base_press.n_sink`` (checked at construction and when the press is entered).
     hidden_states_buffer_size : int, default=256
         Recent generated tokens whose queries score the cache (at most those since the last compression).
 
@@ -130,9 +131,17 @@ class ComposeDecodingPress(DecodingPress):
     def __setattr__(self, name, value):
         """Every setting is checked (and normalised: numpy ints become Python ones) whenever it is set."""
         validate = DECODING_SETTINGS.get(name)
+        previous = self.__dict__.get(name)
         super().__setattr__(name, value if validate is None else validate(name, value))
+        if name in ("base_press", "target_size") and "_generation" in self.__dict__:  # constructed
+            try:
+                check_sinks_fit_target(self)
+            except ValueError:
+                super().__setattr__(name, previous)
+                raise
 
     def __post_init__(self):
+        check_sinks_fit_target(self)
         self._generation: DecodingRun | None = None
 
     @property
@@ -144,6 +153,7 @@ class ComposeDecodingPress(DecodingPress):
         self.base_press.compression_ratio = value
 
     def post_init_from_model(self, model: PreTrainedModel):
+        check_sinks_fit_target(self)  # base_press.n_sink may have changed since construction
         self._language_model = language_model_of(model)
         windows = layer_windows(self._language_model.config.get_text_config(), len(self._language_model.layers))
         self._full_layers = [layer_idx for layer_idx, window in enumerate(windows) if window is None]
@@ -213,6 +223,7 @@ class ComposeDecodingPress(DecodingPress):
         lengths = [cache.get_seq_length(i) for i in self._full_layers]
         if sum(lengths) <= n_kept:
             return
+        check_sinks_fit_target(self)
         scores = stack_layer_scores([self._layer_scores(run, layer.self_attn, cache) for layer in layers])
         rows = torch.ones(scores.shape[1], scores.shape[-1], dtype=torch.bool, device=scores.device)
         scores = with_sinks_kept(scores, rows, self.base_press.n_sink)  # the first cached entries: the sinks
@@ -243,6 +254,18 @@ class ComposeDecodingPress(DecodingPress):
             )
             scores = finish_scores(statistics, query_valid.sum(dim=-1), press.agg_task, press.agg_group)
         return press.layer_scores_enhanced(scores, cache, layer, key_valid)
+
+
+def check_sinks_fit_target(press: ComposeDecodingPress) -> None:
+    """``base_press``'s sinks fit in what each layer keeps on average: ``n_sink`` <= ``target_size`` (else the
+    budget would go to the first layers' sinks and leave later layers none)."""
+    n_sink = press.base_press.n_sink
+    if n_sink > press.target_size:
+        raise ValueError(
+            f"base_press.n_sink={n_sink} keeps {n_sink} entries in every compressed layer, more than "
+            f"target_size={press.target_size} (the entries each layer keeps on average after a decoding "
+            "compression): lower n_sink or raise target_size"
+        )
 
 
 def check_compressible(cache, full_layers: list[int]) -> None:

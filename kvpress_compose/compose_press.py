@@ -20,6 +20,7 @@ from kvpress_compose.layer_masks import install_layer_mask_hooks
 from kvpress_compose.model_attachment import (
     DecoderAttachment,
     check_context_length,
+    check_sinks_fit,
     language_model_of,
     refuse_if_in_use,
     refuse_uncompressed_context,
@@ -99,7 +100,9 @@ class ComposePress(CompositeCompression, BasePress):
     min_tokens_per_layer : int, default=1
         Composite tokens every layer keeps (per head, when ``structured=False``).
     n_sink : int, default=0
-        The first ``n_sink`` tokens of each row are kept everywhere, inside the budget (KVzip keeps 4).
+        The first ``n_sink`` tokens of each row are kept everywhere, inside the budget (KVzip keeps 4). Where
+        the sinks alone exceed the budget (``n_sink`` x compressed layers > the entries kept), the prefill is
+        refused before its forward, naming both numbers.
     layer_floor : float, default=0.0
         Under global allocation, each layer keeps at least this fraction (in [0, 1]) of the uniform budget.
     replay_prompt_ids : sequence of int, optional
@@ -255,6 +258,7 @@ class ComposePress(CompositeCompression, BasePress):
         inputs = prefill_inputs(arguments)
         check_context_length(inputs, self.min_tokens_per_layer)
         compressed_layers = layers_to_compress(attachment.windows, inputs.length)  # windowed layers are left
+        check_sinks_fit(inputs, self.n_sink, len(compressed_layers), self.compression_ratio)
         if not self.structured:
             refuse_unstructured(None, attachment, compressed_layers)
         self._run = PrefillRun(

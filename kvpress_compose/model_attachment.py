@@ -15,6 +15,7 @@ from kvpress import BasePress, DecodingPress, PrefillDecodingPress
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, QuantizedCache
 
+from kvpress_compose.allocation import compute_n_kept
 from kvpress_compose.windowed_layers import layer_windows
 
 
@@ -179,6 +180,23 @@ def check_context_length(inputs, min_tokens_per_layer: int) -> None:
         f"row {short_row} of the batch has {n_tokens} context tokens (the rest is padding), fewer than "
         f"min_tokens_per_layer={min_tokens_per_layer}"
     )
+
+
+def check_sinks_fit(inputs, n_sink: int, n_layers: int, compression_ratio: float) -> None:
+    """The sinks (the first ``n_sink`` tokens of each row, kept in every head of every compressed layer) fit in
+    the budget ``compression_ratio`` leaves of the ``n_layers`` compressed layers: refused before the forward
+    where they alone exceed it (the budget would go to the first layers' sinks and leave later layers none)."""
+    if n_sink == 0:
+        return
+    sinks = int(inputs.valid.sum(dim=1).clamp(max=n_sink).max())  # per layer and head: a row keeps its own
+    budget = compute_n_kept(n_layers * inputs.length, compression_ratio)
+    if n_layers * sinks > budget:
+        raise ValueError(
+            f"n_sink={n_sink} keeps {n_layers * sinks} entries per KV head ({sinks} in each of the {n_layers} "
+            f"compressed layers), more than the budget of {budget} that compression_ratio={compression_ratio} "
+            f"leaves of {n_layers} x {inputs.length} context entries: lower n_sink or compression_ratio, or give a "
+            "longer context"
+        )
 
 
 def language_model_of(model: PreTrainedModel) -> nn.Module:
