@@ -33,14 +33,20 @@ def stack_layer_scores(layer_scores: list[torch.Tensor]) -> torch.Tensor:
 
 def with_sinks_kept(scores: torch.Tensor, valid: torch.Tensor, n_sink: int) -> torch.Tensor:
     """``scores`` ``(layers, batch, kv_heads, n)`` with ``+inf`` at the first ``n_sink`` valid positions of each row
-    (``valid`` ``(batch, n)``; the first entries where a layer holds fewer): the attention sinks, which every head
-    keeps and which do not compete for the budget (KVzip keeps them the same way)."""
+    (``valid`` ``(batch, n)``, every layer's, or ``(layers, batch, n)``, each layer's own, as during decoding where
+    layers hold different entries; the first entries where a layer holds fewer): the attention sinks, which every
+    head keeps and which do not compete for the budget (KVzip keeps them the same way). Padding is never a sink:
+    a left-padded row's sinks are its first real tokens."""
     if n_sink == 0:
         return scores
     n = scores.shape[-1]
-    valid = valid[:, :n].to(scores.device) if valid.shape[1] >= n else torch.ones(scores.shape[1], n, dtype=torch.bool)
-    sinks = valid & (valid.long().cumsum(dim=1) <= n_sink)  # (batch, n)
-    return scores.masked_fill(sinks[None, :, None] & (scores > float("-inf")), float("inf"))
+    if valid.shape[-1] >= n:
+        valid = valid[..., :n].to(scores.device)
+    else:
+        valid = torch.ones(scores.shape[1], n, dtype=torch.bool, device=scores.device)
+    sinks = valid & (valid.long().cumsum(dim=-1) <= n_sink)  # (batch, n) or (layers, batch, n)
+    sinks = sinks[None, :, None] if sinks.dim() == 2 else sinks[:, :, None]
+    return scores.masked_fill(sinks & (scores > float("-inf")), float("inf"))
 
 
 def pooled_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:

@@ -225,8 +225,12 @@ class ComposeDecodingPress(DecodingPress):
             return
         check_sinks_fit_target(self)
         scores = stack_layer_scores([self._layer_scores(run, layer.self_attn, cache) for layer in layers])
-        rows = torch.ones(scores.shape[1], scores.shape[-1], dtype=torch.bool, device=scores.device)
-        scores = with_sinks_kept(scores, rows, self.base_press.n_sink)  # the first cached entries: the sinks
+        # the sinks: each row's first cached entries that are not padding, in each layer (layers' lengths differ)
+        valid = torch.zeros(scores.shape[0], scores.shape[1], scores.shape[-1], dtype=torch.bool, device=scores.device)
+        for row, layer_idx in enumerate(self._full_layers):
+            layer_valid = run.key_valid[layer_idx]
+            valid[row, :, : layer_valid.shape[1]] = layer_valid.to(scores.device)
+        scores = with_sinks_kept(scores, valid, self.base_press.n_sink)
         self.base_press.compress_scored(cache, scores, n_kept, self._full_layers)
 
     def _layer_scores(self, run: DecodingRun, module: nn.Module, cache) -> torch.Tensor:

@@ -86,9 +86,9 @@ def test_decoding_sinks_of_a_left_padded_row_are_its_first_real_tokens():
     mask[1, :6] = 0  # row 1: 6 padding slots, its first real tokens at 6 and 7
     press = ComposeDecodingPress(ComposePress(0.0, query_source="prefill", n_sink=2), compression_interval=4,
                                  target_size=8, hidden_states_buffer_size=4)
-    full = DynamicCache()
+    full = DynamicCache()  # the prefill's keys at generate's positions (a padded row's count from its first token)
     with torch.no_grad():
-        model.model(input_ids=ids, attention_mask=mask, past_key_values=full)
+        model.generate(ids, attention_mask=mask, past_key_values=full, max_new_tokens=1, do_sample=False)
         with press(model):
             cache = DynamicCache()
             model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False)
