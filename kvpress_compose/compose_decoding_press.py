@@ -224,12 +224,14 @@ class ComposeDecodingPress(DecodingPress):
         if sum(lengths) <= n_kept:
             return
         check_sinks_fit_target(self)
-        scores = stack_layer_scores([self._layer_scores(run, layer.self_attn, cache) for layer in layers])
+        layer_scores = [self._layer_scores(run, layer.self_attn, cache) for layer in layers]
+        scores = stack_layer_scores(layer_scores)
         # the sinks: each row's first cached entries that are not padding, in each layer (layers' lengths differ)
         valid = torch.zeros(scores.shape[0], scores.shape[1], scores.shape[-1], dtype=torch.bool, device=scores.device)
-        for row, layer_idx in enumerate(self._full_layers):
+        for row, (layer_idx, scored) in enumerate(zip(self._full_layers, layer_scores)):
             layer_valid = run.key_valid[layer_idx]
-            valid[row, :, : layer_valid.shape[1]] = layer_valid.to(scores.device)
+            n_scored = scored.shape[2]  # a QuantizedCache may count other entries than it holds: all valid then
+            valid[row, :, :n_scored] = layer_valid.to(scores.device) if layer_valid.shape[1] == n_scored else True
         scores = with_sinks_kept(scores, valid, self.base_press.n_sink)
         self.base_press.compress_scored(cache, scores, n_kept, self._full_layers)
 
