@@ -28,6 +28,7 @@ from kvpress_compose.model_attachment import (
     refuse_unstructured,
 )
 from kvpress_compose.prefill_inputs import decoder_arguments, prefill_inputs
+from kvpress_compose.positions import refuse_assisted_generation
 from kvpress_compose.prefill_run import PREFILL, SCORED, PrefillRun
 from kvpress_compose.query_sources import query_source_for, repeat_prompt_from
 from kvpress_compose.settings import SETTINGS, check_combination
@@ -243,6 +244,8 @@ class ComposePress(CompositeCompression, BasePress):
                 "this ComposePress is compressing a prefill in another thread: a press serves one forward at a time. "
                 "Give each thread its own model and press (copy.deepcopy), or run the forwards one after another"
             )
+        if self._run is None and (self.compression_ratio > 0 or attachment.hands_later_tokens_to_decoding()):
+            refuse_assisted_generation("inside a `with press(model)` block that compresses the cache")
         cache = arguments.get("past_key_values")
         fresh = cache is None or cache.get_seq_length() == 0
         if self._run is not None:

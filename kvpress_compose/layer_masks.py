@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from kvpress_compose.cache_gather import CONTEXT_LENGTH_ATTRIBUTE, ORIGINAL_LENGTH_ATTRIBUTE
-from kvpress_compose.positions import warn_if_positions_repeat
+from kvpress_compose.positions import refuse_assisted_generation, warn_if_positions_repeat
 from kvpress_compose.visibility import causally_visible
 from kvpress_compose.windowed_layers import WINDOW_ATTRIBUTE, windowed_visible_keys
 
@@ -65,6 +65,8 @@ def decoder_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     layers, whose masks read the 2D mask at the original indices, see :func:`stash_later_padding` instead."""
     cache = kwargs.get("past_key_values")
     layers = getattr(cache, "layers", None)
+    if layers and any(compressed_context_length(layers, layer_idx) is not None for layer_idx in range(len(layers))):
+        refuse_assisted_generation("on a cache ComposePress compressed")
     if partly_compressed(cache, layers) or any(hasattr(layer, WINDOW_ATTRIBUTE) for layer in layers or []):
         return stash_later_padding(cache, layers, args, kwargs)
     layer0_context = compressed_context_length(layers, 0)

@@ -10,6 +10,7 @@ named, with the positions that would be right.
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 
 from kvpress_compose.cache_gather import ORIGINAL_LENGTH_ATTRIBUTE, processed_positions
@@ -53,3 +54,29 @@ def warn_if_positions_repeat(cache, layer0, layer0_context: int, kwargs: dict) -
         f"cache_position) from {processed}; for model.generate on the whole conversation, pass "
         f"cache_position=torch.arange({processed}, {first + n_new})"
     )
+
+
+def called_from_assisted_generation() -> bool:
+    """Whether this forward runs inside transformers' assisted generation (``model.generate`` with
+    ``prompt_lookup_num_tokens`` or ``assistant_model``), read from the call stack: a forward is not told."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_assisted_decoding" and "transformers" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def refuse_assisted_generation(where: str) -> None:
+    """Assisted generation verifies candidate tokens in one forward, then crops the rejected ones from the cache
+    by position (``cache.crop(positions)``). A compressed cache holds fewer entries than the positions it has
+    processed, so that crop removes nothing and the rejected candidates stay, changing every later token: refused,
+    before the forward, naming the cause (``where``: on a compressed cache, or inside a press's block)."""
+    if called_from_assisted_generation():
+        raise ValueError(
+            f"model.generate with prompt_lookup_num_tokens or assistant_model (assisted generation) {where}: "
+            "transformers verifies the candidate tokens in one forward and then crops the rejected ones from the "
+            "cache by position, and a compressed cache holds fewer entries than the positions it has processed, so "
+            "that crop removes nothing and the rejected candidates would stay in the cache and change the tokens. "
+            "Generate without prompt_lookup_num_tokens and assistant_model (greedy or sampling works)"
+        )
