@@ -310,10 +310,22 @@ def on_one_scale(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return scaled.masked_fill(valid & ~scored, float("-inf"))
 
 
-def checked_scorer_scores(scorer: ScorerPress, module: nn.Module, *args) -> torch.Tensor:
-    """``scorer.score(module, *args)`` in float32, refused by name where it is NaN or ``+inf`` (``-inf`` means
-    "never kept"; NaN would spread through the layer's scale and empty the cache)."""
-    scores = scorer.score(module, *args).float()
+def checked_scorer_scores(scorer: ScorerPress, module: nn.Module, hidden_states, keys, *args) -> torch.Tensor:
+    """``scorer.score(module, hidden_states, keys, *args)`` in float32, checked: a floating-point tensor of shape
+    ``(batch, kv_heads, n)``, one score per KV head and cached entry (``keys``' first three dimensions), refused
+    by name otherwise; and refused where it is NaN or ``+inf`` (``-inf`` means "never kept"; NaN would spread
+    through the layer's scale and empty the cache)."""
+    scores = scorer.score(module, hidden_states, keys, *args)
+    expected = tuple(keys.shape[:3])
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or tuple(scores.shape) != expected:
+        got = (f"a {scores.dtype} tensor of shape {tuple(scores.shape)}" if isinstance(scores, torch.Tensor)
+               else f"a {type(scores).__name__}")
+        error = ValueError if isinstance(scores, torch.Tensor) else TypeError
+        raise error(
+            f"{type(scorer).__name__}.score gave {got} in layer {module.layer_idx}; expected a floating-point tensor "
+            f"of shape (batch, kv_heads, n) = {expected}: one score per KV head and cached entry"
+        )
+    scores = scores.float()
     bad = scores.isnan() | (scores == float("inf"))
     if bool(bad.any()):
         raise ValueError(
