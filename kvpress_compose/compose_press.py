@@ -21,6 +21,7 @@ from kvpress_compose.model_attachment import (
     DecoderAttachment,
     check_context_length,
     check_sinks_fit,
+    check_token_ids,
     language_model_of,
     refuse_if_in_use,
     refuse_uncompressed_context,
@@ -107,7 +108,8 @@ class ComposePress(CompositeCompression, BasePress):
     layer_floor : float, default=0.0
         Under global allocation, each layer keeps at least this fraction (in [0, 1]) of the uniform budget.
     replay_prompt_ids : sequence of int, optional
-        What "replay_prompted" feeds before the re-fed context (default: built from the model's tokenizer).
+        What "replay_prompted" feeds before the re-fed context (default: built from the model's tokenizer); refused
+        with any other source, and when an id is outside the vocabulary of the model the press is entered on.
     score_block_size : int, optional
         Queries scored at once where scores come from a softmax (default: a block's probabilities are about
         10% of the KV cache), so scoring never takes O(context^2) memory.
@@ -176,6 +178,7 @@ class ComposePress(CompositeCompression, BasePress):
 
     def post_init_from_model(self, model: PreTrainedModel):
         self._refuse_if_in_use()
+        check_token_ids(self.replay_prompt_ids, model)
         language_model = language_model_of(model)
         attention_modules = [layer.self_attn for layer in language_model.layers]
         if not self.structured:

@@ -199,6 +199,21 @@ def check_sinks_fit(inputs, n_sink: int, n_layers: int, compression_ratio: float
         )
 
 
+def check_token_ids(replay_prompt_ids: tuple[int, ...] | None, model: PreTrainedModel) -> None:
+    """``replay_prompt_ids`` are token ids of ``model``'s vocabulary: refused when the press is entered, before
+    any forward (an id past the embedding table fails deep inside torch)."""
+    if replay_prompt_ids is None:
+        return
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocabulary = getattr(embeddings, "num_embeddings", None) or model.config.get_text_config().vocab_size
+    outside = sorted({token for token in replay_prompt_ids if token >= vocabulary})
+    if outside:
+        raise ValueError(
+            f"replay_prompt_ids hold {outside}, outside the model's vocabulary of {vocabulary} token ids (0 to "
+            f"{vocabulary - 1}): give ids of this model's tokenizer"
+        )
+
+
 def language_model_of(model: PreTrainedModel) -> nn.Module:
     """The decoder stack whose layers have ``self_attn`` modules, with a rotary embedding; clear error if none."""
     inner = getattr(model, "model", None)

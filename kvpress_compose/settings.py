@@ -125,3 +125,11 @@ def check_combination(press) -> None:
             "'global_normalized' or 'shared', layer_floor and composite_tokens=False apply to the structured press "
             "only"
         )
+    if press.replay_prompt_ids is not None and (press.query_source != "replay_prompted" or press.scorer is not None):
+        using = f"a scorer ({type(press.scorer).__name__})" if press.scorer is not None else \
+            f"query_source={press.query_source!r}"
+        raise ValueError(
+            f"replay_prompt_ids are fed only by query_source='replay_prompted' (without a scorer, which replaces the "
+            f"query source), and this press scores with {using}: they would be ignored. Leave replay_prompt_ids unset, "
+            "or use query_source='replay_prompted'"
+        )

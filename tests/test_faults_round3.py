@@ -200,7 +200,7 @@ def test_replay_prompt_ids_outside_the_vocabulary_are_refused_when_the_press_is_
     press = ComposePress(0.5, query_source="replay_prompted", replay_prompt_ids=[5, VOCAB + 3, 7])
     calls, handle = counting_forwards(model)
     try:
-        with pytest.raises(ValueError, match=rf"replay_prompt_ids .* \[{VOCAB + 3}\] .* vocabulary of {VOCAB}"):
+        with pytest.raises(ValueError, match=rf"replay_prompt_ids .*\[{VOCAB + 3}\].* vocabulary of {VOCAB}"):
             prefill(model, random_ids(1, 40), press)
     finally:
         handle.remove()
