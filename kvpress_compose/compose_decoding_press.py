@@ -144,6 +144,15 @@ class ComposeDecodingPress(DecodingPress):
         check_sinks_fit_target(self)
         self._generation: DecodingRun | None = None
 
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``, ``pickle``) is a fresh, unattached press of the same settings (its
+        ``base_press`` copied as such): the model it is used on and the generation under way stay behind."""
+        runtime = ("_generation", "_language_model", "_full_layers")
+        return {name: value for name, value in self.__dict__.items() if name not in runtime}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _generation=None)
+
     @property
     def compression_ratio(self) -> float:
         return self.base_press.compression_ratio

@@ -130,7 +130,8 @@ class ComposePress(CompositeCompression, BasePress):
     and ``last_scores`` the scores ranked; they take no part in comparisons.
 
     One press serves one ``with`` block at a time, on one model, from one thread: entering it again while it is
-    in use raises, and so does a prefill from a second thread while another's is under way.
+    in use raises, and so does a prefill from a second thread while another's is under way. A copy
+    (``copy.deepcopy``, ``pickle``) is a fresh, unattached press of the same settings, usable anywhere at once.
     """
 
     compression_ratio: float = 0.0
@@ -173,6 +174,15 @@ class ComposePress(CompositeCompression, BasePress):
         check_combination(self)
         self._attachment: DecoderAttachment | None = None  # our decoder hooks, while the press is in use
         self._run: PrefillRun | None = None  # the prefill under way, if any
+
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``, ``copy.copy``, ``pickle``) is a fresh, unattached press of the same settings,
+        whether or not this one is in use: neither the model it is attached to nor its last results go with it."""
+        state = {name: value for name, value in self.__dict__.items() if name not in ("_attachment", "_run")}
+        return state | {"last_budgets": None, "last_scores": None, "last_layers": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _attachment=None, _run=None)
 
     # -- being used on a model ----------------------------------------------------------------------------
 
