@@ -78,7 +78,7 @@ class ComposePress(CompositeCompression, BasePress):
         plain prefill on CPU; on real models only the replays keep what later questions ask for. "replay_local":
         KVzip's cheaper chunk attention. "replay_prompted": KVzip's framing, re-fed after "Repeat the previous
         context exactly." in the chat template (use with ``n_sink=4``). "bidirectional", "prefill" and
-        "prefill_seen" (needs ``agg_task="mean"``) use the prefill's own queries, no extra pass.
+        "prefill_seen" (needs ``agg_task="mean"``, refused at construction otherwise) use the prefill's own queries, no extra pass.
     structured : bool, default=True
         False: the unstructured upper bound, per-(layer, head) budgets as kvpress's head-wise masks (frees no
         memory; sdpa or flash).
@@ -127,7 +127,8 @@ class ComposePress(CompositeCompression, BasePress):
 
     After each prefill, ``last_budgets`` holds what each compressed layer kept (``(layers,)`` composite tokens,
     or ``(batch, layers, kv_heads)`` tokens when ``structured=False``), ``last_layers`` which layers those are,
-    and ``last_scores`` the scores ranked; they take no part in comparisons.
+    and ``last_scores`` the scores ranked; they take no part in comparisons. A prefill that compresses nothing
+    (``compression_ratio=0``) leaves them None.
 
     One press serves one ``with`` block at a time, on one model, from one thread: entering it again while it is
     in use raises, and so does a prefill from a second thread while another's is under way. A copy
@@ -266,6 +267,8 @@ class ComposePress(CompositeCompression, BasePress):
                 self._run.nested_calls += 1
                 return
             self._end_run()  # left by a forward that ended without its hooks (KeyboardInterrupt)
+        if fresh:  # a new prefill: the last one's results go, even where this one compresses nothing
+            self.last_budgets = self.last_scores = self.last_layers = None
         if self.compression_ratio == 0:
             return
         if not fresh:  # later tokens (a question, generated ones): nothing to compress, some to refuse

@@ -125,6 +125,11 @@ def check_combination(press) -> None:
             "'global_normalized' or 'shared', layer_floor and composite_tokens=False apply to the structured press "
             "only"
         )
+    if press.query_source == "prefill_seen" and press.agg_task != "mean":
+        raise ValueError(
+            "query_source='prefill_seen' averages over the queries that saw each key: it needs agg_task='mean', got "
+            f"agg_task={press.agg_task!r} (set agg_task='mean' first when changing both after construction)"
+        )
     if press.replay_prompt_ids is not None and (press.query_source != "replay_prompted" or press.scorer is not None):
         using = f"a scorer ({type(press.scorer).__name__})" if press.scorer is not None else \
             f"query_source={press.query_source!r}"
