@@ -78,7 +78,8 @@ class ComposePress(CompositeCompression, BasePress):
         plain prefill on CPU; on real models only the replays keep what later questions ask for. "replay_local":
         KVzip's cheaper chunk attention. "replay_prompted": KVzip's framing, re-fed after "Repeat the previous
         context exactly." in the chat template (use with ``n_sink=4``). "bidirectional", "prefill" and
-        "prefill_seen" (needs ``agg_task="mean"``, refused at construction otherwise) use the prefill's own queries, no extra pass.
+        "prefill_seen" (needs ``agg_task="mean"``, refused at construction otherwise) use the prefill's own
+        queries, no extra pass.
     structured : bool, default=True
         False: the unstructured upper bound, per-(layer, head) budgets as kvpress's head-wise masks (frees no
         memory; sdpa or flash).

@@ -2,7 +2,6 @@
 test failed before its fix."""
 
 import copy
-import logging
 import pickle
 from dataclasses import dataclass
 
@@ -157,7 +156,7 @@ class ShapedScorer(ScorerPress):
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs):
         scores = keys.float().norm(dim=-1)  # (b, h, n)
-        b, h, n = scores.shape
+        n = scores.shape[-1]
         return {
             "ok": lambda: scores,
             "one head": lambda: scores[:, :1],
