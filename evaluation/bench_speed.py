@@ -104,7 +104,9 @@ def flop_floors(config: dict, n: int, bytes_per_value: int = 4) -> dict[str, flo
 
 def methods(ratio: float) -> dict:
     presses = {"plain prefill": None}
-    presses.update({f"compose[{qs}]": ComposePress(compression_ratio=ratio, query_source=qs) for qs in QUERY_SOURCES})
+    presses.update({f"compose[{qs}]": ComposePress(compression_ratio=ratio, query_source=qs,
+                                                   agg_task="mean" if qs == "prefill_seen" else "max")
+                    for qs in QUERY_SOURCES})  # prefill_seen averages over the queries that saw each key
     presses["snapkv"] = SnapKVPress(compression_ratio=ratio)
     presses["kvpress KVzipPress"] = KVzipPress(compression_ratio=ratio)  # re-feeds the context, as replay does
     presses["kvpress KVComposePress"] = KVComposePress(compression_ratio=ratio)
