@@ -90,7 +90,11 @@ def test_a_failed_screening_is_named_and_a_partial_dataset_refused(tmp_path, dat
     (config.results_dir() / "metrics.json").write_text(json.dumps({"status": "failed", "errors": ["OOM"]}))
     with pytest.raises(SystemExit, match="screening run failed \\(OOM\\)"):
         real_study.screening(config, 40.0)
-    with pytest.raises(SystemExit, match="lacks the tasks .*'vt'.*remove the folder"):  # an interrupted generation
+    from evaluation.ruler import RULER_FORMAT
+
+    card = dataset / "README.md"  # a RULER dataset of this format, some of its tasks written: an interrupted generation
+    card.write_text(card.read_text() + f"\nruler-format: {RULER_FORMAT}\n")
+    with pytest.raises(SystemExit, match="lacks the tasks .*'vt'.*remove the folder"):
         real_study.write_data("m", dataset, 64, 1)
 
 
