@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 import random
 import sys
 import time
@@ -218,6 +219,18 @@ def save_final(model, out: Path, log_path: Path | None = None, reproduce: str = 
         write_model_card(out, log_path, reproduce)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, loaded as weights and plain data only (``weights_only=True``): a crafted file runs
+    no code here; one holding anything else is refused naming the file (SystemExit)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise SystemExit(
+            f"error: checkpoint {path} holds more than tensors and plain data, so it is not loaded (weights only: a file "
+            f"that runs code when read is refused): remove it to train from the start ({str(error).splitlines()[0]})"
+        ) from None
+
+
 def train(args) -> None:
     torch.set_num_threads(args.threads)
     token_ids = {token: i for i, token in enumerate(vocabulary())}
@@ -228,7 +241,7 @@ def train(args) -> None:
     checkpoint = checkpoint_dir / "last.pt"
     state = {"step": 0, "stage": 0, "best": {}}
     if checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=False)
+        saved = load_checkpoint(checkpoint)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
