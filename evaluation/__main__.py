@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import data
 from .ruler import RULER_TASKS, check_ruler_dataset
-from .run import DEFAULT_OUTPUT_DIR, add_run_options, preflight, run_options
+from .run import DEFAULT_OUTPUT_DIR, add_run_options, check_model, preflight, run_options
 from .sweep import plan, run_sweep
 
 TOY_MODELS = Path(__file__).parent / "models"  # models trained on the word-level tasks (their tokens are words)
@@ -140,7 +140,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name in ("contexts", "words", "tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.dataset_dir is not None and args.dataset_dir.exists() and not args.dataset_dir.is_dir():
+        parser.error(f"--dataset-dir {args.dataset_dir}: a file, not a folder")
     model = shipped_model() if args.model in ("shipped", str(SHIPPED_MODEL)) else args.model
+    try:
+        check_model(model)
+    except ValueError as error:
+        parser.error(str(error))
     toy = is_toy_model(model)
     if toy:
         data_dir = args.dataset_dir or data.default_data_dir(args.words)
@@ -155,11 +164,11 @@ def main(argv: list[str] | None = None) -> None:
                        **run_options(args))
     except ValueError as error:
         parser.error(str(error))
-    if toy:
-        ensure_data(data_dir, args.contexts, args.words)
-    elif dataset_name == "ruler":  # RULER's tasks, written there unless they are
-        ensure_ruler_data(model, data_dir, args.tokens, args.contexts, args.tasks)
     try:
+        if toy:
+            ensure_data(data_dir, args.contexts, args.words)
+        elif dataset_name == "ruler":  # RULER's tasks, written there unless they are
+            ensure_ruler_data(model, data_dir, args.tokens, args.contexts, args.tasks)
         preflight(configs)
     except (ValueError, OSError) as error:
         parser.error(str(error))

@@ -18,15 +18,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import numbers
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from .files import write_atomic
 from .synthetic_tasks import BASE_TASKS, TASKS, dataset_rows
 
 DEFAULT_DATA_ROOT = Path(__file__).parent / "data"
 COLUMNS = ("context", "question", "answer_prefix", "answer", "max_new_tokens", "task")  # kvpress's
+# contexts x words x tasks one command writes at most: each question's row repeats its context (about 7 bytes a
+# word), so 10^8 words is a dataset of about a gigabyte or more
+MAX_CONTEXT_WORDS = 10**8
 CARD = """---
 configs:
 {configs}
@@ -90,8 +96,17 @@ def write_dataset(
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"tasks: unknown {unknown}; known tasks are {list(TASKS)}")
-    if n_contexts < 1:
-        raise ValueError(f"n_contexts must be >= 1, got {n_contexts}")
+    if isinstance(n_contexts, bool) or not isinstance(n_contexts, numbers.Integral) or n_contexts < 1:
+        raise ValueError(f"contexts (--contexts) must be an int >= 1, got {n_contexts!r}")
+    if isinstance(n_words, bool) or not isinstance(n_words, numbers.Integral) or n_words < 1:
+        raise ValueError(f"words (--words) must be an int >= 1, got {n_words!r}")
+    total = n_contexts * n_words * len(tasks)
+    if total > MAX_CONTEXT_WORDS:
+        raise ValueError(
+            f"--contexts {n_contexts} x --words {n_words} x {len(tasks)} tasks = {total:.3g} context words, about "
+            f"{7 * total / 1e9:.3g} GB or more on disk (each question's row repeats its context), more than the "
+            f"{MAX_CONTEXT_WORDS:.0e} one command writes: ask for fewer contexts or words"
+        )
     out_dir = Path(out_dir)
     wanted = _parameters(tuple(tasks), n_contexts, n_words, seed)
     if has_dataset(out_dir) and not overwrite:
@@ -102,10 +117,10 @@ def write_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("test-*.jsonl"):
         stale.unlink()
-    for task in tasks:
+    for task in tasks:  # each file written whole, replacing a link rather than writing through it
         rows = dataset_rows(task, n_contexts, n_words, seed)
-        task_file(out_dir, task).write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (out_dir / "README.md").write_text(_card(tuple(tasks), n_contexts, n_words, seed))
+        write_atomic(task_file(out_dir, task), "".join(json.dumps(row) + "\n" for row in rows))
+    write_atomic(out_dir / "README.md", _card(tuple(tasks), n_contexts, n_words, seed))
     return out_dir
 
 
@@ -170,7 +185,36 @@ def read_task_file(path: Path) -> pd.DataFrame:
     missing = [column for column in COLUMNS if column not in rows.columns]
     if missing:
         raise ValueError(f"dataset file {path}: missing column(s) {missing}; kvpress's columns are {list(COLUMNS)}")
+    for index, row in enumerate(rows[list(COLUMNS)].itertuples(index=False), start=1):
+        problem = row_problem(row._asdict())
+        if problem:
+            raise ValueError(f"dataset file {path}, row {index}: {problem}")
     return rows
+
+
+def row_problem(row: dict) -> str | None:
+    """What is wrong with one dataset row, naming the field (None: nothing): a context that is a non-empty text,
+    a question and task that are texts, an answer prefix that is a text or empty, an answer that is a non-empty
+    list of texts, and max_new_tokens an int >= 1. Checked before any run, rather than after every answer."""
+    def text(value) -> bool:
+        return isinstance(value, str)
+
+    if not text(row["context"]) or not row["context"]:
+        return f"context must be a non-empty text, got {row['context']!r}"
+    for name in ("question", "task"):
+        if not text(row[name]):
+            return f"{name} must be a text, got {row[name]!r}"
+    prefix = row["answer_prefix"]
+    if not (text(prefix) or prefix is None or (isinstance(prefix, float) and math.isnan(prefix))):  # NaN: empty
+        return f"answer_prefix must be a text (or null), got {prefix!r}"
+    answer = row["answer"]
+    if not isinstance(answer, list) or not answer or not all(text(item) for item in answer):
+        return f"answer must be a non-empty list of texts (each scored on its own), got {answer!r}"
+    tokens = row["max_new_tokens"]
+    integral = isinstance(tokens, numbers.Integral) or (isinstance(tokens, float) and tokens.is_integer())
+    if isinstance(tokens, bool) or not integral or tokens < 1:
+        return f"max_new_tokens must be an int >= 1, got {tokens!r}"
+    return None
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -195,9 +239,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     out_dir = args.out or default_data_dir(args.words)
     same = has_dataset(out_dir) and recorded_parameters(out_dir) == _parameters(
         tuple(args.tasks), args.contexts, args.words, args.seed)
+    if out_dir.exists() and not out_dir.is_dir():
+        parser.error(f"--out {out_dir}: a file, not a folder")
     try:
         out = write_dataset(out_dir, args.contexts, args.words, args.seed, tuple(args.tasks), args.overwrite)
-    except FileExistsError as error:
+    except (FileExistsError, ValueError) as error:
         parser.error(str(error))
     if same and not args.overwrite:
         print(f"{out} exists with these parameters: left as it is")

@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder whose subfolders are local datasets (python -m evaluation.data writes them)")
     parser.add_argument("--dataset-name", default="synthetic", help="the --dataset name of the local datasets")
     args = parser.parse_args(ours)
-    folder = kvpress_evaluation_dir(args.kvpress_dir)
+    try:
+        folder = kvpress_evaluation_dir(args.kvpress_dir)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     # kvpress's registry builds every press at import (KVzipPress's cost notice, three times), and fire imports
     # the deprecated `pipes` module: neither is ours to fix, so both are silenced while they are imported
     with quiet_press_construction(), warnings.catch_warnings():

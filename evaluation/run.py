@@ -50,7 +50,7 @@ from .files import write_atomic
 from .fidelity import fidelity, summarize
 from .metrics import average, bootstrap_interval, task_scores
 from .prefixed_pipeline import PrefixedQuestionsPipeline
-from .real_models import resolve_model
+from .real_models import REAL_MODELS, resolve_model
 from .registry import EAGER_PRESSES, check_press_name, make_press, reset_press_state, say_kvpress_warnings_once
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -258,9 +258,29 @@ def check_writable(folder: str | Path) -> None:
         raise OSError(f"output folder {folder} (--out): cannot write there ({error})") from None
 
 
+def check_model(model: str) -> None:
+    """``model`` (``--model``) is a real model's short name, a hub id or a model folder: a path that is not
+    there, a file, or a folder without ``config.json`` is refused by name (ValueError) before anything runs.
+    A string with at most one "/" that is no folder here is taken for a hub id."""
+    if model in REAL_MODELS:
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {model}: a folder without config.json, not a model folder")
+        return
+    if path.exists():
+        raise ValueError(f"--model {model}: a file, not a model folder")
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model:
+        raise ValueError(f"--model {model}: no such folder. Give a real model's short name ({', '.join(REAL_MODELS)}), "
+                         "a hub id (org/name) or a model folder")
+
+
 def preflight(configs: list[RunConfig]) -> None:
-    """Check every dataset (:func:`evaluation.data.load_rows` names a bad file or column) and output folder
-    once, before the first run: ValueError, FileNotFoundError or OSError."""
+    """Check every model (:func:`check_model`), dataset (:func:`evaluation.data.load_rows` names a bad file, row
+    or column) and output folder once, before the first run: ValueError, FileNotFoundError or OSError."""
+    for model in dict.fromkeys(config.model for config in configs):
+        check_model(model)
     for data_dir in dict.fromkeys(config.data_dir for config in configs):
         load_rows(data_dir)
     for output_dir in dict.fromkeys(config.output_dir for config in configs):

@@ -79,3 +79,64 @@ def test_a_crafted_training_checkpoint_runs_no_code_when_training_resumes(tmp_pa
     assert not marker.exists() and not (tmp_path / "model").exists()
 
 
+# 11: dataset rows checked before any run ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("answer", "v1", "answer must be a non-empty list of texts"),
+    ("answer", [], "answer must be a non-empty list of texts"),
+    ("max_new_tokens", "8", "max_new_tokens must be an int >= 1"),
+    ("max_new_tokens", 2.5, "max_new_tokens must be an int >= 1"),
+    ("max_new_tokens", 0, "max_new_tokens must be an int >= 1"),
+    ("context", None, "context must be a non-empty text"),
+    ("question", None, "question must be a text"),
+])
+def test_a_bad_dataset_row_is_named_with_its_file_row_and_field_before_any_run(tmp_path, data_dir, no_model, capsys,
+                                                                                field, value, expected):
+    path = data.task_file(data_dir, "niah_single")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1][field] = value
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    error = cli_error(cli.main, ["--model", "m", "--dataset-dir", str(data_dir), "--out", str(tmp_path / "out"),
+                                 "--presses", "knorm", "--ratios", "0.5"], capsys)
+    assert f"dataset file {path}, row 2: {expected}" in error
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# 12: clear errors at the door -------------------------------------------------------------------------------------
+
+
+def test_a_dataset_dir_that_is_a_file_is_named(tmp_path, no_model, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    error = cli_error(cli.main, ["--model", "m", "--dataset-dir", str(tmp_path / "file"), "--out",
+                                 str(tmp_path / "out")], capsys)
+    assert f"--dataset-dir {tmp_path / 'file'}: a file, not a folder" in error
+
+
+@pytest.mark.parametrize(("option", "value"), [("--contexts", "-1"), ("--words", "0")])
+def test_the_data_command_names_a_count_below_one(tmp_path, capsys, option, value):
+    error = cli_error(cli.main, ["data", "--out", str(tmp_path / "d"), option, value], capsys)
+    assert f"({option}) must be an int >= 1, got {value}" in error and not (tmp_path / "d").exists()
+
+
+def test_the_data_command_bounds_what_it_writes_and_says_what_it_would_cost(tmp_path, capsys):
+    error = cli_error(cli.main, ["data", "--out", str(tmp_path / "d"), "--contexts", "100000000"], capsys)
+    assert "--contexts 100000000 x --words 1024 x 5 tasks" in error and "GB" in error
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("model", ["/nonexistent", "./no/such/model", "~/no-such-model-here"])
+def test_a_model_path_that_is_not_there_is_named(tmp_path, no_model, capsys, model):
+    error = cli_error(cli.main, ["--model", model, "--out", str(tmp_path / "out")], capsys)
+    assert f"--model {model}: no such folder" in error
+    error = cli_error(run_module.main, ["--model", model, "--data-dir", str(tmp_path), "--press", "knorm", "--ratio",
+                                        "0.5", "--out", str(tmp_path / "out")], capsys)
+    assert f"--model {model}: no such folder" in error
+
+
+def test_a_kvpress_dir_that_is_not_there_is_named(tmp_path, capsys):
+    error = cli_error(kvpress_evaluate.main, ["--kvpress-dir", str(tmp_path / "nonexistent"), "--", "--dataset", "x"],
+                      capsys)
+    assert f"--kvpress-dir {tmp_path / 'nonexistent'}: no evaluate.py" in error
+
+
