@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import data
 from .real_models import REAL_MODELS
 from .ruler import RULER_TASKS, check_ruler_dataset
-from .run import RunConfig, read_result, run
+from .run import RunConfig, ratio_label, read_result, run
 from .study import (
     STUDY_SEED,
     archive_run,
@@ -255,7 +255,7 @@ def failed_section(configs: list[RunConfig]) -> str:
         metrics, _ = read_result(config.results_dir() / "metrics.json")  # missing or unreadable: not a failure
         if metrics is not None and metrics.get("status") == "failed":
             errors = "; ".join(metrics.get("errors", [])) or "no error recorded"
-            lines.append(f"- `{config.press_name}` at {config.compression_ratio:.2f}: {errors}")
+            lines.append(f"- `{config.press_name}` at {ratio_label(config.compression_ratio)}: {errors}")
     return "## Runs that failed\n\nLeft out of every table:\n\n" + "\n".join(lines) if lines else ""
 
 

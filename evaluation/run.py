@@ -8,7 +8,8 @@ compression. Results go to ``<output_dir>/<dataset>__<data name>__<model>__<pres
 by default ``results/sweep``, the sweep's; kvpress's own evaluate.py writes under ``results/kvpress``). The data
 name is the dataset folder's own name; the model is a hub id with "/" replaced by "--" (as kvpress names its
 runs), a folder inside this checkout by its path there (``evaluation--models--retrieval-llama``), any other
-folder by its name: none of them depends on the working directory.
+folder by its name: none of them depends on the working directory. The ratio has two decimals where they hold
+it exactly (``0.50``), else every digit it has (``0.501``).
 
 - ``predictions.csv``: the rows with a ``predicted_answer`` column;
 - ``metrics.json``: per-task scores and their average (percent) with its 95% bootstrap interval over
@@ -19,7 +20,8 @@ folder by its name: none of them depends on the working directory.
   dataset files' bytes), ``press`` (the built press's class and every setting) and the package ``versions``.
 
 Each file is written whole (a temporary file in the same folder, then renamed), ``metrics.json`` last: a run is
-done when its ``metrics.json`` and ``config.yaml`` can be read and the record matches this run's. It is
+done when its ``metrics.json`` and ``config.yaml`` can be read, a run that succeeded still has its
+``predictions.csv``, and the record matches this run's. It is
 skipped then, unless ``overwrite`` (or ``retry_failed``, for a run recorded as failed); otherwise it runs again
 and says why (which setting differs, an unreadable or missing file). Other package versions alone do not rerun
 a run: they warn. A press that raises is recorded as failed, with its error in ``metrics.json``, and does not
@@ -111,7 +113,7 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        return f"{self.press_name}@{self.compression_ratio:.2f}"
+        return f"{self.press_name}@{ratio_label(self.compression_ratio)}"
 
     @property
     def setting(self) -> str:
@@ -119,7 +121,14 @@ class RunConfig:
         return "__".join([self.dataset, dataset_name(self.data_dir), model_name(self.model)])
 
     def results_dir(self) -> Path:
-        return Path(self.output_dir) / f"{self.setting}__{self.press_name}__{self.compression_ratio:.2f}"
+        return Path(self.output_dir) / f"{self.setting}__{self.press_name}__{ratio_label(self.compression_ratio)}"
+
+
+def ratio_label(ratio: float) -> str:
+    """A compression ratio as run folders and tables name it: two decimals where they hold it exactly (``0.50``,
+    as every run was named before), else every digit it has (``0.501``): two ratios never share a name."""
+    two_decimals = f"{ratio:.2f}"
+    return two_decimals if float(two_decimals) == ratio else repr(float(ratio))
 
 
 def model_name(model: str) -> str:
@@ -229,6 +238,8 @@ def rerun_reason(config: RunConfig) -> str | None:
     record, problem = read_result(results_dir / "config.yaml")
     if problem:
         return problem
+    if metrics.get("status") == "ok" and not (results_dir / "predictions.csv").is_file():
+        return "no predictions.csv"  # its answers are gone: the study's paired tables would drop the run
     differences = record_differences(record, config)
     if differences:
         return "; ".join(differences)

@@ -41,7 +41,7 @@ from .files import write_atomic
 from .metrics import paired_difference
 from .real_models import REAL_MODELS
 from .registry import KVPRESS_PRESSES, PRESS_REGISTRY
-from .run import RunConfig, check_writable, load_pipeline, rerun_reason, run
+from .run import RunConfig, check_writable, load_pipeline, ratio_label, rerun_reason, run
 from .sweep import BASELINE, by_ratio, human_title, intervals_by_ratio, markdown, plot, run_summary
 from .synthetic_tasks import TASKS
 
@@ -155,12 +155,14 @@ def archive_run(config: RunConfig, docs: Path) -> None:
 
 def restore_run(config: RunConfig, docs: Path) -> None:
     """A run archived in ``docs`` but missing from the results folder (results do not survive everywhere) gets
-    its metrics back there, so that the study skips it; the report reads every run's predictions from ``docs``."""
+    its files back there (its predictions with contexts as hashes), so that the study skips it; the report reads
+    every run's predictions from ``docs``."""
     source, target = archived(config, docs), config.results_dir()
     if (source / "metrics.json").is_file() and not (target / "metrics.json").is_file():
         target.mkdir(parents=True, exist_ok=True)
-        for name in ("config.yaml", "metrics.json"):
-            shutil.copyfile(source / name, target / name)
+        for name in ("predictions.csv", "config.yaml", "metrics.json"):  # metrics last: what marks a run done
+            if (source / name).is_file():
+                shutil.copyfile(source / name, target / name)
 
 
 def predictions(config: RunConfig, docs: Path) -> pd.DataFrame | None:
@@ -191,7 +193,7 @@ def paired_table(configs: list[RunConfig], docs: Path, comparisons=COMPARISONS) 
                 continue
             difference, low, high = paired_difference(*frames)
             verdict = "A better" if low > 0 else "B better" if high < 0 else "tie (interval holds 0)"
-            rows.append({"A": a, "B": b, "ratio": f"{ratio:.2f}", "A - B": difference, "95% interval":
+            rows.append({"A": a, "B": b, "ratio": ratio_label(ratio), "A - B": difference, "95% interval":
                          f"[{low:.3g}, {high:.3g}]", "verdict": verdict, "what it measures": meaning})
     return pd.DataFrame(rows)
 
@@ -266,7 +268,7 @@ def leaders_sections(claims: pd.DataFrame, configs: list[RunConfig], docs: Path,
     plot_accuracy_vs_memory(claims, docs / "accuracy_vs_memory.png", plot_title(configs[0], tasks, "leaders"))
     leaders = (f"## Leaders: average accuracy [95% interval], {n_contexts} contexts per task\n\n"
                f"{markdown(intervals_by_ratio(claims))}\n\n![leaders](leaders_accuracy_vs_ratio.png)")
-    per_task = [f"## Per task at {ratio:.2f}, {n_contexts} contexts per task\n\n"
+    per_task = [f"## Per task at {ratio_label(ratio)}, {n_contexts} contexts per task\n\n"
                 f"{markdown(per_task_table(claims, ratio, tasks))}" for ratio in sorted(set(claims["ratio"]) - {0.0})[-2:]]
     paired = ("## Paired differences (A - B in points, same questions; a verdict only where the interval "
               f"excludes 0)\n\n{markdown(paired_table(done(configs), docs, comparisons), index=False)}")

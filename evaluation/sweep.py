@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .data import dataset_name
-from .run import DEFAULT_OUTPUT_DIR, RunConfig, preflight, run
+from .run import DEFAULT_OUTPUT_DIR, RunConfig, preflight, ratio_label, run
 
 BASELINE = "no_press"
 
@@ -110,7 +110,7 @@ def by_ratio(table: pd.DataFrame, column: str) -> pd.DataFrame:
     """One row per press (in run order), one column per ratio, of ``column``."""
     wide = table.pivot_table(index="press", columns="ratio", values=column, sort=False, dropna=False)
     wide = wide.reindex(index=table["press"].unique(), columns=sorted(wide.columns))
-    wide.columns = [f"{ratio:.2f}" for ratio in wide.columns]
+    wide.columns = [ratio_label(ratio) for ratio in wide.columns]
     return wide
 
 
@@ -123,7 +123,7 @@ def intervals_by_ratio(table: pd.DataFrame) -> pd.DataFrame:
     ])
     wide = text.pivot_table(index="press", columns="ratio", values="cell", aggfunc="first", sort=False)
     wide = wide.reindex(index=table["press"].unique(), columns=sorted(wide.columns)).fillna("")
-    wide.columns = [f"{ratio:.2f}" for ratio in wide.columns]
+    wide.columns = [ratio_label(ratio) for ratio in wide.columns]
     return wide
 
 
@@ -268,7 +268,7 @@ def write_summary(table: pd.DataFrame, out_dir: Path, title: str) -> tuple[Path,
     """``summary.csv``, ``summary.md`` and ``accuracy_vs_ratio.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "summary.csv", index=False)
-    runs = table.assign(ratio=table["ratio"].map("{:.2f}".format))
+    runs = table.assign(ratio=table["ratio"].map(ratio_label))
     text = f"# {title}\n\n## Runs\n\n{markdown(runs, index=False)}\n\n" \
            f"## Average accuracy by compression ratio\n\n{MEAN_EXPLAINED}\n\n" \
            f"{markdown(accuracy_by_ratio(table))}\n\n" \

@@ -52,12 +52,54 @@ def run_knorm(model_dir, data_dir, out, **options) -> Path:
     return evaluate(str(model_dir), "synthetic", data_dir, "knorm", 0.5, out, **options)
 
 
+def run_knorm_loaded(model, data_dir, out) -> Path:
+    """:func:`run_knorm` with the real pipeline loader, whatever ``no_model`` patched."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_module, "load_pipeline", REAL_LOAD_PIPELINE)
+        return run_knorm(model, data_dir, out, max_contexts=1)
+
+
 def cli_error(main, argv, capsys) -> str:
     """The one-line error ``main(argv)`` exits with (never a traceback)."""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code not in (0, None)
     return capsys.readouterr().err + (exit_info.value.code if isinstance(exit_info.value.code, str) else "")
+
+
+# 6: two ratios that round to the same two decimals ------------------------------------------------------------
+
+
+def test_two_ratios_that_round_alike_get_their_own_folders_and_summary_columns(model_dir, data_dir, tmp_path):
+    outputs = sweep(str(model_dir), ["knorm"], [0.5, 0.501], data_dir, output_dir=tmp_path / "out", max_contexts=1)
+    assert [run.name.rsplit("__", 1)[1] for run in outputs.runs] == ["0.50", "0.501"]
+    assert [metrics_of(run)["compression_ratio"] for run in outputs.runs] == [0.5, 0.501]
+    assert pd.read_csv(outputs.summary_csv)["ratio"].tolist() == [0.5, 0.501]
+    text = outputs.summary_md.read_text()
+    assert text.count("| press | 0.50 | 0.501 |") == 3  # accuracy, intervals, memory: a column per ratio
+    assert "| knorm | 0.50 | ok |" in text and "| knorm | 0.501 | ok |" in text  # the runs' table
+
+
+# 8: a run whose predictions are gone -------------------------------------------------------------------------
+
+
+def test_a_run_whose_predictions_were_deleted_is_run_again(model_dir, data_dir, tmp_path, capsys):
+    run_dir = run_knorm(model_dir, data_dir, tmp_path / "out", max_contexts=1)
+    answers = pd.read_csv(run_dir / "predictions.csv")
+    (run_dir / "predictions.csv").unlink()
+    capsys.readouterr()
+    run_knorm(model_dir, data_dir, tmp_path / "out", max_contexts=1)
+    assert f"rerun {run_dir}: no predictions.csv" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "predictions.csv"), answers)
+
+
+def test_a_run_restored_from_the_archive_keeps_its_predictions_and_stays_done(model_dir, data_dir, tmp_path, no_model):
+    config = RunConfig(str(model_dir), str(data_dir), "knorm", 0.5, output_dir=str(tmp_path / "out"), max_contexts=1)
+    run_knorm_loaded(model_dir, data_dir, tmp_path / "out")
+    study.archive_run(config, tmp_path / "docs")
+    shutil.rmtree(config.results_dir())
+    study.restore_run(config, tmp_path / "docs")
+    assert (config.results_dir() / "predictions.csv").is_file() and study.done([config]) == [config]
 
 
 # 10: a crafted training checkpoint -------------------------------------------------------------------------------
