@@ -9,7 +9,8 @@ by default ``results/sweep``, the sweep's; kvpress's own evaluate.py writes unde
 name is the dataset folder's own name; the model is a hub id with "/" replaced by "--" (as kvpress names its
 runs), a folder inside this checkout by its path there (``evaluation--models--retrieval-llama``), any other
 folder by its name: none of them depends on the working directory. The ratio has two decimals where they hold
-it exactly (``0.50``), else every digit it has (``0.501``).
+it exactly (``0.50``), else every digit it has (``0.501``). ``dataset`` is a plain name (no "/"): every run
+folder lies inside ``output_dir``.
 
 - ``predictions.csv``: the rows with a ``predicted_answer`` column;
 - ``metrics.json``: per-task scores and their average (percent) with its 95% bootstrap interval over
@@ -17,15 +18,19 @@ it exactly (``0.50``), else every digit it has (``0.501``).
   really holds as a fraction of the full cache, read on the cache), fidelity averages when asked, seconds,
   status and errors;
 - ``config.yaml``: every argument of the run and what produced it: ``data_fingerprint`` (SHA-256 of the
-  dataset files' bytes), ``press`` (the built press's class and every setting) and the package ``versions``.
+  dataset files' bytes), ``press`` (the built press's class and every setting), the package ``versions``, and
+  ``model_location`` / ``data_location`` (the model's and dataset's place: a real model's or hub id's name, a
+  folder's path inside this checkout, else its absolute path).
 
 Each file is written whole (a temporary file in the same folder, then renamed), ``metrics.json`` last: a run is
 done when its ``metrics.json`` and ``config.yaml`` can be read, a run that succeeded still has its
-``predictions.csv``, and the record matches this run's. It is
-skipped then, unless ``overwrite`` (or ``retry_failed``, for a run recorded as failed); otherwise it runs again
-and says why (which setting differs, an unreadable or missing file). Other package versions alone do not rerun
-a run: they warn. A press that raises is recorded as failed, with its error in ``metrics.json``, and does not
-stop the caller.
+``predictions.csv``, and the record matches this run's. It is skipped then, unless ``overwrite`` (or
+``retry_failed``, for a run recorded as failed); otherwise it runs again and says why (which setting differs, an
+unreadable or missing file). Other package versions alone do not rerun a run: they warn. A folder that holds
+another model's run (two model folders of one name) or another dataset's (of one name, other bytes) is neither
+skipped nor replaced: refused, before the first run, unless ``overwrite``. One process at a time runs a folder
+(a lock while it runs): a second waits, saying so, and then skips what the first finished. A press that raises
+is recorded as failed, with its error in ``metrics.json``, and does not stop the caller.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import metadata
@@ -52,8 +59,13 @@ from .files import write_atomic
 from .fidelity import fidelity, summarize
 from .metrics import average, bootstrap_interval, task_scores
 from .prefixed_pipeline import PrefixedQuestionsPipeline
-from .real_models import REAL_MODELS, resolve_model
+from .real_models import REAL_MODELS, cache_root, resolve_model
 from .registry import EAGER_PRESSES, check_press_name, make_press, reset_press_state, say_kvpress_warnings_once
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEFAULT_OUTPUT_DIR = "results/sweep"  # kvpress's own evaluate.py: results/kvpress (evaluation.kvpress_evaluate)
@@ -99,6 +111,9 @@ class RunConfig:
     def __post_init__(self):
         check_press_name(self.press_name)
         self.model, self.data_dir, self.output_dir = str(self.model), str(self.data_dir), str(self.output_dir)
+        if not self.dataset or self.dataset in (".", "..") or any(sep in self.dataset for sep in "/\\"):
+            raise ValueError(f"dataset (--dataset) must be a plain name, without '/' (it names the run's folder inside "
+                             f"the output folder), got {self.dataset!r}")
         self.compression_ratio = 0.0 if self.press_name == "no_press" else float(self.compression_ratio)
         if not 0 <= self.compression_ratio < 1:
             raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio}")
@@ -129,6 +144,25 @@ def ratio_label(ratio: float) -> str:
     as every run was named before), else every digit it has (``0.501``): two ratios never share a name."""
     two_decimals = f"{ratio:.2f}"
     return two_decimals if float(two_decimals) == ratio else repr(float(ratio))
+
+
+def location(path: Path) -> str:
+    """A folder's place, the same from any working directory: its path inside this checkout (the same in every
+    checkout), else its absolute path."""
+    path = path.expanduser().resolve()
+    return "/".join(path.relative_to(CHECKOUT).parts) if path.is_relative_to(CHECKOUT) else str(path)
+
+
+def model_location(model: str) -> str:
+    """Which model a run evaluates, whatever path reached it: a real model's short name (its converted folder
+    too), a folder's :func:`location`, a hub id as it is. Two models whose folders share a name (``ckpt-1/model``,
+    ``ckpt-2/model``) share a run folder's name, not this."""
+    path = Path(model).expanduser()
+    if model in REAL_MODELS or not path.is_dir():
+        return model
+    if path.resolve().parent == cache_root().expanduser().resolve() and path.name in REAL_MODELS:
+        return path.resolve().name
+    return location(path)
 
 
 def model_name(model: str) -> str:
@@ -191,9 +225,51 @@ def press_differences(recorded, config: RunConfig) -> list[str]:
 
 
 def run_record(config: RunConfig) -> dict:
-    """What ``config.yaml`` records: the run's arguments and what produced it (see :data:`RECORD_FIELDS`)."""
+    """What ``config.yaml`` records: the run's arguments and what produced it (see :data:`RECORD_FIELDS`), and
+    where its model and data came from (:func:`model_location`, :func:`evaluation.run.location`)."""
     return asdict(config) | {"data_fingerprint": fingerprint(config.data_dir), "press": press_settings(config),
-                             "versions": package_versions()}
+                             "versions": package_versions(), "model_location": model_location(config.model),
+                             "data_location": location(Path(config.data_dir))}
+
+
+def other_run_there(config: RunConfig) -> str | None:
+    """What makes the run already in ``config``'s folder another model's or another dataset's (None where it is
+    this run's, or unknown): a model of another place whose folder has the same name, or a dataset of another
+    place and other bytes whose folder has the same name. Such a run is not this one's to skip nor to replace."""
+    record, _ = read_result(config.results_dir() / "config.yaml")
+    if record is None:
+        return None
+    model, recorded_model = model_location(config.model), record.get("model_location")
+    if recorded_model is not None and recorded_model != model:
+        return f"the model {recorded_model}, not {model}"
+    data, recorded_data = location(Path(config.data_dir)), record.get("data_location")
+    if recorded_data is not None and recorded_data != data and \
+            record.get("data_fingerprint") != fingerprint(config.data_dir):
+        return f"the dataset {recorded_data}, not {data} (other bytes)"
+    return None
+
+
+def refuse_other_run_there(config: RunConfig) -> None:
+    """:func:`other_run_there` as a ValueError naming the folder, what it holds and what to do (``overwrite``
+    replaces it)."""
+    other = other_run_there(config) if not config.overwrite else None
+    if other is not None:
+        raise ValueError(
+            f"{config.results_dir()} holds a run of {other}: their folders share a name. Pass another output folder "
+            "(--out) for this one, or --overwrite to replace that run"
+        )
+
+
+def check_results_folders(configs: list[RunConfig]) -> None:
+    """Every run has a folder of its own (two runs of one plan never share one), holding no other model's or
+    dataset's run (:func:`refuse_other_run_there`): ValueError before the first run."""
+    seen: dict[Path, RunConfig] = {}
+    for config in configs:
+        folder = config.results_dir()
+        if folder in seen and seen[folder] != config:
+            raise ValueError(f"{seen[folder].label} and {config.label} would share the run folder {folder}")
+        seen[folder] = config
+        refuse_other_run_there(config)
 
 
 def record_differences(recorded: dict, config: RunConfig) -> list[str]:
@@ -289,13 +365,15 @@ def check_model(model: str) -> None:
 
 def preflight(configs: list[RunConfig]) -> None:
     """Check every model (:func:`check_model`), dataset (:func:`evaluation.data.load_rows` names a bad file, row
-    or column) and output folder once, before the first run: ValueError, FileNotFoundError or OSError."""
+    or column), output folder and run folder (:func:`check_results_folders`) once, before the first run:
+    ValueError, FileNotFoundError or OSError."""
     for model in dict.fromkeys(config.model for config in configs):
         check_model(model)
     for data_dir in dict.fromkeys(config.data_dir for config in configs):
         load_rows(data_dir)
     for output_dir in dict.fromkeys(config.output_dir for config in configs):
         check_writable(output_dir)
+    check_results_folders(configs)
 
 
 @lru_cache(maxsize=1)
@@ -389,17 +467,73 @@ def _evaluate_rows(pipe: Pipeline, rows: pd.DataFrame, config: RunConfig) -> tup
 
 
 def run(config: RunConfig) -> Path:
-    """Run (or skip) one evaluation and return its results folder."""
+    """Run (or skip) one evaluation and return its results folder. One process at a time runs a folder: a second
+    one waits for the first (saying so), then skips the run it finished."""
     results_dir = config.results_dir()
-    reason = rerun_reason(config)
-    if reason is None:
-        versions = version_warning(config)
-        if versions:
-            tqdm.write(f"warning: {results_dir} was run with {versions}; kept (versions alone do not rerun)")
-        tqdm.write(f"skip {results_dir} (done with the same record; overwrite to rerun)")
+    refuse_other_run_there(config)
+    if skipped(config):
         return results_dir
+    with run_lock(results_dir) as waited:
+        if waited and skipped(config):
+            return results_dir
+        refuse_other_run_there(config)
+        compute(config, rerun_reason(config))
+    return results_dir
+
+
+def skipped(config: RunConfig) -> bool:
+    """Whether the run is done with the same record (:func:`rerun_reason`), said with any version warning."""
+    results_dir = config.results_dir()
+    if rerun_reason(config) is not None:
+        return False
+    versions = version_warning(config)
+    if versions:
+        tqdm.write(f"warning: {results_dir} was run with {versions}; kept (versions alone do not rerun)")
+    tqdm.write(f"skip {results_dir} (done with the same record; overwrite to rerun)")
+    return True
+
+
+LOCK_NAME = ".lock"  # in a run's folder while a process runs it (removed when it ends)
+
+
+@contextmanager
+def run_lock(results_dir: Path):
+    """Hold ``results_dir``'s lock (``flock`` on :data:`LOCK_NAME`, released by the system if the process dies)
+    while the block runs; where another process holds it, say so and wait. Yields whether it waited. Without
+    ``fcntl`` (Windows) nothing is locked."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield False
+        return
+    path, waited = results_dir / LOCK_NAME, False
+    while True:
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            tqdm.write(f"waiting: another process is running {results_dir} now (it holds {path}); this one goes on "
+                       "when it ends")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            waited = True
+        try:  # the holder removes the file as it ends: a lock on a removed file holds nothing, so lock again
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(handle).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(handle)
+    try:
+        yield waited
+    finally:
+        Path(path).unlink(missing_ok=True)
+        os.close(handle)
+
+
+def compute(config: RunConfig, reason: str) -> None:
+    """Run the evaluation (``reason``: why, said where the folder exists) and write its files."""
+    results_dir = config.results_dir()
     say_kvpress_warnings_once()
-    if results_dir.exists():
+    if any(path.name != LOCK_NAME for path in results_dir.iterdir()):  # a run was there (our lock aside)
         warning = "warning: " if "unreadable" in reason else ""
         tqdm.write(f"{warning}rerun {results_dir}: {reason}")
     rows = first_contexts(load_rows(config.data_dir), config.max_contexts)
@@ -418,7 +552,6 @@ def run(config: RunConfig) -> Path:
     metrics.update(outcome, seconds=round(time.perf_counter() - start, 3))
     metrics.setdefault("errors", [])
     write_results(results_dir, predictions, metrics, run_record(config))
-    return results_dir
 
 
 def write_results(results_dir: Path, predictions: pd.DataFrame | None, metrics: dict, record: dict) -> None:

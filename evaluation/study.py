@@ -27,7 +27,6 @@ import argparse
 import ast
 import hashlib
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -37,11 +36,20 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from . import data, head_overlap
-from .files import write_atomic
+from .files import check_inside, save_figure, write_atomic
 from .metrics import paired_difference
 from .real_models import REAL_MODELS
 from .registry import KVPRESS_PRESSES, PRESS_REGISTRY
-from .run import RunConfig, check_writable, load_pipeline, ratio_label, rerun_reason, run
+from .run import (
+    RunConfig,
+    check_model,
+    check_results_folders,
+    check_writable,
+    load_pipeline,
+    ratio_label,
+    rerun_reason,
+    run,
+)
 from .sweep import BASELINE, by_ratio, human_title, intervals_by_ratio, markdown, plot, run_summary
 from .synthetic_tasks import TASKS
 
@@ -136,33 +144,37 @@ def archived(config: RunConfig, docs: Path) -> Path:
 def archive_run(config: RunConfig, docs: Path) -> None:
     """Copy a finished run into ``docs``, small enough to commit: ``metrics.json``, ``config.yaml`` and the
     predictions with each context replaced by a short hash (enough to pair presses' answers). A run archived
-    already is left as it is (its predictions are read only once)."""
+    already is left as it is (its predictions are read only once). Every file is written whole and never through
+    a link (a linked file is replaced); a linked folder leading outside ``docs`` is refused (OSError)."""
     source, target = config.results_dir(), archived(config, docs)
     metrics = (source / "metrics.json").read_bytes()
     if (target / "metrics.json").is_file() and (target / "metrics.json").read_bytes() == metrics:
         return
     target.mkdir(parents=True, exist_ok=True)
+    check_inside(target, docs)
     if not (source / "predictions.csv").is_file():
         (target / "predictions.csv").unlink(missing_ok=True)  # a failed rerun: the old answers are not its own
     else:
         frame = pd.read_csv(source / "predictions.csv", keep_default_na=False)
         frame["context"] = frame["context"].map(lambda text: hashlib.sha1(text.encode()).hexdigest()[:12])
-        frame[["task", "context", "question", "answer", "predicted_answer"]].to_csv(target / "predictions.csv",
-                                                                                  index=False)
-    shutil.copyfile(source / "config.yaml", target / "config.yaml")
+        columns = ["task", "context", "question", "answer", "predicted_answer"]
+        write_atomic(target / "predictions.csv", frame[columns].to_csv(index=False))
+    write_atomic(target / "config.yaml", (source / "config.yaml").read_bytes())
     write_atomic(target / "metrics.json", metrics)  # last, whole: a run is archived once its metrics are
 
 
 def restore_run(config: RunConfig, docs: Path) -> None:
     """A run archived in ``docs`` but missing from the results folder (results do not survive everywhere) gets
     its files back there (its predictions with contexts as hashes), so that the study skips it; the report reads
-    every run's predictions from ``docs``."""
+    every run's predictions from ``docs``. Written whole, never through a link, never outside the results
+    folder."""
     source, target = archived(config, docs), config.results_dir()
     if (source / "metrics.json").is_file() and not (target / "metrics.json").is_file():
         target.mkdir(parents=True, exist_ok=True)
+        check_inside(target, config.output_dir)
         for name in ("predictions.csv", "config.yaml", "metrics.json"):  # metrics last: what marks a run done
             if (source / name).is_file():
-                shutil.copyfile(source / name, target / name)
+                write_atomic(target / name, (source / name).read_bytes())
 
 
 def predictions(config: RunConfig, docs: Path) -> pd.DataFrame | None:
@@ -221,8 +233,7 @@ def plot_accuracy_vs_memory(table: pd.DataFrame, path: Path, title: str) -> Path
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    return path
+    return save_figure(figure, path)
 
 
 def plot_title(config: RunConfig, tasks, what: str) -> str:
@@ -239,7 +250,7 @@ def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str
     claims, field = run_table(plan["claims"]), run_table(plan["field"])
     n_claims, n_field = plan["claims"][0].max_contexts, plan["field"][0].max_contexts
     setting = plan["claims"][0].setting
-    pd.concat([claims, field], ignore_index=True).to_csv(docs / "summary.csv", index=False)
+    write_atomic(docs / "summary.csv", pd.concat([claims, field], ignore_index=True).to_csv(index=False))
     n_runs, n_done = sum(map(len, plan.values())), len(claims) + len(field)
     progress = "" if n_done == n_runs else (
         f" **{n_done} of {n_runs} runs done** (claims tier {len(claims)} of {len(plan['claims'])}, field "
@@ -256,7 +267,7 @@ def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str
                         f"{markdown(intervals_by_ratio(field))}\n\n![field](field_accuracy_vs_ratio.png)")
     if overlap_text:
         sections.append(f"## Are the KV heads redundant?\n\n{overlap_text}")
-    (docs / "summary.md").write_text("\n\n".join(sections) + "\n")
+    write_atomic(docs / "summary.md", "\n\n".join(sections) + "\n")
     return docs / "summary.md"
 
 
@@ -335,7 +346,9 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         plan = study_plan(model, Path(data_dir), args.out, args.contexts, args.field_contexts,
                           tuple(args.claim_ratios), tuple(args.ratios), args.field_presses)
+        check_model(model)
         check_writable(args.out)  # before the first run, not after it
+        check_results_folders(plan["claims"] + plan["field"])
     except (ValueError, OSError) as error:
         parser.error(str(error))
     docs = args.docs or Path("docs") / f"study-{args.words}"

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .data import dataset_name
+from .files import save_figure, write_atomic
 from .run import DEFAULT_OUTPUT_DIR, RunConfig, preflight, ratio_label, run
 
 BASELINE = "no_press"
@@ -210,8 +211,7 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
         note = "same curve: " + "; ".join(" = ".join(presses) for presses in same)
         figure.text(0.01, 0.01, note, fontsize="small", wrap=True)
     figure.tight_layout(rect=(0, 0.05 if same else 0, 1, 1))
-    figure.savefig(path, dpi=120)
-    return path
+    return save_figure(figure, path)
 
 
 def display_name(model: str) -> str:
@@ -267,7 +267,7 @@ def markdown(df: pd.DataFrame, index: bool = True) -> str:
 def write_summary(table: pd.DataFrame, out_dir: Path, title: str) -> tuple[Path, Path, Path]:
     """``summary.csv``, ``summary.md`` and ``accuracy_vs_ratio.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / "summary.csv", index=False)
+    write_atomic(out_dir / "summary.csv", table.to_csv(index=False))
     runs = table.assign(ratio=table["ratio"].map(ratio_label))
     text = f"# {title}\n\n## Runs\n\n{markdown(runs, index=False)}\n\n" \
            f"## Average accuracy by compression ratio\n\n{MEAN_EXPLAINED}\n\n" \
@@ -276,7 +276,7 @@ def write_summary(table: pd.DataFrame, out_dir: Path, title: str) -> tuple[Path,
            f"{markdown(intervals_by_ratio(table))}\n\n" \
            f"## Cache memory held (fraction of the full cache) by compression ratio\n\n" \
            f"{markdown(by_ratio(table, 'memory'))}\n"
-    (out_dir / "summary.md").write_text(text)
+    write_atomic(out_dir / "summary.md", text)
     return out_dir / "summary.csv", out_dir / "summary.md", plot(table, out_dir / "accuracy_vs_ratio.png", title)
 
 

@@ -80,6 +80,39 @@ def test_two_ratios_that_round_alike_get_their_own_folders_and_summary_columns(m
     assert "| knorm | 0.50 | ok |" in text and "| knorm | 0.501 | ok |" in text  # the runs' table
 
 
+# 7: two models (or datasets) whose folders share a name ---------------------------------------------------------
+
+
+def test_a_second_model_whose_folder_shares_the_first_ones_name_is_refused_not_skipped(model_dir, data_dir, tmp_path,
+                                                                                        capsys, no_model):
+    first, second = tmp_path / "ckpt-1" / "model", tmp_path / "ckpt-2" / "model"
+    shutil.copytree(model_dir, first)
+    shutil.copytree(model_dir, second)
+    out = tmp_path / "out"
+    run_dir = run_knorm_loaded(first, data_dir, out)
+    before = (run_dir / "metrics.json").read_bytes(), (run_dir / "config.yaml").read_bytes()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model_location"] == str(first.resolve())
+    with pytest.raises(ValueError, match=rf"holds a run of the model {first.resolve()}, not {second.resolve()}"):
+        run_knorm(second, data_dir, out)
+    error = cli_error(cli.main, ["--model", str(second), "--dataset-dir", str(data_dir), "--out", str(out),
+                                 "--presses", "knorm", "--ratios", "0.5", "--max-contexts", "1"], capsys)
+    assert str(first.resolve()) in error and "--out" in error
+    assert ((run_dir / "metrics.json").read_bytes(), (run_dir / "config.yaml").read_bytes()) == before
+
+
+def test_a_dataset_of_other_bytes_whose_folder_shares_the_name_is_refused_and_one_of_the_same_bytes_is_done(
+        model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_dir = run_knorm(model_dir, data_dir, out, max_contexts=1)
+    other = write_dataset(tmp_path / "elsewhere" / "synthetic-64", 2, 64, seed=7, tasks=TASKS)
+    with pytest.raises(ValueError, match=rf"holds a run of the dataset {data_dir.resolve()}, not {other.resolve()}"):
+        run_knorm(model_dir, other, out, max_contexts=1)
+    same = write_dataset(tmp_path / "copy" / "synthetic-64", 2, 64, seed=0, tasks=TASKS)  # the same bytes
+    capsys.readouterr()
+    assert run_knorm(model_dir, same, out, max_contexts=1) == run_dir
+    assert f"skip {run_dir}" in capsys.readouterr().out
+
+
 # 8: a run whose predictions are gone -------------------------------------------------------------------------
 
 
@@ -100,6 +133,61 @@ def test_a_run_restored_from_the_archive_keeps_its_predictions_and_stays_done(mo
     shutil.rmtree(config.results_dir())
     study.restore_run(config, tmp_path / "docs")
     assert (config.results_dir() / "predictions.csv").is_file() and study.done([config]) == [config]
+
+
+# 9: links and folders outside the output folder -----------------------------------------------------------------
+
+
+def test_archiving_a_run_never_writes_through_a_linked_file(model_dir, data_dir, tmp_path):
+    config = RunConfig(str(model_dir), str(data_dir), "knorm", 0.5, output_dir=str(tmp_path / "out"), max_contexts=1)
+    run_module.run(config)
+    docs, outside = tmp_path / "docs", tmp_path / "outside"
+    target = study.archived(config, docs)
+    target.mkdir(parents=True)
+    outside.mkdir()
+    for name in ("config.yaml", "predictions.csv", "metrics.json"):
+        (outside / name).write_text("precious")
+        (target / name).symlink_to(outside / name)
+    study.archive_run(config, docs)
+    for name in ("config.yaml", "predictions.csv", "metrics.json"):
+        assert (outside / name).read_text() == "precious" and not (target / name).is_symlink()
+    assert (target / "config.yaml").read_bytes() == (config.results_dir() / "config.yaml").read_bytes()
+    assert len(pd.read_csv(target / "predictions.csv")) == len(pd.read_csv(config.results_dir() / "predictions.csv"))
+
+
+def test_archiving_into_a_linked_folder_that_leads_outside_the_docs_is_refused(model_dir, data_dir, tmp_path):
+    config = RunConfig(str(model_dir), str(data_dir), "knorm", 0.5, output_dir=str(tmp_path / "out"), max_contexts=1)
+    run_module.run(config)
+    docs, outside = tmp_path / "docs", tmp_path / "outside"
+    outside.mkdir()
+    tier = study.archived(config, docs).parent
+    tier.parent.mkdir(parents=True)
+    tier.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(OSError, match="outside"):
+        study.archive_run(config, docs)
+    assert [path.name for path in outside.rglob("*") if path.is_file()] == []
+
+
+def test_a_dataset_card_and_task_file_that_are_links_are_replaced_not_written_through(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    for name in ("README.md", "test-niah_single.jsonl"):
+        (tmp_path / f"precious-{name}").write_text("precious")
+        (out / name).symlink_to(tmp_path / f"precious-{name}")
+    write_dataset(out, 1, 64, seed=0, tasks=("niah_single",), overwrite=True)
+    for name in ("README.md", "test-niah_single.jsonl"):
+        assert (tmp_path / f"precious-{name}").read_text() == "precious" and not (out / name).is_symlink()
+    assert data.recorded_parameters(out)["contexts"] == 1 and len(data.load_rows(out)) == 1
+
+
+@pytest.mark.parametrize("dataset", ["../escaped", "/tmp/anywhere", "a/b", "..", ""])
+def test_a_dataset_name_that_would_leave_the_output_folder_is_refused_by_name(tmp_path, data_dir, no_model, capsys,
+                                                                               dataset):
+    out = tmp_path / "out"
+    error = cli_error(run_module.main, ["--model", "m", "--data-dir", str(data_dir), "--press", "knorm", "--ratio",
+                                        "0.5", "--dataset", dataset, "--out", str(out)], capsys)
+    assert "--dataset" in error and repr(dataset) in error
+    assert not out.exists() and not list(tmp_path.glob("escaped*")) and not list(Path("/tmp").glob("anywhere__*"))
 
 
 # 10: a crafted training checkpoint -------------------------------------------------------------------------------
@@ -182,3 +270,37 @@ def test_a_kvpress_dir_that_is_not_there_is_named(tmp_path, capsys):
     assert f"--kvpress-dir {tmp_path / 'nonexistent'}: no evaluate.py" in error
 
 
+# 14: two processes on one run folder ------------------------------------------------------------------------------
+
+HOLDER = """
+import fcntl, os, shutil, sys, time
+lock, backup, run_dir = sys.argv[1:]
+handle = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644)
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(1.5)
+for name in os.listdir(backup):  # the run this process was computing is done: its files are there
+    shutil.copyfile(os.path.join(backup, name), os.path.join(run_dir, name))
+os.unlink(lock)
+"""
+
+
+def test_a_second_process_on_a_run_folder_waits_for_the_first_and_computes_nothing(model_dir, data_dir, tmp_path,
+                                                                                      capsys, no_model):
+    pytest.importorskip("fcntl")
+    run_dir = run_knorm_loaded(model_dir, data_dir, tmp_path / "out")
+    finished = metrics_of(run_dir)
+    backup = tmp_path / "backup"
+    shutil.move(run_dir, backup)
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir / ".lock"), str(backup), str(run_dir)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert run_knorm(model_dir, data_dir, tmp_path / "out", max_contexts=1) == run_dir  # no model loaded
+        printed = capsys.readouterr().out
+    finally:
+        holder.wait(30)
+    assert f"waiting: another process is running {run_dir}" in printed and f"skip {run_dir}" in printed
+    assert metrics_of(run_dir) == finished and not (run_dir / ".lock").exists()
