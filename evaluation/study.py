@@ -29,6 +29,7 @@ import hashlib
 import os
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -42,7 +43,8 @@ from .metrics import paired_difference
 from .real_models import REAL_MODELS
 from .registry import KVPRESS_PRESSES, PRESS_REGISTRY
 from .run import RunConfig, check_writable, load_pipeline, rerun_reason, run
-from .sweep import BASELINE, by_ratio, human_title, intervals_by_ratio, markdown, plot, run_summary
+from .sweep import (
+    BASELINE, by_ratio, draw_accuracy_vs_memory, human_title, intervals_by_ratio, markdown, plot, run_summary)
 from .synthetic_tasks import TASKS
 
 STUDY_MODEL = Path(__file__).parent / "models" / "retrieval-llama-gqa"
@@ -205,19 +207,13 @@ def per_task_table(table: pd.DataFrame, ratio: float, tasks=TASKS) -> pd.DataFra
 
 def plot_accuracy_vs_memory(table: pd.DataFrame, path: Path, title: str) -> Path:
     """Average accuracy against the cache memory really held (fraction of the full cache), one line per press
-    with its intervals as error bars: presses that only mask stay at 1.0 whatever their ratio."""
+    with its intervals as error bars (:func:`evaluation.sweep.draw_accuracy_vs_memory`): presses that only mask
+    stay at 1.0 whatever their ratio."""
     figure = Figure(figsize=(9, 5.5))
     axes = figure.subplots()
-    for index, (press, runs) in enumerate(table[table["status"] == "ok"].groupby("press", sort=False)):
-        runs = runs.sort_values("memory")
-        errors = [(runs["average"] - runs["ci_low"]).to_numpy(), (runs["ci_high"] - runs["average"]).to_numpy()]
-        ours = press.startswith("compose")
-        axes.errorbar(runs["memory"].to_numpy(), runs["average"].to_numpy(), yerr=errors, label=press, capsize=3, color=f"C{index % 10}",
-                      marker="o" if ours else "s", linestyle="-" if ours else "--")
-    axes.set(xlabel="cache memory held (fraction of the full cache)", ylabel="average accuracy (%)", xlim=(0, 1.05))
-    figure.suptitle(title, fontsize="medium")  # over the whole figure: a long title is not cut at the left
-    axes.grid(alpha=0.3)
+    draw_accuracy_vs_memory(axes, table)
     axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.suptitle(textwrap.fill(title, 75), fontsize="medium")  # over the whole figure, wrapped: never cut
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return path
