@@ -239,8 +239,9 @@ def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str
         f" **{n_done} of {n_runs} runs done** (claims tier {len(claims)} of {len(plan['claims'])}, field "
         f"{len(field)} of {len(plan['field'])}): the tables hold those; rerun the command to finish the rest.")
     sections = [(f"# Study: {setting}\n\nWritten by `python -m evaluation.study`. Sample: {len(tasks)} tasks; the "
-                f"leaders on {n_claims} contexts per task, the field on {n_field}. Accuracy in %, 95% bootstrap "
-                f"intervals over contexts (resampled within each task).{progress}")]
+                f"leaders on {n_claims} contexts per task, the field on {n_field}. Accuracy in % by kvpress's RULER "
+                f"metric (`string_match_all`: the share of answer items found as case-blind substrings), 95% "
+                f"bootstrap intervals over contexts (resampled within each task).{progress}")]
     sections += [preface] if preface else []
     if len(claims):
         sections += leaders_sections(claims, plan["claims"], docs, n_claims, tasks, comparisons)
