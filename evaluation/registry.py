@@ -88,6 +88,9 @@ COMPOSE_PRESSES: dict[str, PressFactory] = {
     "compose_replay_shared": compose_press(query_source="replay", layer_allocation="shared", score_pooling=9),
     # the pooling alone, under the default's global allocation
     "compose_replay_pooled": compose_press(query_source="replay", score_pooling=9, **GLOBAL),
+    # KVzip's reduction over a KV group's query heads (the max; the default takes the mean): Qwen2.5's groups are
+    # 7 query heads wide, SmolLM2's 3
+    "compose_replay_groupmax": compose_press(query_source="replay", agg_group="max", **GLOBAL),
     "compose_snapkv": lambda ratio: ComposePress(compression_ratio=ratio, scorer=SnapKVPress(), **GLOBAL),
     "compose_expected_attention": lambda ratio: ComposePress(compression_ratio=ratio, scorer=ExpectedAttentionPress(),
                                                              **GLOBAL),

@@ -10,13 +10,13 @@ templates and answer prefixes under the plain ``base`` template (no chat templat
 model's own), and its ``tokens_to_generate`` as ``max_new_tokens``. Word pools are RULER's: the ``wonderwords``
 package's noun, adjective and verb lists (adjective-noun keys for the needles, single words for ``cwe``).
 
-Lengths. The full prompt (context + question + `` `` + answer prefix, RULER's input text, without special or chat
-template tokens) lands within 2% of ``n_tokens`` tokens of the given tokenizer. As RULER does, each context's
-random draws are fixed first and the haystack size (noise blocks, needle sentences, essay words, list words) is
-then searched, here per context: an estimate from two small probes, then a doubling bracket and a bisection, so
-the whole prompt is tokenized O(log n) times per context; the size whose prompt is closest to ``n_tokens`` wins
-(RULER keeps the largest that fits ``max_seq_length`` including the generated tokens; here ``n_tokens`` counts the
-prompt alone, and ``n_tokens + max_new_tokens`` must fit the model's context, else :class:`ValueError`).
+Lengths, as RULER counts them: ``n_tokens`` holds the prompt (context + question + `` `` + answer prefix, RULER's
+input text, without special or chat template tokens) and the task's tokens to generate. As RULER does, each
+context's random draws are fixed first and the haystack size (noise blocks, needle sentences, essay words, list
+words) is then searched, here per context: an estimate from two small probes, then a doubling bracket and a
+bisection, so the whole prompt is tokenized O(log n) times per context; the largest size whose prompt fits
+``n_tokens - max_new_tokens`` wins (RULER's rule), and it must land within 2% of it, else :class:`ValueError`.
+``n_tokens`` must fit the model's context.
 
 Columns follow kvpress's RULER dataset (``evaluation/benchmarks/ruler/create_huggingface_dataset.py`` splits
 RULER's input text at the last question and at the answer prefix): ``context`` is the task instruction and the
@@ -25,15 +25,17 @@ RULER's answer prefix (here without its leading space), ``answer`` a list of str
 plus ``haystack`` (``noise``, ``needle``, ``prose:gensim:lee_background``, ``words``, ``coded``) and
 ``prompt_tokens`` (the row's full prompt in the tokenizer's tokens).
 
-Departure from RULER: a context costs one compression whatever it is asked, so every needle of a multi-needle
-context is asked as its own row: ``niah_multikey_1`` asks each of its 4 keys, ``niah_multiquery`` each of its 4
-queried keys, ``niah_multikey_2``/``_3`` (whose haystack is made of needles, each a real key-value pair) the
-inserted needle and :data:`HAYSTACK_NEEDLE_ROWS` - 1 haystack needles drawn at random, so the niah tasks average
-(1 + 1 + 1 + 4 + 10 + 10 + 1 + 4) / 8 = 4 rows per context. Each such row asks one key for one value, so its
-question takes RULER's singular wording. kvpress answers all rows of a context with one answer prefix (its
-evaluate.py asserts that they share it), so those tasks use RULER's singular answer prefix without the key
-("The special magic number mentioned in the provided text is"). ``niah_single_*``, ``niah_multivalue``, ``vt``,
-``cwe`` and ``fwe`` keep one row per context and RULER's exact question and answer prefix.
+Questions and prefixes are RULER's, with the key named in every niah answer prefix ("The special magic number for
+{key} mentioned in the provided text is"). ``niah_multiquery`` asks RULER's one plural question for its 4 keys and
+expects the 4 values in one answer. One departure, for tighter intervals at no extra compression: a context costs
+one compression whatever it is asked, so the multi-key tasks ask more than RULER's one key, each key as its own row
+after its own prefix: ``niah_multikey_1`` each of its 4 keys (RULER's asked key first), ``niah_multikey_2``/``_3``
+(whose haystack is made of needles, each a real key-value pair) the inserted needle and
+:data:`HAYSTACK_NEEDLE_ROWS` - 1 haystack needles drawn at random. The runner answers each row after its own
+prefix from one compression (:mod:`evaluation.prefixed_pipeline`); ``one_question`` (``--one-question``) keeps
+RULER's own row alone, which is RULER's dataset exactly and what kvpress's ``evaluate.py`` (one answer prefix per
+context) needs. The first row of every context is RULER's own and its prompt fits ``n_tokens``; another key's row
+may be a few tokens longer or shorter.
 
 Smaller differences: the essay haystack is the Lee background corpus of news prose (:mod:`evaluation.prose`,
 shipped by the ``gensim`` wheel; RULER downloads Paul Graham's essays), cut into sentences by a small rule instead
@@ -42,11 +44,9 @@ per context as fractions of the haystack (RULER: as indices) so that a context's
 size is searched. ``cwe`` beyond the ~8,700 words of wonderwords' lists continues with adjective-noun compounds
 (RULER switches to a downloaded word list).
 
-Scoring: kvpress's RULER scorer (``calculate_metrics.py``) uses ``string_match_all`` for every task here (its
-``string_match_part`` is for the qa tasks): the share of answer items that occur in the lower-cased prediction as
-plain substrings. ``evaluation.metrics.string_match_all`` scores the same items as whole words, so ``1234567`` is
-not found in ``12345678`` where kvpress would find it, but also not in ``is 1234567.`` or ``ABCDE, FGHIJ``
-(words are split on whitespace only, punctuation stays attached), which kvpress counts as found.
+Scoring (:mod:`evaluation.metrics`): kvpress's RULER scorer, ``string_match_all`` for every task here (the share of
+answer items found in the prediction as case-blind substrings, control characters removed first;
+``string_match_part``, any item found, is for RULER's qa tasks, which need downloads and are not generated here).
 """
 
 from __future__ import annotations
@@ -667,11 +667,14 @@ def write_ruler_dataset(
     max_context: int | None = None,
     prose: str | None = None,
     progress: bool = False,
+    one_question: bool = False,
 ) -> Path:
-    """Generate ``n_contexts`` contexts of ``n_tokens`` prompt tokens (in ``tokenizer``'s tokens, within 2%) for
-    each of ``tasks`` and write them under ``out_dir`` as ``test-<task>.jsonl`` files and a ``README.md`` card
-    (``evaluation.data.load_rows`` reads them). ``prose`` replaces the essay haystack's text (default: the Lee
-    background corpus, :func:`evaluation.prose.load_prose`); ``progress`` shows a tqdm bar."""
+    """Generate ``n_contexts`` contexts of ``n_tokens`` tokens as RULER counts them (the prompt, in
+    ``tokenizer``'s tokens, and the tokens to generate) for each of ``tasks`` and write them under ``out_dir`` as
+    ``test-<task>.jsonl`` files and a ``README.md`` card (``evaluation.data.load_rows`` reads them). ``prose``
+    replaces the essay haystack's text (default: the Lee background corpus, :func:`evaluation.prose.load_prose`);
+    ``progress`` shows a tqdm bar. ``one_question`` keeps RULER's own question alone (the first row) of every
+    context: RULER's dataset exactly, and one answer prefix per context, which kvpress's ``evaluate.py`` requires."""
     tasks = tuple(tasks)
     limit = check_arguments(tokenizer, n_tokens, n_contexts, tasks, max_context)
     needs_prose = any(task in NIAH and NIAH[task].haystack == "essay" for task in tasks)
@@ -684,7 +687,8 @@ def write_ruler_dataset(
             cap = n_tokens - MAX_NEW_TOKENS[task_kind(task)]  # RULER: the largest prompt that fits with its answer
             rows_by_task[task] = []
             for index in range(n_contexts):
-                rows_by_task[task] += context_rows(task, index, seed, n_tokens, tokenizer, prose_words, cap)
+                rows = context_rows(task, index, seed, n_tokens, tokenizer, prose_words, cap)
+                rows_by_task[task] += rows[:1] if one_question else rows
                 bar.update()
     # written once every context is generated, each file whole: an interrupted generation leaves no file (a cut
     # during these few writes can leave some tasks, which check_ruler_dataset names)
@@ -746,6 +750,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=RULER_TASKS)
+    parser.add_argument("--one-question", action="store_true",
+                        help="RULER's own question alone per context (for kvpress's evaluate.py, which needs one "
+                        "answer prefix per context); by default every key of a multi-key context is asked")
     parser.add_argument("--max-context", type=int, default=None,
                         help="the model's context (default: max_position_embeddings of the folder's config.json, "
                         "else the tokenizer's model_max_length)")
@@ -762,7 +769,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     if max_context is None and (folder / "config.json").is_file():  # a model folder: its position limit
         max_context = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
     out = write_ruler_dataset(args.out, tokenizer, args.tokens, args.contexts, args.seed, tuple(args.tasks),
-                              max_context, progress=True)
+                              max_context, progress=True, one_question=args.one_question)
     print(f"wrote {len(args.tasks)} RULER tasks x {args.contexts} contexts of {args.tokens} tokens to {out}")
     return out
 

@@ -28,6 +28,7 @@ import ast
 import hashlib
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -50,7 +51,16 @@ from .run import (
     rerun_reason,
     run,
 )
-from .sweep import BASELINE, by_ratio, human_title, intervals_by_ratio, markdown, plot, run_summary
+from .sweep import (
+    BASELINE,
+    by_ratio,
+    draw_accuracy_vs_memory,
+    human_title,
+    intervals_by_ratio,
+    markdown,
+    plot,
+    run_summary,
+)
 from .synthetic_tasks import TASKS
 
 STUDY_MODEL = Path(__file__).parent / "models" / "retrieval-llama-gqa"
@@ -219,19 +229,13 @@ def per_task_table(table: pd.DataFrame, ratio: float, tasks=TASKS) -> pd.DataFra
 
 def plot_accuracy_vs_memory(table: pd.DataFrame, path: Path, title: str) -> Path:
     """Average accuracy against the cache memory really held (fraction of the full cache), one line per press
-    with its intervals as error bars: presses that only mask stay at 1.0 whatever their ratio."""
+    with its intervals as error bars (:func:`evaluation.sweep.draw_accuracy_vs_memory`): presses that only mask
+    stay at 1.0 whatever their ratio."""
     figure = Figure(figsize=(9, 5.5))
     axes = figure.subplots()
-    for index, (press, runs) in enumerate(table[table["status"] == "ok"].groupby("press", sort=False)):
-        runs = runs.sort_values("memory")
-        errors = [(runs["average"] - runs["ci_low"]).to_numpy(), (runs["ci_high"] - runs["average"]).to_numpy()]
-        ours = press.startswith("compose")
-        axes.errorbar(runs["memory"].to_numpy(), runs["average"].to_numpy(), yerr=errors, label=press, capsize=3, color=f"C{index % 10}",
-                      marker="o" if ours else "s", linestyle="-" if ours else "--")
-    axes.set(xlabel="cache memory held (fraction of the full cache)", ylabel="average accuracy (%)", xlim=(0, 1.05))
-    figure.suptitle(title, fontsize="medium")  # over the whole figure: a long title is not cut at the left
-    axes.grid(alpha=0.3)
+    draw_accuracy_vs_memory(axes, table)
     axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.suptitle(textwrap.fill(title, 75), fontsize="medium")  # over the whole figure, wrapped: never cut
     figure.tight_layout()
     return save_figure(figure, path)
 
@@ -256,8 +260,9 @@ def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str
         f" **{n_done} of {n_runs} runs done** (claims tier {len(claims)} of {len(plan['claims'])}, field "
         f"{len(field)} of {len(plan['field'])}): the tables hold those; rerun the command to finish the rest.")
     sections = [(f"# Study: {setting}\n\nWritten by `python -m evaluation.study`. Sample: {len(tasks)} tasks; the "
-                f"leaders on {n_claims} contexts per task, the field on {n_field}. Accuracy in %, 95% bootstrap "
-                f"intervals over contexts (resampled within each task).{progress}")]
+                f"leaders on {n_claims} contexts per task, the field on {n_field}. Accuracy in % by kvpress's RULER "
+                f"metric (`string_match_all`: the share of answer items found as case-blind substrings), 95% "
+                f"bootstrap intervals over contexts (resampled within each task).{progress}")]
     sections += [preface] if preface else []
     if len(claims):
         sections += leaders_sections(claims, plan["claims"], docs, n_claims, tasks, comparisons)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,13 +185,10 @@ def coinciding(lines: list[PlotLine]) -> list[list[str]]:
     return [presses for presses in groups.values() if len(presses) > 1]
 
 
-def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
-    """Average accuracy against compression ratio: one line per press with its own marker, line style and colour
-    (no_press dotted black), shifted right by a small offset per press so that equal curves stay visible, each
-    run's 95% bootstrap interval as a band; x ticks at the measured ratios only; presses whose curves coincide
-    are named under the plot. ``title``: a human one (:func:`human_title`)."""
-    figure = Figure(figsize=(9, 5.5))
-    axes = figure.subplots()
+def draw_accuracy_vs_ratio(axes, table: pd.DataFrame) -> None:
+    """Average accuracy against compression ratio on ``axes``: one line per press with its own marker, line
+    style and colour (no_press dotted black), shifted right by a small offset per press so that equal curves stay
+    visible, each run's 95% bootstrap interval as a band; x ticks at the measured ratios only."""
     with_interval = table["ci_low"].notna() if "ci_low" in table else pd.Series(False, index=table.index)
     for line in plot_lines(table):
         x = np.asarray(line.ratios) + line.offset
@@ -203,15 +201,55 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
     ratios = sorted(set(table["ratio"]))
     axes.set_xticks(ratios, [f"{ratio:g}" for ratio in ratios])
     axes.set(xlabel="compression ratio (fraction of the KV cache removed)", ylabel="average accuracy (%)",
-             title=title, ylim=(-2, 102))
+             ylim=(-2, 102))
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+
+
+def draw_accuracy_vs_memory(axes, table: pd.DataFrame) -> None:
+    """Average accuracy against the cache memory really held (fraction of the full cache) on ``axes``, in the
+    same marker, style and colour per press as :func:`draw_accuracy_vs_ratio`, intervals as error bars: presses
+    that only mask stay at 1.0 whatever their ratio."""
+    styles = {line.press: line for line in plot_lines(table)}
+    ok = table[(table["status"] == "ok") & table["memory"].notna()] if "memory" in table else table.iloc[:0]
+    for press, runs in ok.groupby("press", sort=False):
+        runs = runs.sort_values("memory")
+        line = styles[press]
+        errors = None
+        if "ci_low" in runs and runs["ci_low"].notna().all():
+            errors = [(runs["average"] - runs["ci_low"]).to_numpy(), (runs["ci_high"] - runs["average"]).to_numpy()]
+        axes.errorbar(runs["memory"].to_numpy(), runs["average"].to_numpy(), yerr=errors, capsize=3,
+                      label=line.label, color=line.color, marker=line.marker or "o", linestyle=line.linestyle, markersize=6, alpha=0.9)
+    axes.set(xlabel="cache memory held (fraction of the full cache)", ylabel="average accuracy (%)",
+             xlim=(0, 1.05), ylim=(-2, 102))
+    axes.grid(alpha=0.3)
+
+
+def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
+    """:func:`accuracy_figure` saved at ``path`` (PNG), written whole and never through a link."""
+    return save_figure(accuracy_figure(table, title), path)
+
+
+def accuracy_figure(table: pd.DataFrame, title: str) -> Figure:
+    """Two panels: average accuracy against compression ratio (:func:`draw_accuracy_vs_ratio`) and against the
+    cache memory really held (:func:`draw_accuracy_vs_memory`, where the runs recorded it), one legend for both;
+    presses whose curves coincide are named under the plot. ``title``: a human one (:func:`human_title`),
+    wrapped over the whole figure so that it never runs off its edges."""
+    with_memory = "memory" in table and table["memory"].notna().any()
+    figure = Figure(figsize=(14 if with_memory else 9, 5.5))
+    axes = figure.subplots(1, 2 if with_memory else 1, squeeze=False)[0]
+    draw_accuracy_vs_ratio(axes[0], table)
+    if with_memory:
+        draw_accuracy_vs_memory(axes[1], table)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, fontsize="small", loc="center right")
+    figure.suptitle(textwrap.fill(title, 110 if with_memory else 75), fontsize="medium")
     same = coinciding(plot_lines(table))
     if same:
         note = "same curve: " + "; ".join(" = ".join(presses) for presses in same)
         figure.text(0.01, 0.01, note, fontsize="small", wrap=True)
-    figure.tight_layout(rect=(0, 0.05 if same else 0, 1, 1))
-    return save_figure(figure, path)
+    legend_share = 0.2 if with_memory else 0.28
+    figure.tight_layout(rect=(0, 0.05 if same else 0, 1 - legend_share, 1))
+    return figure
 
 
 def display_name(model: str) -> str:

