@@ -18,8 +18,6 @@ import torch
 from kvpress.utils import get_prerope_query_states
 from torch import nn
 
-from kvpress_compose.visibility import causally_visible
-
 QueryBlocks = Callable[[int, int], torch.Tensor]
 MIN_BLOCK = 16  # queries per block at least, so that small caches do not mean thousands of tiny steps
 PROJECTION_ROWS = 256  # queries are projected this many at a time (small matmuls are slow), scored per block
@@ -28,6 +26,17 @@ AGGREGATIONS = ("max", "mean")
 # model types whose queries kvpress's get_prerope_query_states recomputes exactly (projection, per-head q_norm,
 # RoPE); others (OLMo2's full-width q_norm, ...) would be scored with other queries than attention used
 EXACT_QUERY_RECOMPUTATION = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
+
+
+# the one causal visibility rule, shared by scoring (softmax and log-sum-exp paths) and the per-layer masks
+def causally_visible(queries: range, keys: range, causal_offset: int | None, device=None) -> torch.Tensor:
+    """``(len(queries), len(keys))`` booleans: query ``q`` sees key ``j`` iff ``j <= q + causal_offset``
+    (``causal_offset=None``: every key). Padding is the caller's to add."""
+    if causal_offset is None:
+        return torch.ones(len(queries), len(keys), dtype=torch.bool, device=device)
+    query_index = torch.arange(queries.start, queries.stop, device=device)[:, None]
+    key_index = torch.arange(keys.start, keys.stop, device=device)[None, :]
+    return key_index <= query_index + causal_offset
 
 
 def recompute_queries(module: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Write compressed keys and values back into a transformers cache (step 4 of KVCompose).
+"""Write compressed keys and values back into a transformers cache (step 6 of KVCompose, the gather: see kvpress_compose.compression).
 
 Each layer keeps one dense ``(batch, kv_heads, k_l, head_dim)`` tensor: every head's kept positions are
 gathered into it, so memory really shrinks. The number of context entries each layer kept is recorded on the

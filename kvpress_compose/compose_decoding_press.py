@@ -11,12 +11,9 @@ from kvpress.presses.base_press import is_prefilling
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, QuantizedCache
 
-from kvpress_compose.allocation import stack_layer_scores, with_sinks_kept
-from kvpress_compose.attention_scores import attention_statistics, finish_scores, query_blocks
-from kvpress_compose.cache_gather import full_cache_bytes, layer_states
 from kvpress_compose.compose_press import ComposePress
 from kvpress_compose.model_attachment import language_model_of
-from kvpress_compose.query_sources import SCORE_BLOCK_FRACTION, checked_scorer_scores, on_one_scale
+from kvpress_compose.query_sources import QuerySource
 from kvpress_compose.replay import ReplayCache
 from kvpress_compose.settings import positive_int_setting
 from kvpress_compose.windowed_layers import layer_windows
@@ -96,9 +93,10 @@ class ComposeDecodingPress(DecodingPress):
 
     Scores come from the queries that exist during decoding: the last ``hidden_states_buffer_size`` generated
     tokens' queries (recomputed from their buffered attention inputs with the model's own projection and RoPE),
-    each attending causally to the layer's cache, aggregated as ``base_press``'s ``agg_*`` settings say. They are
-    the queries closest to what comes next, which is what eviction should protect; with ``base_press.scorer``
-    set, that kvpress scorer scores from the same buffered states instead.
+    each attending causally to the layer's cache, aggregated as ``base_press``'s ``agg_*`` settings say
+    (``base_press.decoding_source()``, a query source like the prefill's). They are the queries closest to what
+    comes next, which is what eviction should protect; with ``base_press.scorer`` set, that kvpress scorer
+    scores from the same buffered states instead. The scores go to ``base_press.compress_scored``.
 
     It is a kvpress ``DecodingPress`` (without that class's ScorerPress requirement), so kvpress's pipeline and
     ``evaluate.py`` run it during decoding as theirs; the pipeline then runs the prefill outside the press, so
@@ -185,15 +183,12 @@ class ComposeDecodingPress(DecodingPress):
         ``compression_interval`` tokens were decoded since the last compression, re-scores and compresses every
         layer's cache at once under one global budget (``n_layers x target_size`` entries per KV head)."""
         hidden_states = kwargs["hidden_states"]
-        if self.base_press.in_prefill:  # the prefill, or its replay pass re-entering the model
-            self._generation = None  # a new sequence
-            return self.base_press.forward_hook(module, input, kwargs, output)
-        if is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):  # a prefill base_press keeps whole
-            self._generation = None
-            return output
         cache = kwargs["past_key_values"]
-        if isinstance(cache, ReplayCache):  # another ComposePress's replay pass (PrefillDecodingPress): not decoding
+        if isinstance(cache, ReplayCache):  # a replay pass (base_press's, or another ComposePress's): not decoding
             return output
+        if is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):  # a new sequence
+            self._generation = None
+            return self.base_press.forward_hook(module, input, kwargs, output)  # it scores where it compresses
         check_compressible(cache, self._full_layers)
         n_layers = len(self._language_model.layers)
         if self._generation is None:
@@ -233,42 +228,21 @@ class ComposeDecodingPress(DecodingPress):
         if sum(lengths) <= n_kept:
             return
         check_sinks_fit_target(self)
-        layer_scores = [self._layer_scores(run, layer.self_attn, cache) for layer in layers]
-        scores = stack_layer_scores(layer_scores)
-        # the sinks: each row's first cached entries that are not padding, in each layer (layers' lengths differ)
-        valid = torch.zeros(scores.shape[0], scores.shape[1], scores.shape[-1], dtype=torch.bool, device=scores.device)
-        for row, (layer_idx, scored) in enumerate(zip(self._full_layers, layer_scores)):
-            layer_valid = run.key_valid[layer_idx]
-            n_scored = scored.shape[2]  # a QuantizedCache may count other entries than it holds: all valid then
-            valid[row, :, :n_scored] = layer_valid.to(scores.device) if layer_valid.shape[1] == n_scored else True
-        scores = with_sinks_kept(scores, valid, self.base_press.n_sink)
-        self.base_press.compress_scored(cache, scores, n_kept, self._full_layers)
+        source = self.base_press.decoding_source()
+        layer_scores = [self._layer_scores(run, source, layer.self_attn, cache) for layer in layers]
+        # each layer's valid entries (not padding): its sinks are its first ones (layers' lengths differ)
+        valid = [run.key_valid[layer_idx] for layer_idx in self._full_layers]
+        self.base_press.compress_scored(cache, layer_scores, n_kept, self._full_layers, valid)
 
-    def _layer_scores(self, run: DecodingRun, module: nn.Module, cache) -> torch.Tensor:
+    def _layer_scores(self, run: DecodingRun, source: QuerySource, module: nn.Module, cache) -> torch.Tensor:
         """``(batch, kv_heads, cached)`` scores: the recent queries' attention to each of the layer's entries."""
         layer = module.layer_idx
-        keys, values = layer_states(cache, layer)
         hidden_states = torch.cat(run.hidden_states[layer][-self.hidden_states_buffer_size :], dim=1)
-        n_queries, n_cached = hidden_states.shape[1], keys.shape[2]
+        n_queries = hidden_states.shape[1]
         cos = torch.cat([p[0] for p in run.position_embeddings], dim=1)[:, -n_queries:]
         sin = torch.cat([p[1] for p in run.position_embeddings], dim=1)[:, -n_queries:]
-        press = self.base_press
-        key_valid = run.key_valid[layer].to(keys.device)
-        if press.scorer is not None:
-            kwargs = {"hidden_states": hidden_states, "position_embeddings": (cos, sin), "past_key_values": cache}
-            scores = on_one_scale(checked_scorer_scores(press.scorer, module, hidden_states, keys, values, None,
-                                                        kwargs), key_valid)
-        else:
-            queries = query_blocks(module, hidden_states, (cos, sin))
-            query_valid = torch.ones(keys.shape[0], n_queries, dtype=torch.bool, device=keys.device)
-            statistics = attention_statistics(
-                queries, n_queries, module.config.num_attention_heads, keys, key_valid, query_valid,
-                n_scored=n_cached, causal_offset=n_cached - n_queries, agg_task=press.agg_task,
-                block_bytes=int(SCORE_BLOCK_FRACTION * full_cache_bytes(keys, len(self._language_model.layers))),
-                block_size=press.score_block_size,
-            )
-            scores = finish_scores(statistics, query_valid.sum(dim=-1), press.agg_task, press.agg_group)
-        return press.layer_scores_enhanced(scores, cache, layer, key_valid)
+        return source.cache_scores(module, hidden_states, (cos, sin), cache, run.key_valid[layer],
+                                   len(self._language_model.layers))
 
 
 def check_sinks_fit_target(press: ComposeDecodingPress) -> None:

@@ -1,10 +1,18 @@
-"""ComposePress: KVCompose as a kvpress press."""
+"""ComposePress: KVCompose as a kvpress press.
+
+The press holds its settings and its last results; while it is in use on a model, its
+:class:`~kvpress_compose.model_attachment.DecoderAttachment` holds the decoder hooks and the prefill under way.
+A prefill goes: the attachment's pre-hook asks :meth:`ComposePress.prefill_for` for a run and its query source;
+each attention layer's kvpress hook (:meth:`ComposePress.forward_hook`) has the source score that layer; when
+the decoder call returns, :meth:`ComposePress.compress_prefill` finishes the source (the replay pass) and runs
+the algorithm of :mod:`kvpress_compose.compression` on the cache.
+"""
 
 from __future__ import annotations
 
-import threading
+import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 
 import torch
@@ -14,9 +22,16 @@ from transformers import PreTrainedModel
 
 from kvpress_compose import attention_lse
 from kvpress_compose.cache_gather import layer_states
-from kvpress_compose.compression import CompositeCompression
+from kvpress_compose.compression import (
+    Compressed,
+    CompressionSettings,
+    check_cache_unchanged,
+    compress,
+    compute_n_kept,
+    mask_unstructured,
+)
 from kvpress_compose.head_masks import install_head_mask_hooks
-from kvpress_compose.layer_masks import install_layer_mask_hooks
+from kvpress_compose.layer_masks import install_layer_mask_hooks, refuse_assisted_generation
 from kvpress_compose.model_attachment import (
     DecoderAttachment,
     check_context_length,
@@ -24,22 +39,20 @@ from kvpress_compose.model_attachment import (
     check_token_ids,
     language_model_of,
     refuse_if_in_use,
-    refuse_uncompressed_context,
     refuse_static_cache,
+    refuse_uncompressed_context,
     refuse_unstructured,
 )
-from kvpress_compose.prefill_inputs import decoder_arguments, prefill_inputs
-from kvpress_compose.positions import refuse_assisted_generation
-from kvpress_compose.prefill_run import PREFILL, SCORED, PrefillRun
-from kvpress_compose.query_sources import query_source_for, repeat_prompt_from
+from kvpress_compose.prefill_run import PREFILL, SCORED, PrefillRun, prefill_inputs
+from kvpress_compose.query_sources import QuerySource, Scoring, query_source_for, repeat_prompt_from
 from kvpress_compose.settings import SETTINGS, check_combination
-from kvpress_compose.windowed_layers import layers_to_compress
+from kvpress_compose.windowed_layers import layers_to_compress, record_window
 
-START_LOCK = threading.Lock()  # one thread at a time checks for, and starts, a press's prefill
+logger = logging.getLogger(__name__)  # users filter on its name, kvpress_compose.compose_press
 
 
 @dataclass
-class ComposePress(CompositeCompression, BasePress):
+class ComposePress(BasePress):
     """KVCompose: structured KV cache compression with composite tokens and global layer allocation.
 
     Every (layer, KV head) scores its context tokens; each head ranks its own tokens and rank j of every head
@@ -84,12 +97,14 @@ class ComposePress(CompositeCompression, BasePress):
         False: the unstructured upper bound, per-(layer, head) budgets as kvpress's head-wise masks (frees no
         memory; sdpa or flash).
     layer_allocation : str, default="global"
-        "global" (the paper's): one top-k over every layer's composite scores (on SmolLM2's RULER study +40.8
-        points [32.5, 49.2] over "uniform" at 0.75). "uniform": every layer keeps the same number.
-        "global_normalized": the global top-k over each head's score shares (use with ``n_sink``). "shared":
-        every layer and head keeps the same tokens, each token ranked by its best within-layer percentile (a
-        token one layer singles out is kept by all), as many per layer; for models whose few full-attention
-        layers score on different scales (Gemma 3: docs/gemma3-default-loss.md; use with ``score_pooling=9``).
+        How one budget is spread over layers; each choice is an allocation object of
+        :data:`kvpress_compose.compression.ALLOCATIONS` (how they compare: README, "Findings").
+        "global" (the paper's): one top-k over every layer's composite scores. "uniform": every layer keeps
+        the same number. "global_normalized": the global top-k over each head's score shares (use with
+        ``n_sink``). "shared": every layer and head keeps the same tokens, each token ranked by its best
+        within-layer percentile (a token one layer singles out is kept by all), as many per layer; for models
+        whose few full-attention layers score on different scales (Gemma 3: docs/gemma3-default-loss.md; use
+        with ``score_pooling=9``).
     composite_tokens : bool, default=True
         False (the ablation): one set of positions per layer, ranked by the ``agg_head`` score, for every head.
     scorer : ScorerPress, optional
@@ -165,7 +180,7 @@ class ComposePress(CompositeCompression, BasePress):
             return super().__setattr__(name, value)
         previous = self.__dict__.get(name)
         super().__setattr__(name, validate(name, value))
-        if "_run" in self.__dict__:  # constructed: settings that depend on each other are checked together
+        if "_attached" in self.__dict__:  # constructed: settings that depend on each other are checked together
             try:
                 check_combination(self)
             except ValueError:
@@ -174,19 +189,47 @@ class ComposePress(CompositeCompression, BasePress):
 
     def __post_init__(self):
         check_combination(self)
-        self._attachment: DecoderAttachment | None = None  # our decoder hooks, while the press is in use
-        self._run: PrefillRun | None = None  # the prefill under way, if any
+        self._attached: DecoderAttachment | None = None  # our decoder hooks, while the press is in use
 
     def __getstate__(self) -> dict:
         """A copy (``copy.deepcopy``, ``copy.copy``, ``pickle``) is a fresh, unattached press of the same settings,
         whether or not this one is in use: neither the model it is attached to nor its last results go with it."""
-        state = {name: value for name, value in self.__dict__.items() if name not in ("_attachment", "_run")}
+        state = {name: value for name, value in self.__dict__.items() if name != "_attached"}
         return state | {"last_budgets": None, "last_scores": None, "last_layers": None}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _attachment=None, _run=None)
+        self.__dict__.update(state, _attached=None)
 
-    # -- being used on a model ----------------------------------------------------------------------------
+    # -- the settings, as the algorithm and the query sources read them -----------------------------------------
+
+    def compression_settings(self) -> CompressionSettings:
+        """The settings :mod:`kvpress_compose.compression` reads, from this press's fields."""
+        return CompressionSettings(**{setting.name: getattr(self, setting.name)
+                                      for setting in fields(CompressionSettings)})
+
+    def scoring(self) -> Scoring:
+        """The aggregation settings the query sources read."""
+        return Scoring(self.agg_task, self.agg_group, self.score_block_size)
+
+    def decoding_source(self) -> QuerySource:
+        """The source that scores a cache during decoding with this press's settings: its ``scorer``, else the
+        recent tokens' queries (:class:`~kvpress_compose.query_sources.RecentQueries`)."""
+        return query_source_for("recent", self.scorer, self.scoring())
+
+    # -- being used on a model ----------------------------------------------------------------------------------
+
+    @property
+    def _attachment(self) -> DecoderAttachment | None:
+        """Our decoder hooks while the press is in use: None once removed (by our block's end, or with the hooks
+        of a wrapper that has exited)."""
+        attachment = self.__dict__.get("_attached")
+        return None if attachment is None or attachment.removed else attachment
+
+    @property
+    def in_prefill(self) -> bool:
+        """Whether a prefill this press compresses is under way (its replay pass included)."""
+        attachment = self._attachment
+        return attachment is not None and attachment.run is not None
 
     def post_init_from_model(self, model: PreTrainedModel):
         self._refuse_if_in_use()
@@ -201,7 +244,7 @@ class ComposePress(CompositeCompression, BasePress):
             install_head_mask_hooks(attention_modules)
         self._detach()
         model_path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-        self._attachment = DecoderAttachment(self, language_model, attention_modules, type(model).__name__, model_path)
+        self._attached = DecoderAttachment(self, language_model, attention_modules, type(model).__name__, model_path)
         if self.scorer is not None:
             self.scorer.post_init_from_model(model)
 
@@ -221,59 +264,27 @@ class ComposePress(CompositeCompression, BasePress):
         self._detach()
 
     def _detach(self):
-        self._end_run()
         if self._attachment is not None:
             self._attachment.remove()
-            self._attachment = None
+        self._attached = None
 
-    def _detach_from(self, attachment: DecoderAttachment):
-        """A wrapper's hook that used this press is gone: its attachment goes (and the press forgets it)."""
-        if self._attachment is attachment:
-            self._detach()
-        else:
-            attachment.remove()
+    # -- one prefill: the attachment starts it, each layer's hook scores it, the decoder's end compresses it ------
 
-    @property
-    def in_prefill(self) -> bool:
-        """Whether a prefill this press compresses is under way (its replay pass included)."""
-        return self._run is not None
-
-    def _end_run(self):
-        if self._run is not None:
-            self._run.close()
-            self._run = None
-
-    # -- one prefill: started by the decoder's pre-hook, ended by its forward hook ------------------------
-
-    def _start_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict) -> None:
-        attachment = self._attachment
-        if not attachment.press_is_hooked():  # the press was used by a wrapper that has exited
-            self._detach()
-            return
-        with START_LOCK:
-            self._start_prefill_locked(attachment, decoder_arguments(decoder, args, kwargs))
-
-    def _start_prefill_locked(self, attachment: DecoderAttachment, arguments: dict) -> None:
-        if self._run is not None and self._run.thread != threading.get_ident():
-            raise RuntimeError(
-                "this ComposePress is compressing a prefill in another thread: a press serves one forward at a time. "
-                "Give each thread its own model and press (copy.deepcopy), or run the forwards one after another"
-            )
-        if self._run is None and (self.compression_ratio > 0 or attachment.hands_later_tokens_to_decoding()):
+    def prefill_for(self, attachment: DecoderAttachment, arguments: dict,
+                    fresh: bool) -> tuple[PrefillRun, QuerySource] | None:
+        """Called by the attachment's pre-hook for a decoder call that is not nested in a prefill (``fresh``: into
+        an empty cache): the prefill's run and query source, or None where nothing is compressed; refuses what
+        would leave a context uncompressed or compressed wrongly."""
+        if self.compression_ratio > 0 or attachment.hands_later_tokens_to_decoding():
             refuse_assisted_generation("inside a `with press(model)` block that compresses the cache")
         cache = arguments.get("past_key_values")
-        fresh = cache is None or cache.get_seq_length() == 0
-        if self._run is not None:
-            if not fresh:  # a replay pass (ours or an outer press's) re-entering the decoder
-                self._run.nested_calls += 1
-                return
-            self._end_run()  # left by a forward that ended without its hooks (KeyboardInterrupt)
         if fresh:  # a new prefill: the last one's results go, even where this one compresses nothing
             self.last_budgets = self.last_scores = self.last_layers = None
         if self.compression_ratio == 0:
-            return
+            return None
         if not fresh:  # later tokens (a question, generated ones): nothing to compress, some to refuse
-            return refuse_uncompressed_context(attachment, cache, arguments)
+            refuse_uncompressed_context(attachment, cache, arguments)
+            return None
         refuse_static_cache(cache)
         inputs = prefill_inputs(arguments)
         check_context_length(inputs, self.min_tokens_per_layer)
@@ -281,54 +292,21 @@ class ComposePress(CompositeCompression, BasePress):
         check_sinks_fit(inputs, self.n_sink, len(compressed_layers), self.compression_ratio)
         if not self.structured:
             refuse_unstructured(None, attachment, compressed_layers)
-        self._run = PrefillRun(
-            inputs=inputs,
-            source=query_source_for(self.query_source, self.scorer,
-                                    partial(repeat_prompt_from, self.replay_prompt_ids, attachment.model_path)),
-            language_model=attachment.language_model,
-            attention_modules=attachment.attention_modules,
-            agg_task=self.agg_task,
-            agg_group=self.agg_group,
-            score_block_size=self.score_block_size,
-            local_span=attachment.local_span,
-            cache=cache,
-            compressed_layers=compressed_layers,
-        )
-
-    def _finish_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        """Decoder forward hook, run only when the decoder call returns normally: when the call that started the
-        prefill has every layer scored, the query source finishes (the replay pass runs here, once the prefill's
-        own activations are freed) and the cache is compressed."""
-        run = self._run
-        if run is None or run.thread != threading.get_ident():  # nothing under way here (another thread's is)
-            return
-        if run.nested_calls > 0 or run.phase != SCORED:  # nothing scored, or a replay's nested call
-            return
-        with torch.no_grad():  # scoring and compression are never differentiated, even if the forward is
-            run.source.finish(run, run.cache)
-            self.compress_run(run, run.cache, self._attachment.windows)
-        self._attachment.compressed.add(run.cache)
-
-    def _end_prefill(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        """Decoder forward hook, run however the forward ends (``always_call``): the prefill's state goes when
-        the decoder call that started it ends."""
-        if self._run is not None and self._run.thread != threading.get_ident():  # another thread's prefill
-            return
-        if self._run is not None and self._run.nested_calls > 0:  # a replay pass's nested call
-            self._run.nested_calls -= 1
-            return
-        self._end_run()
-
-    # -- scoring (forward hook) ---------------------------------------------------------------------------
+        repeat_prompt = partial(repeat_prompt_from, self.replay_prompt_ids, attachment.model_path)
+        source = query_source_for(self.query_source, self.scorer, self.scoring(), repeat_prompt)
+        run = PrefillRun(inputs, attachment.decoder, compressed_layers, captures_lse=source.captures_prefill_lse,
+                         cache=cache)
+        return run, source
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
         """kvpress's per-layer hook, called after each attention layer's forward: it *scores* that layer's context
         entries (the query source's ``score_layer``) and compresses nothing. Once the last layer is scored the
         prefill is marked scored; the cache is compressed, every layer at once under one global budget, when the
-        decoder call returns (the decoder's forward hook, ``_finish_prefill``), after the prefill's own
-        activations are freed. kvpress's ScorerPress, by contrast, compresses each layer in this hook."""
-        run = self._run
-        if run is None or run.phase != PREFILL or run.thread != threading.get_ident():
+        decoder call returns (:meth:`compress_prefill`), after the prefill's own activations are freed. kvpress's
+        ScorerPress, by contrast, compresses each layer in this hook."""
+        attachment = self._attachment
+        run = attachment.current_run(PREFILL) if attachment is not None else None
+        if run is None:
             return output
         cache = kwargs.get("past_key_values")
         if cache is None:
@@ -339,8 +317,61 @@ class ComposePress(CompositeCompression, BasePress):
         if module.layer_idx in run.compressed_layers:  # a windowed layer of a hybrid model is left as it is
             with torch.no_grad():  # scoring is never differentiated, even if the forward is
                 keys, values = layer_states(cache, module.layer_idx)
-                run.source.score_layer(run, module, keys, values, output[1], kwargs)
+                attachment.source.score_layer(run, module, keys, values, output[1], kwargs)
         if module.layer_idx == run.n_layers - 1:
             run.close()  # the prefill's captured attention is no longer needed
-            run.phase = SCORED  # compressed when the decoder call returns (_finish_prefill)
+            run.phase = SCORED  # compressed when the decoder call returns (compress_prefill)
         return output
+
+    def compress_prefill(self, attachment: DecoderAttachment, run: PrefillRun, source: QuerySource) -> None:
+        """Called by the attachment when the decoder call of a scored prefill returns: the query source finishes
+        (the replay pass runs here), then the cache is compressed at ``compression_ratio``."""
+        cache, layers = run.cache, run.compressed_layers
+        with torch.no_grad():  # scoring and compression are never differentiated, even if the forward is
+            source.finish(run, cache)
+            layer_scores = [source.layer_scores(run, layer_idx) for layer_idx in layers]  # step 1
+            check_cache_unchanged([cache.get_seq_length(i) for i in layers], [s.shape[2] for s in layer_scores])
+            if not self.structured:
+                self._record(mask_unstructured(cache, layer_scores, run.inputs.valid, self.compression_ratio, layers,
+                                               run.attention_modules, self.compression_settings()))
+                return
+            n_kept = compute_n_kept(len(layers) * max(s.shape[2] for s in layer_scores), self.compression_ratio)
+            result = compress(cache, layer_scores, run.inputs.valid, n_kept, layers, self.compression_settings())
+            self._report(result, cache)
+        for layer_idx, kept in result.positions.items():  # a windowed layer compressed as a full one (short context)
+            if attachment.windows[layer_idx] is not None:
+                record_window(cache.layers[layer_idx], attachment.windows[layer_idx], kept, run.inputs.valid)
+
+    # -- the public compression entry point -----------------------------------------------------------------------
+
+    def compress_scored(self, cache, scores, n_kept: int, layer_indices: list[int] | None = None,
+                        valid=None) -> dict[int, torch.Tensor]:
+        """Keep ``n_kept`` composite tokens over the layers ``layer_indices`` of ``cache`` (default: every layer),
+        from their scores (``(layers, batch, kv_heads, n)``, or one ``(batch, kv_heads, n_l)`` tensor per layer;
+        ``-inf``: never kept), with this press's post-processing, composite tokens and layer allocation; other
+        layers are left as they are. ``valid``: the entries that are not padding, ``(batch, n)`` for every layer
+        or one ``(batch, n_l)`` per layer (None: all). :class:`~kvpress_compose.ComposeDecodingPress` calls it
+        during decoding. Records ``last_budgets``, ``last_layers`` and ``last_scores``; returns each compressed
+        layer's kept positions, ``(batch, kv_heads, k_l)`` ascending."""
+        layer_scores = list(scores)
+        layer_indices = list(range(len(layer_scores))) if layer_indices is None else list(layer_indices)
+        result = compress(cache, layer_scores, valid, n_kept, layer_indices, self.compression_settings())
+        self._report(result, cache)
+        return result.positions
+
+    def _record(self, result: Compressed) -> None:
+        self.last_budgets, self.last_layers, self.last_scores = result.budgets, result.layers, result.scores
+
+    def _report(self, result: Compressed, cache) -> None:
+        """Record a structured compression's results and log them (kvpress's pipeline logs layer 0's length
+        only, which says little here)."""
+        self._record(result)
+        for warning in result.warnings:
+            logger.warning(warning)
+        budgets = result.budgets.tolist()
+        logger.info(
+            f"ComposePress kept {int(result.budgets.sum())} of {result.n_entries} entries per KV head (budget "
+            f"{result.n_kept}, compression_ratio={self.compression_ratio}); per layer: {budgets}"
+            + (f" (layers {result.layers}; the others are windowed, left as they are)"
+               if len(result.layers) < len(cache.layers) else "")
+        )

@@ -1,151 +1,211 @@
-"""How ComposePress turns scored layers into a compressed cache: composite tokens, the layer allocation, and the
-gather (or, with ``structured=False``, per-head masks).
+"""KVCompose's algorithm in one place, top to bottom: from each layer's scores to a compressed cache.
 
-:class:`CompositeCompression` holds these steps as methods of the press (ComposePress inherits them), reading its
-settings; ComposeDecodingPress calls :meth:`CompositeCompression.compress_scored` of its ``base_press`` during
-decoding. Log lines go to ComposePress's logger, ``kvpress_compose.compose_press``.
+1. **Scores per layer**: ``(batch, kv_heads, n_l)`` for each compressed layer, from a query source
+   (:mod:`kvpress_compose.query_sources`); ``-inf`` means "never kept".
+2. **Post-processing** (:func:`post_processed`): value norms, padding, sinks, the mean over heads, pooling, the
+   allocation's own ranking, one ranking per layer; the result is stacked ``(layers, batch, kv_heads, n)``.
+3. **Composite tokens** (:func:`rank_tokens`, :func:`composite_scores`): each head ranks its own tokens; rank j of
+   every head forms composite token j of the layer, scored by ``agg_head`` over the heads' j-th scores.
+4. **Allocation** (:data:`ALLOCATIONS`): how many composite tokens each layer keeps of one budget ``n_kept``;
+   one :class:`Allocation` object per ``layer_allocation`` setting.
+5. **Kept positions** (:func:`kept_positions`): each head's top ``budget`` positions, ascending.
+6. **Gather** (:func:`kvpress_compose.cache_gather.compress_layer`): the kept keys and values, one dense
+   ``(batch, kv_heads, k_l, head_dim)`` tensor per layer.
+
+:func:`compress` runs steps 2 to 6 (ComposePress after a prefill, ComposeDecodingPress during decoding);
+:func:`mask_unstructured` is ``structured=False``: steps 2 to 4 per head, then kvpress's head-wise masks. The
+settings they read are one :class:`CompressionSettings`, which the press builds from its own fields. Nothing
+here logs: what the press should report comes back in :class:`Compressed`.
 """
 
 from __future__ import annotations
 
-import logging
+import math
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from kvpress_compose.allocation import (
-    composite_scores,
-    compute_n_kept,
-    floor_per_layer,
-    head_budgets,
-    kept_positions,
-    layer_budgets,
-    rank_tokens,
-    stack_layer_scores,
-    per_head_shares,
-    pooled_scores,
-    shared_ranking,
-    uniform_budgets,
-    with_sinks_kept,
-)
 from kvpress_compose.attention_scores import aggregate
 from kvpress_compose.cache_gather import compress_layer, layer_states, mask_evicted_entries
 from kvpress_compose.head_masks import remember_masks
-from kvpress_compose.model_attachment import check_context_length
-from kvpress_compose.prefill_run import PrefillRun
-from kvpress_compose.query_sources import check_cache_unchanged
-from kvpress_compose.windowed_layers import LayerWindow, record_window
-
-logger = logging.getLogger("kvpress_compose.compose_press")  # the press's logger: users filter on its name
 
 
-class CompositeCompression:
-    """ComposePress's allocation and compression steps, from ``(layers, batch, kv_heads, n)`` scores; they read
-    the press's settings (``compression_ratio``, ``structured``, ``layer_allocation``, ``composite_tokens``,
-    ``agg_head``, ``add_v_norm``, ``add_mean_across_heads``, ``score_pooling``, ``min_tokens_per_layer``,
-    ``n_sink``) and record
-    ``last_budgets``, ``last_layers`` and ``last_scores``."""
+@dataclass(frozen=True)
+class CompressionSettings:
+    """The settings the algorithm reads: ComposePress's fields of the same names (documented there)."""
 
-    def _ranked(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each head's scores, enhanced as the settings say, sorted, with the token order (``rank_tokens``)."""
-        if self.add_mean_across_heads:
-            # a never-kept (-inf) entry stays so, whatever the other heads hold
-            scores = torch.where(scores > float("-inf"), scores + mean_of_finite(scores, dim=2), scores)
-        scores = pooled_scores(scores, self.score_pooling)
-        if self.layer_allocation == "shared":  # one ranking for every layer and head
-            scores = shared_ranking(scores)
-        if not self.composite_tokens:  # one ranking per layer, shared by every head
-            scores = aggregate(scores, self.agg_head, dim=2)[:, :, None].expand_as(scores).contiguous()
-        self.last_scores = scores
-        return rank_tokens(scores)
+    layer_allocation: str = "global"
+    composite_tokens: bool = True
+    agg_head: str = "mean"
+    add_v_norm: bool = False
+    add_mean_across_heads: bool = True
+    score_pooling: int = 1
+    min_tokens_per_layer: int = 1
+    n_sink: int = 0
+    layer_floor: float = 0.0
 
-    def compress_run(self, run: PrefillRun, cache, windows: list[LayerWindow | None]) -> None:
-        """Compress ``cache`` after the prefill ``run`` has scored it, at ``compression_ratio`` (``windows``: each
-        layer's attention window, None for full attention)."""
-        scores = with_sinks_kept(self._stacked_scores(run, cache), run.inputs.valid, self.n_sink)  # compressed layers'
-        if not self.structured:
-            self._mask_unstructured(run, *self._ranked(scores))
-            return
-        n_kept = compute_n_kept(scores.shape[0] * scores.shape[-1], self.compression_ratio)
-        positions = self.compress_scored(cache, scores, n_kept, run.compressed_layers)
-        for layer_idx, kept in positions.items():  # a windowed layer compressed as a full one (short context)
-            if windows[layer_idx] is not None:
-                record_window(cache.layers[layer_idx], windows[layer_idx], kept, run.inputs.valid)
+    @property
+    def allocation(self) -> Allocation:
+        return ALLOCATIONS[self.layer_allocation]
 
-    def compress_scored(self, cache, scores: torch.Tensor, n_kept: int,
-                        layer_indices: list[int] | None = None) -> dict[int, torch.Tensor]:
-        """Keep ``n_kept`` composite tokens over the layers ``layer_indices`` of ``cache`` (default: every layer),
-        from their ``(layers, batch, kv_heads, n)`` scores (``-inf``: never kept): composite tokens and the layer
-        allocation as the settings say; other layers are left as they are. The prefill uses it at
-        ``compression_ratio``; :class:`~kvpress_compose.ComposeDecodingPress` during decoding. Returns each
-        compressed layer's kept positions, ``(batch, kv_heads, k_l)`` ascending."""
-        sorted_scores, token_order = self._ranked(scores)
-        layer_indices = list(range(scores.shape[0])) if layer_indices is None else list(layer_indices)
-        return self._compress_structured(cache, sorted_scores, token_order, n_kept, layer_indices)
 
-    def layer_scores_enhanced(self, scores: torch.Tensor, cache, layer_idx: int, valid: torch.Tensor) -> torch.Tensor:
-        """``(batch, kv_heads, n)`` scores of a layer with the value-norm enhancement, and -inf where ``valid``
-        ``(batch, n)`` is False (padding)."""
-        if self.add_v_norm:
-            _, values = layer_states(cache, layer_idx)
-            scores = scores * values[:, :, : scores.shape[2]].float().norm(dim=-1)
-        if scores.shape[2] == valid.shape[1]:
-            scores = scores.masked_fill(~valid[:, None].to(scores.device), float("-inf"))
-        return scores
+@dataclass
+class Compressed:
+    """What one compression did: ``budgets`` ``(layers,)`` composite tokens kept per layer (``(batch, layers,
+    kv_heads)`` tokens when unstructured), ``layers`` their indices, ``scores`` the post-processed scores that
+    were ranked, ``positions`` each compressed layer's kept positions ``(batch, kv_heads, k_l)`` (structured only),
+    ``n_kept`` the budget and ``n_entries`` the entries per KV head it was taken from, and ``warnings`` for the
+    press to log."""
 
-    def _stacked_scores(self, run: PrefillRun, cache) -> torch.Tensor:
-        """``(layers, batch, kv_heads, n)`` scores on one device; positions a layer lacks are -inf."""
-        check_context_length(run.inputs, self.min_tokens_per_layer)
-        layer_scores = [self.layer_scores_enhanced(run.source.layer_scores(run, layer_idx), cache, layer_idx,
-                                                   run.inputs.valid) for layer_idx in run.compressed_layers]
-        check_cache_unchanged([cache.get_seq_length(i) for i in run.compressed_layers],
-                              [scores.shape[2] for scores in layer_scores])
-        return stack_layer_scores(layer_scores)
+    budgets: torch.Tensor
+    layers: list[int]
+    scores: torch.Tensor
+    positions: dict[int, torch.Tensor] = field(default_factory=dict)
+    n_kept: int = 0
+    n_entries: int = 0
+    warnings: list[str] = field(default_factory=list)
 
-    def _compress_structured(self, cache, sorted_scores, token_order, n_kept: int, layer_indices: list[int]):
-        n_layers, _, _, n = sorted_scores.shape
-        if n_layers * self.min_tokens_per_layer > n_kept:
-            logger.warning(
-                f"min_tokens_per_layer={self.min_tokens_per_layer} over {n_layers} layers keeps "
-                f"{n_layers * self.min_tokens_per_layer} composite tokens, more than the {n_kept} that "
-                f"the budget allows"
-            )
-            n_kept = n_layers * self.min_tokens_per_layer
-        if self.layer_allocation == "global_normalized":
-            sorted_scores = per_head_shares(sorted_scores)
-        composite = composite_scores(sorted_scores, self.agg_head)
-        equal_budgets = self.layer_allocation in ("uniform", "shared")  # every layer keeps the same number
-        if equal_budgets:
-            budgets = uniform_budgets(composite, n_kept, self.min_tokens_per_layer)
-        else:
-            floor = floor_per_layer(n_kept, n_layers, self.layer_floor, self.min_tokens_per_layer)
-            budgets = layer_budgets(composite, n_kept, floor)
-        if not equal_budgets and int(budgets.sum()) < n_kept:
-            logger.warning(
-                f"kept {int(budgets.sum())} composite tokens instead of {n_kept}: only that many have a finite score "
-                "in every head and batch row (padding and a scorer's -inf scores are never kept, and batch rows "
-                "share one length per layer, so the shortest row bounds each layer)"
-            )
-        self.last_budgets = budgets.cpu()
-        self.last_layers = layer_indices
-        positions = {}
-        for row, (layer_idx, budget) in enumerate(zip(layer_indices, self.last_budgets.tolist())):
-            positions[layer_idx] = kept_positions(token_order[row], budget)
-            compress_layer(cache, layer_idx, positions[layer_idx])
-        logger.info(  # kvpress's pipeline logs layer 0's length only, which says little here
-            f"ComposePress kept {int(budgets.sum())} of {n_layers * n} entries per KV head (budget {n_kept}, "
-            f"compression_ratio={self.compression_ratio}); per layer: {self.last_budgets.tolist()}"
-            + (f" (layers {layer_indices}; the others are windowed, left as they are)"
-               if len(layer_indices) < len(cache.layers) else "")
+
+def compute_n_kept(n_total: int, compression_ratio: float) -> int:
+    """Number of entries kept out of ``n_total`` at ``compression_ratio`` (floor, robust to float noise)."""
+    return math.floor(round(n_total * (1.0 - compression_ratio), 6))
+
+
+# -- steps 2 to 6 ---------------------------------------------------------------------------------------------
+
+
+def compress(cache, layer_scores: list[torch.Tensor], valid, n_kept: int, layer_indices: list[int],
+             settings: CompressionSettings) -> Compressed:
+    """Keep ``n_kept`` composite tokens over the layers ``layer_indices`` of ``cache``, from their scores (one
+    ``(batch, kv_heads, n_l)`` tensor per layer; ``valid``: see :func:`post_processed`); other layers are left as
+    they are."""
+    scores = post_processed(layer_scores, cache, layer_indices, valid, settings)  # step 2
+    sorted_scores, token_order = rank_tokens(scores)  # step 3: each head's ranking
+    n_layers, n = sorted_scores.shape[0], sorted_scores.shape[-1]
+    warnings = []
+    minimum = settings.min_tokens_per_layer
+    if n_layers * minimum > n_kept:
+        warnings.append(
+            f"min_tokens_per_layer={minimum} over {n_layers} layers keeps {n_layers * minimum} composite tokens, "
+            f"more than the {n_kept} that the budget allows"
         )
-        return positions
+        n_kept = n_layers * minimum
+    allocation = settings.allocation
+    budgets = allocation.layer_budgets(sorted_scores, n_kept, settings)  # steps 3 (composite scores) and 4
+    if not allocation.equal_budgets and int(budgets.sum()) < n_kept:
+        warnings.append(
+            f"kept {int(budgets.sum())} composite tokens instead of {n_kept}: only that many have a finite score "
+            "in every head and batch row (padding and a scorer's -inf scores are never kept, and batch rows "
+            "share one length per layer, so the shortest row bounds each layer)"
+        )
+    budgets = budgets.cpu()
+    positions = {}
+    for row, (layer_idx, budget) in enumerate(zip(layer_indices, budgets.tolist())):
+        positions[layer_idx] = kept_positions(token_order[row], budget)  # step 5
+        compress_layer(cache, layer_idx, positions[layer_idx])  # step 6
+    return Compressed(budgets, list(layer_indices), scores, positions, n_kept, n_layers * n, warnings)
 
-    def _mask_unstructured(self, run: PrefillRun, sorted_scores, token_order):
-        budgets = head_budgets(sorted_scores, self.compression_ratio, self.min_tokens_per_layer,
-                               per_layer=self.layer_allocation == "uniform")  # (b, L, H)
-        self.last_budgets = budgets.cpu()
-        self.last_layers = run.compressed_layers
-        mask_evicted_entries([run.attention_modules[i] for i in run.compressed_layers], token_order, budgets)
-        remember_masks(run.cache, run.attention_modules)
+
+def mask_unstructured(cache, layer_scores: list[torch.Tensor], valid, compression_ratio: float,
+                      layer_indices: list[int], attention_modules: list[nn.Module],
+                      settings: CompressionSettings) -> Compressed:
+    """``structured=False``: every (layer, head) keeps its own top tokens of one budget (per layer with
+    ``"uniform"``), hidden from attention by kvpress's head-wise masks; the cache keeps every entry."""
+    scores = post_processed(layer_scores, cache, layer_indices, valid, settings)
+    sorted_scores, token_order = rank_tokens(scores)
+    budgets = settings.allocation.head_budgets(sorted_scores, compression_ratio, settings.min_tokens_per_layer)
+    mask_evicted_entries([attention_modules[i] for i in layer_indices], token_order, budgets)
+    remember_masks(cache, attention_modules)
+    return Compressed(budgets.cpu(), list(layer_indices), scores)
+
+
+def check_cache_unchanged(lengths: list[int], scored_lengths: list[int]) -> None:
+    """Every layer still holds the entries that were scored: no press acting after ComposePress pruned them."""
+    if lengths != scored_lengths:
+        raise ValueError(
+            f"another press changed the cache after ComposePress scored it (layer lengths {lengths}, scored "
+            f"{scored_lengths}): ComposePress compresses every layer at the last one, so it must act last: put it "
+            "last in a ComposedPress, or innermost of nested `with press(model)` blocks"
+        )
+
+
+# -- step 2: post-processing ------------------------------------------------------------------------------------
+
+
+def post_processed(layer_scores: list[torch.Tensor], cache, layer_indices: list[int], valid,
+                   settings: CompressionSettings) -> torch.Tensor:
+    """Every post-processing of the scores, in order, as ``(layers, batch, kv_heads, n)`` on one device.
+
+    ``valid`` says which entries are real (not padding): one ``(batch, n)`` tensor for every layer (a prefill), a
+    list of each layer's own ``(batch, n_l)`` (decoding, where layers hold different entries), or None (all)."""
+    per_layer = valid if isinstance(valid, (list, tuple)) else [valid] * len(layer_scores)
+    scores = stack_layer_scores([
+        with_value_norms_and_padding(scores, cache, layer_idx, layer_valid, settings.add_v_norm)
+        for scores, layer_idx, layer_valid in zip(layer_scores, layer_indices, per_layer)
+    ])
+    sink_valid = valid if isinstance(valid, torch.Tensor) else each_layers_valid(per_layer, layer_scores, scores)
+    scores = with_sinks_kept(scores, sink_valid, settings.n_sink)
+    if settings.add_mean_across_heads:
+        # a never-kept (-inf) entry stays so, whatever the other heads hold
+        scores = torch.where(scores > float("-inf"), scores + mean_of_finite(scores, dim=2), scores)
+    scores = pooled_scores(scores, settings.score_pooling)
+    scores = settings.allocation.ranking(scores)
+    if not settings.composite_tokens:  # one ranking per layer, shared by every head
+        scores = aggregate(scores, settings.agg_head, dim=2)[:, :, None].expand_as(scores).contiguous()
+    return scores
+
+
+def with_value_norms_and_padding(scores: torch.Tensor, cache, layer_idx: int, valid: torch.Tensor | None,
+                                 add_v_norm: bool) -> torch.Tensor:
+    """``(batch, kv_heads, n)`` scores of a layer times its value norms (``add_v_norm``), ``-inf`` where ``valid``
+    ``(batch, n)`` is False (padding)."""
+    if add_v_norm:
+        _, values = layer_states(cache, layer_idx)
+        scores = scores * values[:, :, : scores.shape[2]].float().norm(dim=-1)
+    if valid is not None and scores.shape[2] == valid.shape[1]:
+        scores = scores.masked_fill(~valid[:, None].to(scores.device), float("-inf"))
+    return scores
+
+
+def each_layers_valid(per_layer: list[torch.Tensor | None], layer_scores: list[torch.Tensor],
+                      scores: torch.Tensor) -> torch.Tensor:
+    """``(layers, batch, n)``: each layer's valid entries, for the sinks; a layer whose ``valid`` does not match
+    its scores (a QuantizedCache may count other entries than it holds) takes every scored entry as valid."""
+    valid = torch.zeros(scores.shape[0], scores.shape[1], scores.shape[-1], dtype=torch.bool, device=scores.device)
+    for row, (layer_valid, scored) in enumerate(zip(per_layer, layer_scores)):
+        n_scored = scored.shape[2]
+        matches = layer_valid is not None and layer_valid.shape[1] == n_scored
+        valid[row, :, :n_scored] = layer_valid.to(scores.device) if matches else True
+    return valid
+
+
+def stack_layer_scores(layer_scores: list[torch.Tensor]) -> torch.Tensor:
+    """``(layers, batch, kv_heads, n)`` from each layer's ``(batch, kv_heads, n_l)`` scores, on the first one's
+    device, ``n`` the longest layer's length: positions a layer lacks are ``-inf`` (never kept)."""
+    device = layer_scores[0].device
+    n = max(scores.shape[2] for scores in layer_scores)
+    pad = torch.nn.functional.pad
+    return torch.stack([pad(scores.to(device), (0, n - scores.shape[2]), value=float("-inf"))
+                        for scores in layer_scores])
+
+
+def with_sinks_kept(scores: torch.Tensor, valid: torch.Tensor, n_sink: int) -> torch.Tensor:
+    """``scores`` ``(layers, batch, kv_heads, n)`` with ``+inf`` at the first ``n_sink`` valid positions of each row
+    (``valid`` ``(batch, n)``, every layer's, or ``(layers, batch, n)``, each layer's own, as during decoding where
+    layers hold different entries; the first entries where a layer holds fewer): the attention sinks, which every
+    head keeps and which do not compete for the budget (KVzip keeps them the same way). Padding is never a sink:
+    a left-padded row's sinks are its first real tokens."""
+    if n_sink == 0:
+        return scores
+    n = scores.shape[-1]
+    if valid is not None and valid.shape[-1] >= n:
+        valid = valid[..., :n].to(scores.device)
+    else:
+        valid = torch.ones(scores.shape[1], n, dtype=torch.bool, device=scores.device)
+    sinks = valid & (valid.long().cumsum(dim=-1) <= n_sink)  # (batch, n) or (layers, batch, n)
+    sinks = sinks[None, :, None] if sinks.dim() == 2 else sinks[:, :, None]
+    return scores.masked_fill(sinks & (scores > float("-inf")), float("inf"))
 
 
 def mean_of_finite(scores: torch.Tensor, dim: int) -> torch.Tensor:
@@ -157,3 +217,203 @@ def mean_of_finite(scores: torch.Tensor, dim: int) -> torch.Tensor:
     count = kept.sum(dim=dim, keepdim=True)
     total = scores.masked_fill(~kept, 0.0).sum(dim=dim, keepdim=True)
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("-inf")))
+
+
+def pooled_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Each finite score raised to the largest finite score within ``kernel // 2`` positions of it (``kernel``
+    odd), so a token that scores high keeps its neighbours in the ranking: a needle's other digits, the words
+    of its key. ``+inf`` (always kept: sinks) and ``-inf`` (never kept: padding, positions a layer lacks) stay as
+    they are and lend nothing to their neighbours. ``scores``: ``(..., n)``."""
+    if kernel == 1:
+        return scores
+    finite = torch.isfinite(scores)
+    rows = scores.masked_fill(~finite, float("-inf")).reshape(-1, 1, scores.shape[-1])  # (rows, 1, n)
+    pooled = torch.nn.functional.max_pool1d(rows, kernel, stride=1, padding=kernel // 2).view_as(scores)
+    return torch.where(finite, pooled, scores)
+
+
+def shared_ranking(scores: torch.Tensor) -> torch.Tensor:
+    """One ranking for every layer and head, ``(layers, batch, kv_heads, n)`` like ``scores``: each token's best
+    percentile among the finite scores of any (layer, head) of its batch row, in [0, 1]. A token that one layer
+    singles out is kept by all of them (why: docs/gemma3-default-loss.md). Equal scores share the lowest
+    percentile of their run, so a (layer, head) that scores every token alike adds nothing. Entries at ``±inf``
+    stay as they are; the result is float32."""
+    finite = torch.isfinite(scores)
+    masked = scores.masked_fill(~finite, float("-inf")).float().contiguous()
+    # equal scores share the lowest rank of their run (a pooled plateau, a constant head: 0 from a constant one)
+    ascending = torch.searchsorted(masked.sort(dim=-1).values, masked, side="left")
+    n_finite = finite.sum(dim=-1, keepdim=True)
+    percentile = (ascending - (scores.shape[-1] - n_finite)).float() / (n_finite - 1).clamp_min(1)
+    percentile = percentile.masked_fill(~finite, float("-inf"))
+    best = percentile.amax(dim=(0, 2), keepdim=True).expand_as(scores)  # (1, batch, 1, n) -> every layer and head
+    return torch.where(finite, best, scores.float())  # float32: half precision would tie thousands of percentiles
+
+
+# -- step 3: composite tokens -----------------------------------------------------------------------------------
+
+
+def rank_tokens(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's scores sorted descending and the token order; equal scores keep position order."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True)
+
+
+def composite_scores(sorted_scores: torch.Tensor, agg_head: str) -> torch.Tensor:
+    """``(layers, n)`` composite scores: ``agg_head`` over heads of the j-th ranked score, then the mean over
+    batch rows (rows share one budget per layer). A rank that some row lacks (padding) stays ``-inf``."""
+    per_row = aggregate(sorted_scores, agg_head, dim=2)  # (layers, batch, n)
+    return per_row.mean(dim=1)
+
+
+# -- step 4: allocation -----------------------------------------------------------------------------------------
+
+
+class Allocation:
+    """How one budget of composite tokens is spread over the layers (a ``layer_allocation`` setting). Adding an
+    allocation is one subclass and one entry of :data:`ALLOCATIONS`."""
+
+    equal_budgets = False  # every layer keeps the same number (no "kept fewer than the budget" warning)
+    serves_unstructured = False  # whether structured=False (per-head budgets) may use it
+
+    def ranking(self, scores: torch.Tensor) -> torch.Tensor:
+        """The post-processing step this allocation adds to the scores before ranking (none by default)."""
+        return scores
+
+    def layer_budgets(self, sorted_scores: torch.Tensor, n_kept: int, settings: CompressionSettings) -> torch.Tensor:
+        """``(layers,)`` composite tokens kept per layer from each head's sorted scores ``(layers, batch, kv_heads,
+        n)``."""
+        raise NotImplementedError
+
+    def head_budgets(self, sorted_scores: torch.Tensor, compression_ratio: float, min_per_head: int) -> torch.Tensor:
+        """``structured=False``: tokens kept per (row, layer, head), ``(batch, layers, kv_heads)``."""
+        raise NotImplementedError
+
+
+class GlobalAllocation(Allocation):
+    """``"global"``, the paper's: one top-k over every layer's composite scores, so layers whose tokens draw more
+    attention keep more; each layer keeps at least ``layer_floor`` of the uniform budget and
+    ``min_tokens_per_layer``. Unstructured: one top-k per row over every head's scores."""
+
+    serves_unstructured = True
+
+    def layer_budgets(self, sorted_scores, n_kept, settings):
+        floor = floor_per_layer(n_kept, sorted_scores.shape[0], settings.layer_floor, settings.min_tokens_per_layer)
+        return layer_budgets(composite_scores(sorted_scores, settings.agg_head), n_kept, floor)
+
+    def head_budgets(self, sorted_scores, compression_ratio, min_per_head):
+        return head_budgets(sorted_scores, compression_ratio, min_per_head, per_layer=False)
+
+
+class UniformAllocation(Allocation):
+    """``"uniform"``, the ablation: every layer keeps the same number of composite tokens. Unstructured: one
+    top-k per row and layer, its heads competing for it."""
+
+    equal_budgets = True
+    serves_unstructured = True
+
+    def layer_budgets(self, sorted_scores, n_kept, settings):
+        return uniform_budgets(composite_scores(sorted_scores, settings.agg_head), n_kept,
+                               settings.min_tokens_per_layer)
+
+    def head_budgets(self, sorted_scores, compression_ratio, min_per_head):
+        return head_budgets(sorted_scores, compression_ratio, min_per_head, per_layer=True)
+
+
+class NormalizedGlobalAllocation(GlobalAllocation):
+    """``"global_normalized"``: the global top-k over each head's score shares (:func:`per_head_shares`), so
+    layers compete by how their scores are spread, not by their scale (use with ``n_sink``). Structured only."""
+
+    serves_unstructured = False
+
+    def layer_budgets(self, sorted_scores, n_kept, settings):
+        return super().layer_budgets(per_head_shares(sorted_scores), n_kept, settings)
+
+
+class SharedAllocation(UniformAllocation):
+    """``"shared"``: every layer and head keeps the same tokens, each token ranked by its best within-layer
+    percentile (:func:`shared_ranking`: a token one layer singles out is kept by all), as many per layer; for
+    models whose few full-attention layers score on different scales (Gemma 3, with ``score_pooling=9``).
+    Structured only."""
+
+    serves_unstructured = False
+
+    def ranking(self, scores):
+        return shared_ranking(scores)
+
+
+ALLOCATIONS: dict[str, Allocation] = {
+    "global": GlobalAllocation(),
+    "uniform": UniformAllocation(),
+    "global_normalized": NormalizedGlobalAllocation(),
+    "shared": SharedAllocation(),
+}
+
+
+def top_entries(scores: torch.Tensor, n_kept: int, n_forced: int) -> torch.Tensor:
+    """Entries kept per group, ``(rows, groups)``, when each row keeps its global top ``n_kept`` of
+    ``scores`` ``(rows, groups, n)`` (every group non-increasing along n), the first ``n_forced`` of every group
+    always kept, before anything else competes: ``+inf`` entries (sinks) never take a group's forced entries
+    from it, so every group keeps at least ``n_forced`` (more than ``n_kept`` in all where they exceed it).
+    Other ``-inf`` entries (padding, missing positions) are never kept, so a row may keep fewer."""
+    rows, groups, n = scores.shape
+    n_forced = min(n_forced, n)
+    counts = torch.full((rows, groups), n_forced, dtype=torch.long, device=scores.device)
+    rest = scores[..., n_forced:].flatten(1)  # what competes for the rest of the budget, group by group
+    n_rest = min(n_kept - groups * n_forced, rest.shape[1])
+    if n_rest <= 0:
+        return counts
+    flat_order = torch.sort(rest, dim=-1, descending=True, stable=True).indices[:, :n_rest]
+    keep = torch.gather(rest, 1, flat_order) > float("-inf")  # (rows, n_rest)
+    return counts.scatter_add_(1, flat_order // (n - n_forced), keep.long())
+
+
+def layer_budgets(composite: torch.Tensor, n_kept: int, min_per_layer: int) -> torch.Tensor:
+    """Composite tokens kept per layer, ``(layers,)``: global top ``n_kept`` with ``min_per_layer`` each."""
+    return top_entries(composite[None], n_kept, min_per_layer)[0]
+
+
+def per_head_shares(sorted_scores: torch.Tensor) -> torch.Tensor:
+    """Each head's finite scores divided by their sum, ``(layers, batch, kv_heads, n)``: a share of what the head
+    spreads over the tokens that compete, so that layers compete by how their scores are spread, not by their
+    scale (raw scores of layers on different scales give a few layers most of the budget:
+    docs/real-model-sources.md). ``+inf`` (always kept: sinks) and ``-inf`` (never kept) entries are left as
+    they are and count for nothing; the order within a head is unchanged."""
+    finite = torch.isfinite(sorted_scores)
+    total = sorted_scores.masked_fill(~finite, 0.0).sum(dim=-1, keepdim=True)
+    shares = sorted_scores / total.clamp_min(torch.finfo(sorted_scores.dtype).tiny)
+    return torch.where(finite, shares, sorted_scores)
+
+
+def floor_per_layer(n_kept: int, n_layers: int, floor: float, min_per_layer: int) -> int:
+    """Composite tokens every layer keeps whatever the global ranking says: ``floor`` of the uniform budget
+    ``n_kept // n_layers``, and at least ``min_per_layer``."""
+    return max(min_per_layer, math.floor(floor * (n_kept // n_layers)))
+
+
+def uniform_budgets(composite: torch.Tensor, n_kept: int, min_per_layer: int) -> torch.Tensor:
+    """The ablation of :func:`layer_budgets`: every layer keeps ``n_kept // layers`` composite tokens (at least
+    ``min_per_layer``), fewer only where a layer has fewer (padding is never kept), ``(layers,)``."""
+    available = (composite > float("-inf")).sum(dim=1)
+    per_layer = max(min_per_layer, n_kept // composite.shape[0])
+    return available.clamp(max=per_layer).clamp(min=min_per_layer)
+
+
+def head_budgets(sorted_scores: torch.Tensor, compression_ratio: float, min_per_head: int,
+                 per_layer: bool = False) -> torch.Tensor:
+    """Unstructured variant: tokens kept per (row, layer, head), ``(batch, layers, kv_heads)``, from one global
+    top-k per row over every head's sorted scores, or with ``per_layer`` one top-k per row and layer (every layer
+    keeps the same number; its heads compete for it)."""
+    layers, batch, heads, n = sorted_scores.shape
+    if per_layer:
+        n_kept = compute_n_kept(heads * n, compression_ratio)
+        return torch.stack([top_entries(sorted_scores[layer], n_kept, min_per_head) for layer in range(layers)], 1)
+    per_row = sorted_scores.permute(1, 0, 2, 3).reshape(batch, layers * heads, n)
+    n_kept = compute_n_kept(layers * heads * n, compression_ratio)
+    return top_entries(per_row, n_kept, min_per_head).view(batch, layers, heads)
+
+
+# -- step 5: kept positions -------------------------------------------------------------------------------------
+
+
+def kept_positions(token_order: torch.Tensor, budget: int) -> torch.Tensor:
+    """The top-``budget`` positions of each head, ``(batch, kv_heads, budget)``, in ascending order."""
+    return token_order[..., :budget].sort(dim=-1).values

@@ -11,6 +11,12 @@ a 2D padding mask given at the original length (``generate`` passes one): transf
 from the left, so the later tokens' padding is taken from its right end instead. The hooks act only on caches
 that ComposePress compressed (their layers carry ``CONTEXT_LENGTH_ATTRIBUTE``), for eager, sdpa and flash.
 
+Positions: a compressed cache holds fewer entries than the positions it processed, so positions counted from its
+length (what ``model(...)`` does without ``position_ids``, and ``model.generate`` given the whole conversation) fall
+on positions already cached: such a forward is named, with the positions that would be right
+(:func:`warn_if_positions_repeat`); assisted generation, which crops a cache by position, is refused
+(:func:`refuse_assisted_generation`).
+
 Models with windowed layers (:mod:`kvpress_compose.windowed_layers`): a hybrid model's windowed layers are left
 uncompressed and keep the original indices, so the 2D mask stays as given and the tokens after the context take
 their padding and indices from the original context; a windowed layer compressed as a full one gets a per-head
@@ -20,13 +26,15 @@ mask that hides each kept entry once the query's window has passed its original 
 from __future__ import annotations
 
 import logging
+import sys
+import weakref
 
 import torch
 from torch import nn
 
-from kvpress_compose.cache_gather import CONTEXT_LENGTH_ATTRIBUTE, ORIGINAL_LENGTH_ATTRIBUTE
-from kvpress_compose.positions import refuse_assisted_generation, warn_if_positions_repeat
-from kvpress_compose.visibility import causally_visible
+from kvpress_compose.attention_scores import causally_visible
+from kvpress_compose.cache_gather import CONTEXT_LENGTH_ATTRIBUTE, ORIGINAL_LENGTH_ATTRIBUTE, processed_positions
+from kvpress_compose.prefill_run import fed_tokens
 from kvpress_compose.windowed_layers import WINDOW_ATTRIBUTE, windowed_visible_keys
 
 HOOK_ATTRIBUTE = "_compose_layer_mask_hook"
@@ -76,7 +84,7 @@ def decoder_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     mask = kwargs.get("attention_mask")
     if mask is None or mask.dim() != 2:
         return None
-    inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    inputs = fed_tokens(kwargs)
     later = layers[0].get_seq_length() - layer0_context + inputs.shape[1]  # tokens after the context, new ones too
     if mask.shape[1] < later:
         raise ValueError(f"attention_mask has {mask.shape[1]} columns, fewer than the {later} tokens after the context")
@@ -112,11 +120,17 @@ def layer_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     visible = visible_keys(mask, context_length, layer0_context, cached, q_len, hidden_states)
     if later_padding is not None:  # the later tokens' padding, from the right end of the 2D mask
         visible[..., context_length:] &= later_padding[:, None, None, -(cached - context_length + q_len):]
-    if implementation == "eager":  # eager adds the mask to the attention logits
-        additive = torch.zeros(visible.shape, dtype=hidden_states.dtype, device=visible.device)
-        visible = additive.masked_fill_(~visible, torch.finfo(hidden_states.dtype).min)
-    kwargs["attention_mask"] = visible
+    kwargs["attention_mask"] = as_implementation_mask(visible, implementation, hidden_states.dtype)
     return args, kwargs
+
+
+def as_implementation_mask(visible: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """``visible`` (booleans) as the attention implementation takes it: eager adds an additive mask to the
+    logits (0 where visible, the dtype's minimum elsewhere); sdpa takes the booleans."""
+    if implementation != "eager":
+        return visible
+    additive = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return additive.masked_fill_(~visible, torch.finfo(dtype).min)
 
 
 def visible_keys(mask, context_length, layer0_context, cached, q_len, hidden_states) -> torch.Tensor:
@@ -148,7 +162,7 @@ def stash_later_padding(cache, layers, args: tuple, kwargs: dict):
     Without ``cache_position``, transformers would count the new tokens' indices from layer 0's length, which
     may be compressed: they are counted from the original context instead (windowed masks and, without
     ``position_ids``, positions are computed from them)."""
-    inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    inputs = fed_tokens(kwargs)
     inputs = args[0] if inputs is None and args else inputs  # input_ids given positionally
     if kwargs.get("cache_position") is None and inputs is not None:
         seen = original_length(layers)
@@ -187,10 +201,7 @@ def windowed_layer_mask(module, args, kwargs, layers, context_length: int, hidde
     visible = windowed_visible_keys(layer, context_length, q_len, later_visible, hidden_states.device)
     group = module.config.num_attention_heads // visible.shape[1]
     visible = visible.repeat_interleave(group, dim=1)  # (batch, q_heads, q_len, keys)
-    if implementation == "eager":
-        additive = torch.zeros(visible.shape, dtype=hidden_states.dtype, device=visible.device)
-        visible = additive.masked_fill_(~visible, torch.finfo(hidden_states.dtype).min)
-    kwargs["attention_mask"] = visible
+    kwargs["attention_mask"] = as_implementation_mask(visible, implementation, hidden_states.dtype)
     return args, kwargs
 
 
@@ -202,3 +213,71 @@ def original_length(layers) -> int:
             return layer.get_seq_length()
     layer = layers[0]
     return getattr(layer, WINDOW_ATTRIBUTE).n_context + layer.get_seq_length() - getattr(layer, CONTEXT_LENGTH_ATTRIBUTE)
+
+
+# -- positions of the tokens fed after a compressed context ----------------------------------------------------
+
+WARNED: weakref.WeakSet = weakref.WeakSet()  # caches already warned about (once each: every later step repeats it)
+
+
+def first_position(kwargs: dict, cached: int) -> int:
+    """The position of the forward's first token (of its furthest row): from ``position_ids``, else
+    ``cache_position``, else counted from the cache's length as transformers does."""
+    position_ids, cache_position = kwargs.get("position_ids"), kwargs.get("cache_position")
+    if position_ids is not None and position_ids.numel() > 0:
+        return int(position_ids[..., 0].max())
+    if cache_position is not None and cache_position.numel() > 0:
+        return int(cache_position.reshape(-1)[0])
+    return cached
+
+
+def warn_if_positions_repeat(cache, layer0, layer0_context: int, kwargs: dict) -> None:
+    """Warn (once per cache) when a forward into a compressed cache starts before the positions it processed."""
+    if getattr(layer0, ORIGINAL_LENGTH_ATTRIBUTE, None) is None:
+        return
+    cached, processed = layer0.get_seq_length(), processed_positions(layer0)
+    first = first_position(kwargs, cached)
+    if first >= processed:
+        return
+    try:
+        if cache in WARNED:
+            return
+        WARNED.add(cache)
+    except TypeError:  # not weak-referenceable
+        pass
+    inputs = fed_tokens(kwargs)
+    n_new = inputs.shape[1] if inputs is not None else 0
+    logger.warning(
+        f"ComposePress: {n_new} tokens at positions from {first} into a compressed cache that has already "
+        f"processed {processed} positions (layer 0 holds {cached} entries, {layer0_context} of them its compressed "
+        f"context): positions counted from the compressed length repeat cached positions, so cached tokens are "
+        f"fed again or new tokens get earlier positions. Feed only the new tokens, with position_ids (or "
+        f"cache_position) from {processed}; for model.generate on the whole conversation, pass "
+        f"cache_position=torch.arange({processed}, {first + n_new})"
+    )
+
+
+def called_from_assisted_generation() -> bool:
+    """Whether this forward runs inside transformers' assisted generation (``model.generate`` with
+    ``prompt_lookup_num_tokens`` or ``assistant_model``), read from the call stack: a forward is not told."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_assisted_decoding" and "transformers" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def refuse_assisted_generation(where: str) -> None:
+    """Assisted generation verifies candidate tokens in one forward, then crops the rejected ones from the cache
+    by position (``cache.crop(positions)``). A compressed cache holds fewer entries than the positions it has
+    processed, so that crop removes nothing and the rejected candidates stay, changing every later token: refused,
+    before the forward, naming the cause (``where``: on a compressed cache, or inside a press's block)."""
+    if called_from_assisted_generation():
+        raise ValueError(
+            f"model.generate with prompt_lookup_num_tokens or assistant_model (assisted generation) {where}: "
+            "transformers verifies the candidate tokens in one forward and then crops the rejected ones from the "
+            "cache by position, and a compressed cache holds fewer entries than the positions it has processed, so "
+            "that crop removes nothing and the rejected candidates would stay in the cache and change the tokens. "
+            "Generate without prompt_lookup_num_tokens and assistant_model (greedy or sampling works)"
+        )

@@ -1,60 +1,146 @@
 """How ComposePress attaches to a model: the decoder stack it hooks, the hooks themselves, and the uses it refuses.
 
 :func:`language_model_of` finds the decoder stack; :class:`DecoderAttachment` holds ComposePress's hooks on it
-while the press is in use; :func:`wraps_press` tells whether a kvpress press holds ours (a ``ComposedPress``,
-``PrefillDecodingPress``, ...); the ``refuse_*`` and ``check_*`` functions raise, naming the cause, where a
-forward would otherwise leave a context uncompressed or compressed wrongly in silence.
+while the press is in use, and the prefill under way; :func:`wraps_press` tells whether a kvpress press holds ours
+(a ``ComposedPress``, ``PrefillDecodingPress``, ...); the ``refuse_*`` and ``check_*`` functions raise, naming the
+cause, where a forward would otherwise leave a context uncompressed or compressed wrongly in silence.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
+from typing import Protocol
 
 from kvpress import BasePress, DecodingPress, PrefillDecodingPress
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, QuantizedCache
 
-from kvpress_compose.allocation import compute_n_kept
-from kvpress_compose.windowed_layers import layer_windows
+from kvpress_compose.compression import compute_n_kept
+from kvpress_compose.prefill_run import SCORED, Decoder, PrefillRun, decoder_arguments, fed_tokens
+from kvpress_compose.query_sources import QuerySource
+from kvpress_compose.windowed_layers import layer_windows, local_attention_span
+
+START_LOCK = threading.Lock()  # one thread at a time checks for, and starts, a prefill
+
+
+class PrefillPress(Protocol):
+    """What the attachment asks of the press it serves (ComposePress)."""
+
+    def prefill_for(self, attachment: DecoderAttachment, arguments: dict,
+                    fresh: bool) -> tuple[PrefillRun, QuerySource] | None:
+        """The run and source of a prefill starting with the decoder call ``arguments`` (``fresh``: into an empty
+        cache), or None where nothing is to be compressed; raises where the call is refused."""
+
+    def compress_prefill(self, attachment: DecoderAttachment, run: PrefillRun, source: QuerySource) -> None:
+        """Compress the cache of ``run``, every layer of which has been scored."""
 
 
 class DecoderAttachment:
-    """ComposePress's hooks on a decoder stack (``press``, the ComposePress they call): a pre-hook that starts a
-    :class:`PrefillRun` for a fresh prefill, a forward hook that finishes and compresses it when the forward
-    returns, and one run however the forward ends that drops it.
+    """ComposePress's hooks on a decoder stack while the press is in use, and the prefill under way.
 
-    They last while the press's kvpress forward hooks are registered: the press's own ``with press(model):``
+    A pre-hook starts a :class:`PrefillRun` (and its query source) for a fresh prefill, a forward hook has the
+    press compress it when the decoder call returns, and one hook run however the forward ends drops it. The
+    replay pass re-enters the decoder inside the prefill's call: :meth:`current_run` is the one guard against
+    that re-entry and against another thread, which every hook, the press's per-layer one included, goes through.
+
+    The hooks last while the press's kvpress forward hooks are registered: the press's own ``with press(model):``
     removes them on exit. A wrapper (kvpress's ``ComposedPress``, ``PrefillDecodingPress``, ...) never tells its
     presses that it exited, so at its first forward the pre-hook watches the wrapper's forward hook and removes
     ours when that hook goes (a finalizer on it); if the block saw no forward, the pre-hook removes ours at the
-    next forward, which it leaves untouched."""
+    next forward, which it leaves untouched. A removed attachment says so (``removed``); the press drops it."""
 
-    def __init__(self, press: BasePress, language_model: nn.Module, attention_modules: list[nn.Module],
+    def __init__(self, press: PrefillPress, language_model: nn.Module, attention_modules: list[nn.Module],
                  model_name: str = "model", model_path: str | None = None):
-        self.press, self.language_model, self.attention_modules = press, language_model, attention_modules
+        self.press = press
         self.model_name = model_name  # the class of the model the press was entered on, for errors
         self.model_path = model_path  # its name_or_path, where a tokenizer can be loaded from
         config = language_model.config.get_text_config()
-        self.local_span = local_attention_span(config)
+        self.decoder = Decoder(language_model, attention_modules, local_attention_span(config))
         self.windows = layer_windows(config, len(attention_modules))  # None: full attention
         self.compressed = weakref.WeakSet()  # caches this press compressed while attached
         self.watched: set[int] = set()  # ids of the kvpress hooks whose removal removes ours
+        self.removed = False
+        self.run: PrefillRun | None = None  # the prefill under way
+        self.source: QuerySource | None = None  # the query source scoring it
+        self.nested_calls = 0  # decoder calls nested in the prefill's own (replay passes) not yet ended
         self.handles = [
-            language_model.register_forward_pre_hook(press._start_prefill, with_kwargs=True),
-            language_model.register_forward_hook(press._finish_prefill, with_kwargs=True),
-            language_model.register_forward_hook(press._end_prefill, with_kwargs=True, always_call=True),
+            language_model.register_forward_pre_hook(self.before_forward, with_kwargs=True),
+            language_model.register_forward_hook(self.after_forward, with_kwargs=True),
+            language_model.register_forward_hook(self.forward_ended, with_kwargs=True, always_call=True),
         ]
+
+    # -- the prefill under way ---------------------------------------------------------------------------------
+
+    def current_run(self, phase: str | None = None) -> PrefillRun | None:
+        """The prefill under way, if this thread's, not inside a nested decoder call (the replay's), and in
+        ``phase`` where one is given; else None."""
+        run = self.run
+        if run is None or run.thread != threading.get_ident() or self.nested_calls > 0:
+            return None
+        return run if phase is None or run.phase == phase else None
+
+    def end_run(self) -> None:
+        if self.run is not None:
+            self.run.close()
+        self.run = self.source = None
+        self.nested_calls = 0
+
+    def before_forward(self, decoder: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Decoder pre-hook: a fresh prefill starts a run (the press decides whether, and what it refuses)."""
+        if not self.press_is_hooked():  # the press was used by a wrapper that has exited
+            self.remove()
+            return
+        with START_LOCK:
+            arguments = decoder_arguments(decoder, args, kwargs)
+            if self.run is not None and self.run.thread != threading.get_ident():
+                raise RuntimeError(
+                    "this ComposePress is compressing a prefill in another thread: a press serves one forward at a "
+                    "time. Give each thread its own model and press (copy.deepcopy), or run the forwards one after "
+                    "another"
+                )
+            cache = arguments.get("past_key_values")
+            fresh = cache is None or cache.get_seq_length() == 0
+            if self.run is not None:
+                if not fresh:  # a replay pass (ours or an outer press's) re-entering the decoder
+                    self.nested_calls += 1
+                    return
+                self.end_run()  # left by a forward that ended without its hooks (KeyboardInterrupt)
+            started = self.press.prefill_for(self, arguments, fresh)
+            if started is not None:
+                self.run, self.source = started
+
+    def after_forward(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """Decoder forward hook, run only when the decoder call returns normally: when the call that started the
+        prefill has every layer scored, the press compresses it (the replay pass runs then, once the prefill's
+        own activations are freed)."""
+        run = self.current_run(SCORED)
+        if run is not None:
+            self.press.compress_prefill(self, run, self.source)
+            self.compressed.add(run.cache)
+
+    def forward_ended(self, decoder: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """Decoder forward hook, run however the forward ends (``always_call``): the prefill's state goes when
+        the decoder call that started it ends."""
+        if self.run is None or self.run.thread != threading.get_ident():  # nothing here (another thread's)
+            return
+        if self.nested_calls > 0:  # a replay pass's nested call
+            self.nested_calls -= 1
+            return
+        self.end_run()
+
+    # -- the press's hooks, and the wrappers holding it --------------------------------------------------------
 
     def press_is_hooked(self) -> bool:
         """Whether a kvpress forward hook that reaches the press (itself, or a press wrapping it) is registered
         on the attention modules; the wrappers' hooks are watched so that their removal removes ours."""
-        hooks = [hook for module in self.attention_modules for hook in module._forward_hooks.values()
+        hooks = [hook for module in self.decoder.attention_modules for hook in module._forward_hooks.values()
                  if wraps_press(getattr(hook, "__self__", None), self.press)]
         for hook in hooks:
             if getattr(hook, "__self__", None) is not self.press and id(hook) not in self.watched:
                 self.watched.add(id(hook))
-                weakref.finalize(hook, self.press._detach_from, self)
+                weakref.finalize(hook, self.remove)
         return bool(hooks)
 
     def hands_later_tokens_to_decoding(self) -> bool:
@@ -62,11 +148,14 @@ class DecoderAttachment:
         hand forwards into a non-empty cache (a question, generated tokens) to their decoding press."""
         return any(isinstance(getattr(hook, "__self__", None), (PrefillDecodingPress, DecodingPress))
                    and wraps_press(hook.__self__, self.press)
-                   for module in self.attention_modules for hook in module._forward_hooks.values())
+                   for module in self.decoder.attention_modules for hook in module._forward_hooks.values())
 
     def remove(self) -> None:
+        """Remove our hooks and drop the prefill under way; the press drops this attachment."""
+        self.end_run()
         for handle in self.handles:
             handle.remove()
+        self.removed = True
 
 
 def wraps_press(outer, press: BasePress) -> bool:
@@ -123,8 +212,7 @@ def refuse_uncompressed_context(attachment: DecoderAttachment, cache, arguments:
 def refuse_more_context(attachment: DecoderAttachment, cache, arguments: dict) -> None:
     """A forward of several tokens into a cache this press compressed while attached would be a second chunk of
     the context (a chunked prefill): ComposePress scored and compressed only the first."""
-    reference = arguments.get("input_ids")
-    reference = reference if reference is not None else arguments.get("inputs_embeds")
+    reference = fed_tokens(arguments)
     if reference is not None and reference.shape[1] > 1 and cache in attachment.compressed:
         raise ValueError(
             f"a forward of {reference.shape[1]} tokens into a cache ComposePress has compressed, while the press is "
@@ -137,8 +225,7 @@ def refuse_more_context(attachment: DecoderAttachment, cache, arguments: dict) -
 def refuse_non_empty_cache(cache, arguments: dict) -> None:
     """A prefill of several tokens into a cache that already holds some would not be compressed (as with kvpress's
     presses, only a prefill into an empty cache is): refused, rather than left uncompressed in silence."""
-    reference = arguments.get("input_ids")
-    reference = reference if reference is not None else arguments.get("inputs_embeds")
+    reference = fed_tokens(arguments)
     if reference is not None and reference.shape[1] > 1:
         raise ValueError(
             f"a forward of {reference.shape[1]} tokens into a cache that already holds {cache.get_seq_length()} "
@@ -232,12 +319,4 @@ def language_model_of(model: PreTrainedModel) -> nn.Module:
     if getattr(language_model, "rotary_emb", None) is None:
         raise ValueError(f"{type(model).__name__} is not supported: ComposePress needs a rotary (RoPE) model")
     return language_model
-
-
-def local_attention_span(config) -> int | None:
-    """The most keys back a query can see where attention is local: the sliding window (Mistral, Qwen2) or
-    the attention chunk (Llama 4), whichever is set and smaller; None for full attention."""
-    spans = [getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size")]
-    spans = [span for span in spans if span]
-    return min(spans) if spans else None
 

@@ -3,8 +3,11 @@
 ComposePress calls a :class:`QuerySource` three ways during a prefill: :attr:`~QuerySource.captures_prefill_lse`
 (whether the prefill's attention should leave its log-sum-exp), :meth:`~QuerySource.score_layer` (in each
 layer's forward hook) and :meth:`~QuerySource.finish` (once the last layer has run, before allocation); then
-:meth:`~QuerySource.layer_scores` gives each layer's ``(batch, kv_heads, n)`` scores. Adding a source means
-writing one class and, for a string name, one entry of :data:`QUERY_SOURCES`.
+:meth:`~QuerySource.layer_scores` gives each layer's ``(batch, kv_heads, n)`` scores (step 1 of
+:mod:`kvpress_compose.compression`). Adding a source means writing one class and, for a string name, one entry
+of :data:`QUERY_SOURCES`. During decoding, :class:`RecentQueries` (or a :class:`Scorer`) scores a layer's cache
+through :meth:`~QuerySource.cache_scores`. Each source is given the press's aggregation settings as one
+:class:`Scoring` (:func:`query_source_for`).
 """
 
 from __future__ import annotations
@@ -29,18 +32,29 @@ from kvpress_compose.attention_scores import (
     query_blocks,
     statistics_from_lse,
 )
-from kvpress_compose.cache_gather import full_cache_bytes
-from kvpress_compose.prefill_inputs import PrefillInputs
-from kvpress_compose.prefill_run import REPLAY, PrefillRun
+from kvpress_compose.cache_gather import full_cache_bytes, layer_states
+from kvpress_compose.compression import check_cache_unchanged
+from kvpress_compose.prefill_run import PrefillInputs, PrefillRun
 from kvpress_compose.replay import ReplayCache, run_replay
 
 SCORE_BLOCK_FRACTION = 0.1  # softmax scoring works in blocks of about this fraction of the full KV cache size
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How attention becomes scores: ComposePress's ``agg_task`` (over queries), ``agg_group`` (over the query
+    heads of a KV head) and ``score_block_size`` (queries scored at once; None: sized from the cache)."""
+
+    agg_task: str = "max"
+    agg_group: str = "mean"
+    block_size: int | None = None
 
 
 class QuerySource:
     """The interface ComposePress scores through (the default methods suit attention-based sources)."""
 
     captures_prefill_lse = False  # whether the prefill's own attention should leave its log-sum-exp
+    scoring = Scoring()  # the press's aggregation settings, given by query_source_for
 
     def score_layer(self, run: PrefillRun, module: nn.Module, keys, values, attentions, kwargs: dict) -> None:
         """Called in each layer's forward hook during the prefill, with the layer's cached keys and values."""
@@ -51,7 +65,14 @@ class QuerySource:
     def layer_scores(self, run: PrefillRun, layer_idx: int) -> torch.Tensor:
         """``(batch, kv_heads, n)`` scores of one layer, from the statistics the source gathered."""
         n_queries = run.inputs.valid.sum(dim=-1)
-        return finish_scores(run.statistics[layer_idx], n_queries, run.agg_task, run.agg_group)
+        return finish_scores(run.statistics[layer_idx], n_queries, self.scoring.agg_task, self.scoring.agg_group)
+
+    def cache_scores(self, module: nn.Module, hidden_states: torch.Tensor, position_embeddings, cache,
+                     key_valid: torch.Tensor, n_layers: int) -> torch.Tensor:
+        """During decoding: ``(batch, kv_heads, cached)`` scores of the entries ``cache`` holds for ``module``'s
+        layer, from the recent tokens' attention inputs ``hidden_states`` ``(batch, t, hidden)``."""
+        raise ValueError(f"{type(self).__name__} scores a prefill only; during decoding the recent queries "
+                         "(RecentQueries) or a scorer score the cache")
 
 
 class CausalPrefill(QuerySource):
@@ -69,12 +90,13 @@ class CausalPrefill(QuerySource):
         if captured is None or keys.shape[2] != captured.keys.shape[2]:  # an earlier press pruned this layer
             queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
             valid = run.inputs.valid
-            run.statistics[module.layer_idx] = softmax_statistics(run, module, queries, keys, valid, valid,
-                                                                  self.causal_offset)
+            run.statistics[module.layer_idx] = softmax_statistics(self.scoring, module, queries, keys, valid, valid,
+                                                                  self.causal_offset, run.inputs.length,
+                                                                  run.n_layers)
             return
         run.statistics[module.layer_idx] = statistics_from_lse(
             captured.query_blocks(), self.log_sum_exp(captured, run), captured.keys, run.inputs.valid,
-            n_scored=run.inputs.length, causal_offset=self.causal_offset, agg_task=run.agg_task,
+            n_scored=run.inputs.length, causal_offset=self.causal_offset, agg_task=self.scoring.agg_task,
         )
 
     def log_sum_exp(self, captured, run) -> torch.Tensor:
@@ -87,13 +109,13 @@ class CausalPrefillSeen(CausalPrefill):
     queries favours early keys by their position alone. No extra pass."""
 
     def layer_scores(self, run, layer_idx):
-        if run.agg_task != "mean":
+        if self.scoring.agg_task != "mean":
             raise ValueError(f"query_source='prefill_seen' averages over the queries that saw each key: it needs "
-                             f"agg_task='mean', got {run.agg_task!r}")
+                             f"agg_task='mean', got {self.scoring.agg_task!r}")
         stat = run.statistics[layer_idx]  # (batch, kv_heads, group, n): summed over queries
         valid = run.inputs.valid.to(stat.device)
         seen_by = valid.flip(-1).long().cumsum(dim=-1).flip(-1)  # (batch, n) valid queries at or after each key
-        return aggregate(stat / seen_by.clamp(min=1)[:, None, None], run.agg_group, dim=2)
+        return aggregate(stat / seen_by.clamp(min=1)[:, None, None], self.scoring.agg_group, dim=2)
 
 
 class BidirectionalPrefill(CausalPrefill):
@@ -129,13 +151,11 @@ class Replay(QuerySource):
         self.refed = self.refed_inputs(run)
         hooks = [module.register_forward_hook(self.refed_hook(run, replay_cache, capture), with_kwargs=True)
                  for module in scored_modules]
-        phase, run.phase = run.phase, REPLAY
         try:
             with capture if capture is not None else nullcontext():
                 run_replay(run.language_model, run.inputs, replay_cache, capture,
                            None if self.refed is run.inputs else self.refed)
         finally:
-            run.phase = phase
             for hook in hooks:
                 hook.remove()
 
@@ -161,15 +181,15 @@ class Replay(QuerySource):
         if captured is not None:  # normalised over everything the re-fed queries saw; every context key is visible
             chunk = statistics_from_lse(captured.query_blocks(), captured.lse, captured.keys,
                                         refed_valid[:, start:end], n_scored=n_context, causal_offset=None,
-                                        agg_task=run.agg_task)
+                                        agg_task=self.scoring.agg_task)
         else:
             queries = query_blocks(module, hidden_states, kwargs.get("position_embeddings"))
             refed_start = start if self.chunk_local else 0  # the first re-fed token the keys hold
             key_valid = torch.cat([valid, refed_valid[:, refed_start:end]], dim=1)
-            chunk = softmax_statistics(run, module, queries, keys, key_valid, refed_valid[:, start:end],
-                                       n_context + start - refed_start)
+            chunk = softmax_statistics(self.scoring, module, queries, keys, key_valid, refed_valid[:, start:end],
+                                       n_context + start - refed_start, n_context, run.n_layers)
         layer = module.layer_idx
-        run.statistics[layer] = merge_statistics(run.statistics.get(layer), chunk, run.agg_task)
+        run.statistics[layer] = merge_statistics(run.statistics.get(layer), chunk, self.scoring.agg_task)
 
 
 class LocalReplay(Replay):
@@ -291,6 +311,27 @@ class Scorer(QuerySource):
     def layer_scores(self, run, layer_idx):
         return run.scores[layer_idx]
 
+    def cache_scores(self, module, hidden_states, position_embeddings, cache, key_valid, n_layers):
+        keys, values = layer_states(cache, module.layer_idx)
+        kwargs = {"hidden_states": hidden_states, "position_embeddings": position_embeddings, "past_key_values": cache}
+        scores = checked_scorer_scores(self.scorer, module, hidden_states, keys, values, None, kwargs)
+        return on_one_scale(scores, key_valid)
+
+
+class RecentQueries(QuerySource):
+    """During decoding (:class:`~kvpress_compose.ComposeDecodingPress`): the last generated tokens' queries,
+    recomputed from their buffered attention inputs with the model's own projection and RoPE, each attending
+    causally to the layer's cache; the closest queries to what comes next, which eviction should protect."""
+
+    def cache_scores(self, module, hidden_states, position_embeddings, cache, key_valid, n_layers):
+        keys, _ = layer_states(cache, module.layer_idx)
+        n_queries, n_cached = hidden_states.shape[1], keys.shape[2]
+        queries = query_blocks(module, hidden_states, position_embeddings)
+        query_valid = torch.ones(keys.shape[0], n_queries, dtype=torch.bool, device=keys.device)
+        statistics = softmax_statistics(self.scoring, module, queries, keys, key_valid, query_valid,
+                                        n_cached - n_queries, n_cached, n_layers)
+        return finish_scores(statistics, query_valid.sum(dim=-1), self.scoring.agg_task, self.scoring.agg_group)
+
 
 def on_one_scale(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``(batch, kv_heads, n)`` scores shifted to a minimum of 0 and scaled to sum to 1 over each row's valid
@@ -345,25 +386,33 @@ QUERY_SOURCES: dict[str, type[QuerySource]] = {
 }
 
 
-def query_source_for(query_source: str, scorer: ScorerPress | None,
+def query_source_for(query_source: str, scorer: ScorerPress | None, scoring: Scoring = Scoring(),
                      repeat_prompt: Callable[[], RepeatPrompt] | None = None) -> QuerySource:
-    """The source a press's ``query_source`` name (or ``scorer``, which takes precedence) stands for; a source
-    that ``needs_prompt`` is given ``repeat_prompt()``."""
+    """The source a press's ``query_source`` name (or ``scorer``, which takes precedence; ``"recent"``: the
+    decoding queries) stands for, scoring as ``scoring`` says; a source that ``needs_prompt`` is given
+    ``repeat_prompt()``."""
     if scorer is not None:
-        return Scorer(scorer)
-    source = QUERY_SOURCES[query_source]
-    if getattr(source, "needs_prompt", False):
-        if repeat_prompt is None:
-            raise ValueError(f"query_source={query_source!r} needs a repeat prompt")
-        return source(repeat_prompt())
-    return source()
+        source = Scorer(scorer)
+    elif query_source == "recent":
+        source = RecentQueries()
+    else:
+        source_class = QUERY_SOURCES[query_source]
+        if getattr(source_class, "needs_prompt", False):
+            if repeat_prompt is None:
+                raise ValueError(f"query_source={query_source!r} needs a repeat prompt")
+            source = source_class(repeat_prompt())
+        else:
+            source = source_class()
+    source.scoring = scoring
+    return source
 
 
-def softmax_statistics(run: PrefillRun, module, queries, keys, key_valid, query_valid, causal_offset):
-    """:func:`attention_statistics` of ``queries`` against a layer's keys, in blocks sized from the cache."""
+def softmax_statistics(scoring: Scoring, module, queries, keys, key_valid, query_valid, causal_offset,
+                       n_context: int, n_layers: int):
+    """:func:`attention_statistics` of ``queries`` against a layer's keys (the first ``n_context`` scored), in
+    blocks sized from a cache of ``n_layers`` such layers."""
     if key_valid.shape[1] != keys.shape[2]:  # an earlier press pruned this layer: positions are unknown
         key_valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool)
-    n_context = run.inputs.length
     return attention_statistics(
         queries,
         query_valid.shape[1],
@@ -373,9 +422,9 @@ def softmax_statistics(run: PrefillRun, module, queries, keys, key_valid, query_
         query_valid.to(keys.device),
         n_scored=min(n_context, keys.shape[2]),
         causal_offset=causal_offset,
-        agg_task=run.agg_task,
-        block_bytes=int(SCORE_BLOCK_FRACTION * full_cache_bytes(keys[:, :, :n_context], run.n_layers)),
-        block_size=run.score_block_size,
+        agg_task=scoring.agg_task,
+        block_bytes=int(SCORE_BLOCK_FRACTION * full_cache_bytes(keys[:, :, :n_context], n_layers)),
+        block_size=scoring.block_size,
     )
 
 
@@ -387,15 +436,5 @@ def check_unpruned(query_source: str, keys: torch.Tensor, hidden_states: torch.T
             f"another press left {keys.shape[2]} in the cache before ComposePress scored it (presses act in the "
             "order their hooks were registered: a ComposedPress's list order, the outer of nested `with press"
             "(model)` blocks first): after a press that prunes tokens, use query_source='bidirectional' or a scorer"
-        )
-
-
-def check_cache_unchanged(lengths: list[int], scored_lengths: list[int]) -> None:
-    """Every layer still holds the entries that were scored: no press acting after ComposePress pruned them."""
-    if lengths != scored_lengths:
-        raise ValueError(
-            f"another press changed the cache after ComposePress scored it (layer lengths {lengths}, scored "
-            f"{scored_lengths}): ComposePress compresses every layer at the last one, so it must act last: put it "
-            "last in a ComposedPress, or innermost of nested `with press(model)` blocks"
         )
 

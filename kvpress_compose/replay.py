@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvpress_compose.attention_lse import LseCapture
 from kvpress_compose.cache_gather import full_cache_bytes, layer_states
-from kvpress_compose.prefill_inputs import PrefillInputs
+from kvpress_compose.prefill_run import PrefillInputs
 
 MIN_REPLAY_CHUNK, MAX_REPLAY_CHUNK = 256, 2048  # fewer chunks: each re-copies the context keys
 

@@ -10,22 +10,29 @@ from __future__ import annotations
 import numbers
 
 import torch
-
 from kvpress import ScorerPress
 
 from kvpress_compose.attention_scores import AGGREGATIONS
+from kvpress_compose.compression import ALLOCATIONS
 from kvpress_compose.query_sources import QUERY_SOURCES
 
-LAYER_ALLOCATIONS = ("global", "uniform", "global_normalized", "shared")
+
+def fraction_setting(include_one: bool):
+    """A real number in [0, 1) (a compression ratio), or in [0, 1] with ``include_one``."""
+    interval = "[0, 1]" if include_one else "[0, 1)"
+
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        value = float(value)
+        if not (0 <= value <= 1 if include_one else 0 <= value < 1):  # NaN fails too
+            raise ValueError(f"{name} must be in {interval}, got {value}")
+        return value
+
+    return check
 
 
-def ratio_setting(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not 0 <= value < 1:  # NaN fails too
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return value
+ratio_setting = fraction_setting(include_one=False)
 
 
 def positive_int_setting(name, value):
@@ -44,15 +51,6 @@ def odd_positive_int_setting(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or value % 2 == 0:
         raise ValueError(f"{name} must be an odd int >= 1 (a window centred on each token), got {value!r}")
     return int(value)
-
-
-def fraction_setting(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not 0 <= value <= 1:  # NaN fails too
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return value
 
 
 def token_ids_setting(name, value):
@@ -97,7 +95,7 @@ SETTINGS = {
     "compression_ratio": ratio_setting,
     "query_source": choice_setting(QUERY_SOURCES),
     "structured": bool_setting,
-    "layer_allocation": choice_setting(LAYER_ALLOCATIONS),
+    "layer_allocation": choice_setting(ALLOCATIONS),
     "composite_tokens": bool_setting,
     "scorer": scorer_setting,
     "agg_task": choice_setting(AGGREGATIONS),
@@ -108,7 +106,7 @@ SETTINGS = {
     "score_pooling": odd_positive_int_setting,
     "min_tokens_per_layer": positive_int_setting,
     "n_sink": non_negative_int_setting,
-    "layer_floor": fraction_setting,
+    "layer_floor": fraction_setting(include_one=True),
     "replay_prompt_ids": token_ids_setting,
     "score_block_size": optional_positive_int_setting,
 }
@@ -117,8 +115,9 @@ SETTINGS = {
 def check_combination(press) -> None:
     """Settings that depend on each other, checked together once ``press`` is constructed and whenever one of
     them changes."""
-    if not press.structured and (press.layer_allocation in ("global_normalized", "shared")
-                                 or not press.composite_tokens or press.layer_floor > 0):
+    allocation = ALLOCATIONS[press.layer_allocation]
+    if not press.structured and (not allocation.serves_unstructured or not press.composite_tokens
+                                 or press.layer_floor > 0):
         raise ValueError(
             "structured=False ranks every head's tokens on their own, against one budget per layer "
             "(layer_allocation='uniform') or one for the whole model ('global'): layer_allocation="

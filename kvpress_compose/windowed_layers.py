@@ -27,11 +27,24 @@ class LayerWindow:
     span: int
 
 
+def configured_spans(config) -> tuple[int | None, int | None]:
+    """The model's ``sliding_window`` and ``attention_chunk_size`` (None where unset): the one place the window
+    is read from the config."""
+    return getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)
+
+
+def local_attention_span(config) -> int | None:
+    """The most keys back a query can see where attention is local: the sliding window (Mistral, Qwen2) or
+    the attention chunk (Llama 4), whichever is set and smaller; None for full attention."""
+    spans = [span for span in configured_spans(config) if span]
+    return min(spans) if spans else None
+
+
 def layer_windows(config, n_layers: int) -> list[LayerWindow | None]:
     """Each layer's window, None for full attention: from ``config.layer_types`` where the config has them, else
     every layer windowed where ``sliding_window`` or ``attention_chunk_size`` is set (as transformers'
     ``DynamicCache(config=...)`` reads them)."""
-    sliding, chunk = getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)
+    sliding, chunk = configured_spans(config)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is None:
         if sliding:

@@ -2,7 +2,7 @@
 
 import torch
 
-from kvpress_compose.allocation import (
+from kvpress_compose.compression import (
     composite_scores,
     compute_n_kept,
     floor_per_layer,

@@ -106,7 +106,7 @@ def scores_and_lse_calls(attn, ids, monkeypatch, attention_mask=None, **press_kw
     press = ComposePress(compression_ratio=0.5, add_mean_across_heads=False, **press_kwargs)
     prefill(model, ids, press, attention_mask=attention_mask)
     assert not any(layer.self_attn in attention_lse.ACTIVE_CAPTURES for layer in model.model.layers)
-    assert press._run is None
+    assert not press.in_prefill
     return press.last_scores, len(calls), len(split_calls)
 
 
@@ -169,7 +169,7 @@ def test_an_error_inside_composed_press_leaves_no_capture_behind():
     with pytest.raises(ValueError, match="min_tokens_per_layer"):
         prefill(model, random_ids(1, 50), ComposedPress([press]))
     assert not any(layer.self_attn in attention_lse.ACTIVE_CAPTURES for layer in model.model.layers)
-    assert press._attachment is None and press._run is None
+    assert press._attachment is None and not press.in_prefill
     with torch.no_grad():
         model(random_ids(1, 20))
     assert not any(layer.self_attn in attention_lse.ACTIVE_CAPTURES for layer in model.model.layers)

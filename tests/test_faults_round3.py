@@ -11,7 +11,7 @@ from kvpress import ScorerPress
 from transformers import DynamicCache
 
 from kvpress_compose import ComposeDecodingPress, ComposePress, compute_n_kept
-from kvpress_compose.allocation import layer_budgets
+from kvpress_compose.compression import layer_budgets
 from tests.models import VOCAB, cache_layer_lengths, prefill, random_ids, tiny_model
 
 N_KEPT = compute_n_kept(3 * 40, 0.5)  # a 40-token context over the tiny model's 3 layers at ratio 0.5

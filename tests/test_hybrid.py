@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_compose import ComposeDecodingPress, ComposePress
-from kvpress_compose.allocation import compute_n_kept
+from kvpress_compose.compression import compute_n_kept
 from kvpress_compose.windowed_layers import CHUNKED, SLIDING, LayerWindow, layer_windows, layers_to_compress
 from tests.models import random_ids, tiny_model
 from tests.test_exactness import assert_same_logits

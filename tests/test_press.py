@@ -265,7 +265,7 @@ def test_layer_floor_gives_every_layer_its_share_of_the_uniform_budget():
 
 
 def test_score_pooling_ranks_each_head_by_its_pooled_scores():
-    from kvpress_compose.allocation import pooled_scores
+    from kvpress_compose.compression import pooled_scores
 
     model, ids = tiny_model(layers=4), random_ids(1, 50)
     plain = ComposePress(0.6, query_source="bidirectional", layer_allocation="uniform")
@@ -277,7 +277,7 @@ def test_score_pooling_ranks_each_head_by_its_pooled_scores():
 
 
 def test_shared_allocation_keeps_the_same_positions_in_every_layer_and_head():
-    from kvpress_compose.allocation import rank_tokens, shared_ranking
+    from kvpress_compose.compression import rank_tokens, shared_ranking
 
     model, ids = tiny_model(layers=4), random_ids(1, 50)
     global_press = ComposePress(0.6, query_source="bidirectional", layer_allocation="global")
@@ -303,7 +303,7 @@ def test_pooling_and_shared_allocation_are_checked():
 
 
 def test_normalised_allocation_is_the_global_top_k_of_each_heads_shares():
-    from kvpress_compose.allocation import composite_scores, layer_budgets, per_head_shares, rank_tokens
+    from kvpress_compose.compression import composite_scores, layer_budgets, per_head_shares, rank_tokens
 
     model, ids = tiny_model(layers=4), random_ids(1, 50)
     press = ComposePress(0.6, query_source="bidirectional", layer_allocation="global_normalized")
@@ -355,4 +355,4 @@ def test_replay_and_compression_wait_for_the_prefill_forward_to_end(monkeypatch)
     cache = DynamicCache()
     with pytest.raises(RuntimeError, match="after the last layer"):
         prefill(model, random_ids(1, 40), press, cache=cache)
-    assert cache_layer_lengths(cache) == [40, 40, 40] and press._run is None
+    assert cache_layer_lengths(cache) == [40, 40, 40] and not press.in_prefill
