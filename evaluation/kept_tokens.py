@@ -36,7 +36,8 @@ from kvpress import KVzipPress
 from transformers import DynamicCache
 
 from kvpress_compose import ComposePress
-from kvpress_compose.allocation import compute_n_kept, head_budgets, stack_layer_scores, with_sinks_kept
+from kvpress_compose.compression import (
+    compute_n_kept, head_budgets, post_processed, rank_tokens, stack_layer_scores, with_sinks_kept)
 from kvpress_compose.attention_scores import finish_scores
 from kvpress_compose.query_sources import QuerySource
 
@@ -131,7 +132,8 @@ def compose_kept(stat: torch.Tensor, ratio: float = 0.75, agg_task: str = "max",
                                  for i in range(n_layers)])  # (L, 1, H, n)
     scores = with_sinks_kept(scores, valid, press.n_sink)
     if not press.structured:
-        sorted_scores, order = press._ranked(scores)
+        processed = post_processed(list(scores), None, list(range(n_layers)), valid, press.compression_settings())
+        sorted_scores, order = rank_tokens(processed)
         press.last_budgets = head_budgets(sorted_scores, ratio, press.min_tokens_per_layer,
                                           per_layer=press.layer_allocation == "uniform")
         return kept_of(press, n)
