@@ -29,6 +29,7 @@ from kvpress_compose.compression import (
     compress,
     compute_n_kept,
     mask_unstructured,
+    resolved_allocation,
 )
 from kvpress_compose.head_masks import install_head_mask_hooks
 from kvpress_compose.layer_masks import install_layer_mask_hooks, refuse_assisted_generation
@@ -96,10 +97,12 @@ class ComposePress(BasePress):
     structured : bool, default=True
         False: the unstructured upper bound, per-(layer, head) budgets as kvpress's head-wise masks (frees no
         memory; sdpa or flash).
-    layer_allocation : str, default="global"
+    layer_allocation : str, default="auto"
         How one budget is spread over layers; each choice is an allocation object of
         :data:`kvpress_compose.compression.ALLOCATIONS` (how they compare: README, "Findings").
-        "global" (the paper's): one top-k over every layer's composite scores. "uniform": every layer keeps
+        "auto": chosen from the model's config when the press is attached (``effective_allocation`` says
+        which): "shared" with ``score_pooling=9`` on a hybrid model (full-attention layers beside windowed ones:
+        Gemma 3), "global" on every other. "global" (the paper's): one top-k over every layer's composite scores. "uniform": every layer keeps
         the same number. "global_normalized": the global top-k over each head's score shares (use with
         ``n_sink``). "shared": every layer and head keeps the same tokens, each token ranked by its best
         within-layer percentile (a token one layer singles out is kept by all), as many per layer; for models
@@ -154,7 +157,7 @@ class ComposePress(BasePress):
     compression_ratio: float = 0.0
     query_source: str = "replay"
     structured: bool = True
-    layer_allocation: str = "global"
+    layer_allocation: str = "auto"
     composite_tokens: bool = True
     scorer: ScorerPress | None = None
     agg_task: str = "max"
@@ -194,7 +197,7 @@ class ComposePress(BasePress):
     def __getstate__(self) -> dict:
         """A copy (``copy.deepcopy``, ``copy.copy``, ``pickle``) is a fresh, unattached press of the same settings,
         whether or not this one is in use: neither the model it is attached to nor its last results go with it."""
-        state = {name: value for name, value in self.__dict__.items() if name != "_attached"}
+        state = {name: value for name, value in self.__dict__.items() if name not in ("_attached", "_hybrid_model")}
         return state | {"last_budgets": None, "last_scores": None, "last_layers": None}
 
     def __setstate__(self, state: dict) -> None:
@@ -203,9 +206,18 @@ class ComposePress(BasePress):
     # -- the settings, as the algorithm and the query sources read them -----------------------------------------
 
     def compression_settings(self) -> CompressionSettings:
-        """The settings :mod:`kvpress_compose.compression` reads, from this press's fields."""
-        return CompressionSettings(**{setting.name: getattr(self, setting.name)
-                                      for setting in fields(CompressionSettings)})
+        """The settings :mod:`kvpress_compose.compression` reads, from this press's fields, with
+        ``layer_allocation="auto"`` resolved for the model it was last attached to (:attr:`effective_allocation`)."""
+        values = {setting.name: getattr(self, setting.name) for setting in fields(CompressionSettings)}
+        values["layer_allocation"], values["score_pooling"] = self.effective_allocation
+        return CompressionSettings(**values)
+
+    @property
+    def effective_allocation(self) -> tuple[str, int]:
+        """``(layer_allocation, score_pooling)`` as this press compresses: ``"auto"`` resolved by whether the model
+        it was last attached to is hybrid (full-attention layers beside windowed ones; "global" before any)."""
+        return resolved_allocation(self.layer_allocation, self.score_pooling,
+                                   self.__dict__.get("_hybrid_model", False), self.structured)
 
     def scoring(self) -> Scoring:
         """The aggregation settings the query sources read."""
@@ -245,6 +257,8 @@ class ComposePress(BasePress):
         self._detach()
         model_path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         self._attached = DecoderAttachment(self, language_model, attention_modules, type(model).__name__, model_path)
+        windows = self._attached.windows
+        self._hybrid_model = any(window is None for window in windows) and any(w is not None for w in windows)
         if self.scorer is not None:
             self.scorer.post_init_from_model(model)
 

@@ -347,6 +347,24 @@ ALLOCATIONS: dict[str, Allocation] = {
     "shared": SharedAllocation(),
 }
 
+# ``layer_allocation="auto"`` (the default) picks one of ALLOCATIONS from the model's own config: a hybrid model
+# (full-attention layers beside sliding-window or chunked ones, e.g. Gemma 3) gets "shared" with this pooling,
+# every other model "global" (the evidence: README, "Results on real models")
+AUTO = "auto"
+HYBRID_POOLING = 9
+
+
+def resolved_allocation(layer_allocation: str, score_pooling: int, hybrid: bool,
+                        structured: bool = True) -> tuple[str, int]:
+    """``(layer_allocation, score_pooling)`` as compressed: an explicit allocation as it is; ``"auto"`` becomes
+    ``"shared"`` with ``score_pooling`` :data:`HYBRID_POOLING` (unless set above 1) on a ``hybrid`` model, and
+    ``"global"`` elsewhere, or wherever ``structured=False`` (``"shared"`` is structured only)."""
+    if layer_allocation != AUTO:
+        return layer_allocation, score_pooling
+    if hybrid and structured:
+        return "shared", score_pooling if score_pooling > 1 else HYBRID_POOLING
+    return "global", score_pooling
+
 
 def top_entries(scores: torch.Tensor, n_kept: int, n_forced: int) -> torch.Tensor:
     """Entries kept per group, ``(rows, groups)``, when each row keeps its global top ``n_kept`` of

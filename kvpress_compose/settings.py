@@ -13,7 +13,7 @@ import torch
 from kvpress import ScorerPress
 
 from kvpress_compose.attention_scores import AGGREGATIONS
-from kvpress_compose.compression import ALLOCATIONS
+from kvpress_compose.compression import ALLOCATIONS, AUTO
 from kvpress_compose.query_sources import QUERY_SOURCES
 
 
@@ -95,7 +95,7 @@ SETTINGS = {
     "compression_ratio": ratio_setting,
     "query_source": choice_setting(QUERY_SOURCES),
     "structured": bool_setting,
-    "layer_allocation": choice_setting(ALLOCATIONS),
+    "layer_allocation": choice_setting((AUTO, *ALLOCATIONS)),
     "composite_tokens": bool_setting,
     "scorer": scorer_setting,
     "agg_task": choice_setting(AGGREGATIONS),
@@ -115,7 +115,7 @@ SETTINGS = {
 def check_combination(press) -> None:
     """Settings that depend on each other, checked together once ``press`` is constructed and whenever one of
     them changes."""
-    allocation = ALLOCATIONS[press.layer_allocation]
+    allocation = ALLOCATIONS["global" if press.layer_allocation == AUTO else press.layer_allocation]
     if not press.structured and (not allocation.serves_unstructured or not press.composite_tokens
                                  or press.layer_floor > 0):
         raise ValueError(

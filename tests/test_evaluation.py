@@ -195,9 +195,9 @@ def test_expected_attention_with_uniform_allocation_is_registered():
 
 
 def test_the_defaults_are_the_ones_the_real_model_chose():
-    assert (ComposePress().query_source, ComposePress().layer_allocation) == ("replay", "global")
+    assert (ComposePress().query_source, ComposePress().layer_allocation) == ("replay", "auto")
     compose = registry.make_press("compose", 0.5)
-    assert (compose.query_source, compose.layer_allocation) == ("replay", "global")
+    assert (compose.query_source, compose.layer_allocation) == ("replay", "auto")
     assert registry.make_press("compose_uniform", 0.5).layer_allocation == "uniform"
     # every other variant names its source and allocation: a change of defaults moves only "compose"
     assert registry.make_press("compose_replay", 0.5).layer_allocation == "global"

@@ -279,7 +279,7 @@ def test_settings_that_depend_on_each_other_are_checked_when_assigned():
     press.structured = False
     with pytest.raises(ValueError, match="structured press only"):
         press.layer_allocation = "global_normalized"
-    assert press.layer_allocation == "global"
+    assert press.layer_allocation == "auto"
 
 
 # found by the review of the early-stopped replay and the compression at the decoder's end ---------------------

@@ -149,7 +149,8 @@ def test_replay_on_gemma3_sees_windowed_layers_as_the_model_does():
     first when the model reads the context twice (eager attentions), with a sliding cache holding 7 of 24."""
     model = tiny_gemma3(attn="eager")
     ids = random_ids(2, 24)
-    press = ComposePress(compression_ratio=0.5, query_source="replay", add_mean_across_heads=False)
+    press = ComposePress(compression_ratio=0.5, query_source="replay", add_mean_across_heads=False,
+                         layer_allocation="global")
     with torch.no_grad(), press(model):
         model.model(input_ids=ids, past_key_values=DynamicCache(config=model.config))
     with torch.no_grad():
@@ -241,3 +242,52 @@ def test_later_tokens_without_positions_are_counted_from_the_original_context(mo
         with torch.no_grad():
             logits.append(model(input_ids=question, past_key_values=cache, position_ids=positions).logits)
     torch.testing.assert_close(logits[0], logits[1], atol=1e-6, rtol=1e-5)
+
+
+# -- the default allocation, chosen from the model's config ----------------------------------------------------
+
+
+def kept_sets(press, model, ids, cache):
+    """Each compressed layer's kept positions after a prefill of ``ids`` under ``press``: ``{layer: (b, h, k)}``."""
+    with torch.no_grad(), press(model):
+        model.model(input_ids=ids, past_key_values=cache)
+    return {layer: cache.layers[layer].keys for layer in press.last_layers}, press.last_budgets
+
+
+def test_the_default_allocation_is_shared_with_pooling_on_a_hybrid_model_and_global_elsewhere():
+    """``layer_allocation="auto"``: on Gemma 3 (full layers beside windowed ones) the default keeps exactly what
+    ``layer_allocation="shared", score_pooling=9`` keeps; on Llama (no window) exactly what ``"global"`` keeps."""
+    gemma, ids = tiny_gemma3(), random_ids(2, 24)
+    default = ComposePress(0.5)
+    assert default.layer_allocation == "auto" and default.effective_allocation == ("global", 1)  # not attached yet
+    kept, budgets = kept_sets(default, gemma, ids, DynamicCache(config=gemma.config))
+    assert default.effective_allocation == ("shared", 9)
+    shared, shared_budgets = kept_sets(ComposePress(0.5, layer_allocation="shared", score_pooling=9), gemma, ids,
+                                       DynamicCache(config=gemma.config))
+    assert torch.equal(budgets, shared_budgets) and len(set(budgets.tolist())) == 1  # every full layer alike
+    assert all(torch.equal(kept[layer], shared[layer]) for layer in kept)
+    assert ComposePress(0.5, score_pooling=5).__call__  # an explicit pooling above 1 is kept on a hybrid model
+    pooled = ComposePress(0.5, score_pooling=5)
+    kept_sets(pooled, gemma, ids, DynamicCache(config=gemma.config))
+    assert pooled.effective_allocation == ("shared", 5)
+
+    llama = tiny_model(layers=4)
+    ids = random_ids(1, 40)
+    default = ComposePress(0.5)
+    kept, budgets = kept_sets(default, llama, ids, DynamicCache())
+    assert default.effective_allocation == ("global", 1)
+    global_kept, global_budgets = kept_sets(ComposePress(0.5, layer_allocation="global"), llama, ids, DynamicCache())
+    assert torch.equal(budgets, global_budgets) and len(set(budgets.tolist())) > 1  # layers keep different counts
+    assert all(torch.equal(kept[layer], global_kept[layer]) for layer in kept)
+
+
+def test_the_default_allocation_on_an_all_windowed_model_or_unstructured_is_global():
+    """Every layer windowed (Mistral's sliding window) is no hybrid: global; structured=False cannot share one
+    token set (per-head budgets), so "auto" is global there too."""
+    mistral = mistral_all_sliding(window=32)
+    press = ComposePress(0.5)
+    kept_sets(press, mistral, random_ids(1, 20), DynamicCache())
+    assert press.effective_allocation == ("global", 1)
+    unstructured = ComposePress(0.5, structured=False)
+    kept_sets(unstructured, tiny_gemma3(), random_ids(1, 24), DynamicCache(config=tiny_gemma3().config))
+    assert unstructured.effective_allocation == ("global", 1)
