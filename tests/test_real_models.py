@@ -1,4 +1,4 @@
-"""Real models by short name (evaluation.real_models): GGUF conversion on a tiny Llama GGUF written here, the cache,
+"""Real models by short name (evaluation.model_zoo.real_models): GGUF conversion on a tiny Llama GGUF written here, the cache,
 name resolution and missing packages; SmolLM2-135M itself in a slow test."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation import real_models
-from evaluation.real_models import RealModel, cache_root, convert_gguf, converted_model, import_package, resolve_model
+from evaluation.model_zoo import real_models
+from evaluation.model_zoo.real_models import RealModel, cache_root, convert_gguf, converted_model, import_package, resolve_model
 
 gguf = pytest.importorskip("gguf")
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402

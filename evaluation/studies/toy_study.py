@@ -1,8 +1,8 @@
 """The full study: where the budget binds, which presses keep their accuracy, with intervals.
 
-    python -m evaluation.study                  # GQA model, 4096-word contexts of all 7 tasks -> docs/study-4096/
-    python -m evaluation.study --words 2048 --model <folder> --docs docs/study-2048
-    python -m evaluation.study --model smollm2-135m   # a real model: see evaluation.real_study (its own options)
+    python -m evaluation.studies.toy_study                  # GQA model, 4096-word contexts of all 7 tasks -> docs/study-4096/
+    python -m evaluation.studies.toy_study --words 2048 --model <folder> --docs docs/study-2048
+    python -m evaluation.studies.toy_study --model smollm2-135m   # a real model: see evaluation.studies.real_study (its own options)
 
 Compute goes where the claims are. The leaders (ComposePress's query sources and ablations, KVzip) run at the
 ratios where presses differ (``--claim-ratios``, 0.75 / 0.9 / 0.95) on ``--contexts`` contexts per task (20);
@@ -15,7 +15,7 @@ results folder. ``--docs`` receives:
 
 - ``summary.md``: the leaders' accuracy with 95% bootstrap intervals, per task at the highest ratios, paired
   differences (``A - B`` with its paired interval; "A beats B" only where it excludes 0), the memory held,
-  the field's table, and the KV heads' top-k overlap (:mod:`evaluation.head_overlap`);
+  the field's table, and the KV heads' top-k overlap (:mod:`evaluation.studies.head_overlap`);
 - ``summary.csv``: every run (press, ratio, contexts, per-task and average accuracy, interval, memory);
 - ``leaders_accuracy_vs_ratio.png``, ``field_accuracy_vs_ratio.png`` (bands: the intervals) and
   ``accuracy_vs_memory.png`` (accuracy against the cache memory really held).
@@ -36,12 +36,13 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from . import data, head_overlap
-from .files import check_inside, save_figure, write_atomic
-from .metrics import paired_difference
-from .real_models import REAL_MODELS
-from .registry import KVPRESS_PRESSES, PRESS_REGISTRY
-from .run import (
+from ..tasks import dataset_files
+from . import head_overlap
+from ..safe_files import check_inside, save_figure, write_atomic
+from ..metrics.accuracy import paired_difference
+from ..model_zoo.real_models import REAL_MODELS
+from ..runner.presses import KVPRESS_PRESSES, PRESS_REGISTRY
+from ..runner.run import (
     RunConfig,
     check_model,
     check_results_folders,
@@ -51,7 +52,7 @@ from .run import (
     rerun_reason,
     run,
 )
-from .sweep import (
+from ..runner.sweep import (
     BASELINE,
     by_ratio,
     draw_accuracy_vs_memory,
@@ -61,9 +62,9 @@ from .sweep import (
     plot,
     run_summary,
 )
-from .synthetic_tasks import TASKS
+from ..tasks.word_tasks import TASKS
 
-STUDY_MODEL = Path(__file__).parent / "models" / "retrieval-llama-gqa"
+STUDY_MODEL = Path(__file__).parents[1] / "models" / "retrieval-llama-gqa"
 STUDY_SEED = 2026
 ARCHIVE = "runs"  # under the report's folder: a copy of every finished run, from which a later study resumes
 RATIOS = (0.25, 0.5, 0.75, 0.9, 0.95)
@@ -122,7 +123,7 @@ def study_plan(model: str, data_dir: Path, out: Path, contexts: int, field_conte
              "field": (field or field_presses(), ratios, field_contexts)}
     plan = {}
     for tier, (presses, tier_ratios, n_contexts) in tiers.items():
-        output_dir = out / f"study__{data.dataset_name(data_dir)}" / f"contexts-{n_contexts}"
+        output_dir = out / f"study__{dataset_files.dataset_name(data_dir)}" / f"contexts-{n_contexts}"
         plan[tier] = [
             RunConfig(model, str(data_dir), press, ratio, dataset=dataset, output_dir=str(output_dir),
                       max_contexts=n_contexts)
@@ -133,14 +134,14 @@ def study_plan(model: str, data_dir: Path, out: Path, contexts: int, field_conte
 
 
 def done(configs: list[RunConfig]) -> list[RunConfig]:
-    """The runs of ``configs`` that have finished with this run's record (:func:`evaluation.run.rerun_reason`:
+    """The runs of ``configs`` that have finished with this run's record (:func:`evaluation.runner.run.rerun_reason`:
     a run restored from the archive counts when its record matches; one archived before records held a data
     fingerprint and the press's settings counts too, those fields being unknown)."""
     return [config for config in configs if rerun_reason(config) is None]
 
 
 def run_table(configs: list[RunConfig]) -> pd.DataFrame:
-    """One summary row per finished run (see :func:`evaluation.sweep.run_summary`), with its contexts per task."""
+    """One summary row per finished run (see :func:`evaluation.runner.sweep.run_summary`), with its contexts per task."""
     rows = [run_summary(config.results_dir()) | {"contexts": config.max_contexts} for config in done(configs)]
     return pd.DataFrame(rows)
 
@@ -229,7 +230,7 @@ def per_task_table(table: pd.DataFrame, ratio: float, tasks=TASKS) -> pd.DataFra
 
 def plot_accuracy_vs_memory(table: pd.DataFrame, path: Path, title: str) -> Path:
     """Average accuracy against the cache memory really held (fraction of the full cache), one line per press
-    with its intervals as error bars (:func:`evaluation.sweep.draw_accuracy_vs_memory`): presses that only mask
+    with its intervals as error bars (:func:`evaluation.runner.sweep.draw_accuracy_vs_memory`): presses that only mask
     stay at 1.0 whatever their ratio."""
     figure = Figure(figsize=(9, 5.5))
     axes = figure.subplots()
@@ -242,7 +243,7 @@ def plot_accuracy_vs_memory(table: pd.DataFrame, path: Path, title: str) -> Path
 
 def plot_title(config: RunConfig, tasks, what: str) -> str:
     """A plot's title: model, data and task count, contexts per task, and which presses (``what``)."""
-    return human_title(config.model, data.dataset_name(config.data_dir), len(tasks), config.max_contexts, what)
+    return human_title(config.model, dataset_files.dataset_name(config.data_dir), len(tasks), config.max_contexts, what)
 
 
 def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str | None, tasks=TASKS,
@@ -259,7 +260,7 @@ def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str
     progress = "" if n_done == n_runs else (
         f" **{n_done} of {n_runs} runs done** (claims tier {len(claims)} of {len(plan['claims'])}, field "
         f"{len(field)} of {len(plan['field'])}): the tables hold those; rerun the command to finish the rest.")
-    sections = [(f"# Study: {setting}\n\nWritten by `python -m evaluation.study`. Sample: {len(tasks)} tasks; the "
+    sections = [(f"# Study: {setting}\n\nWritten by `python -m evaluation.studies.toy_study`. Sample: {len(tasks)} tasks; the "
                 f"leaders on {n_claims} contexts per task, the field on {n_field}. Accuracy in % by kvpress's RULER "
                 f"metric (`string_match_all`: the share of answer items found as case-blind substrings), 95% "
                 f"bootstrap intervals over contexts (resampled within each task).{progress}")]
@@ -294,7 +295,7 @@ def leaders_sections(claims: pd.DataFrame, configs: list[RunConfig], docs: Path,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.study", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m evaluation.studies.toy_study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="hub id or model folder (default: retrieval-llama-gqa)")
     parser.add_argument("--words", type=int, default=4096, help="words per context")
@@ -336,17 +337,17 @@ def main(argv: list[str] | None = None) -> Path:
     if args.model is None and not (STUDY_MODEL / "config.json").is_file():
         sys.exit(f"error: no model in {STUDY_MODEL}: train it (see its README) or pass --model")
     torch.set_num_threads(args.threads)
-    data_dir = args.data_dir or data.DEFAULT_DATA_ROOT / f"study-{args.words}"
-    if not data.has_dataset(data_dir):
-        data.write_dataset(data_dir, args.contexts, args.words, STUDY_SEED, TASKS)
+    data_dir = args.data_dir or dataset_files.DEFAULT_DATA_ROOT / f"study-{args.words}"
+    if not dataset_files.has_dataset(data_dir):
+        dataset_files.write_dataset(data_dir, args.contexts, args.words, STUDY_SEED, TASKS)
     try:
-        available = data.load_rows(data_dir).groupby("task")["context"].nunique()
+        available = dataset_files.load_rows(data_dir).groupby("task")["context"].nunique()
     except ValueError as error:  # a bad dataset file, named
         parser.error(str(error))
     if set(available.index) != set(TASKS) or available.min() < args.contexts:
         parser.error(f"{data_dir} holds {available.to_dict()} contexts per task; the study needs every task of "
                      f"{list(TASKS)} with at least --contexts {args.contexts}: write it with `python -m "
-                     f"evaluation.data --out {data_dir} --tasks {' '.join(TASKS)} --contexts {args.contexts} --words "
+                     f"evaluation.tasks.dataset_files --out {data_dir} --tasks {' '.join(TASKS)} --contexts {args.contexts} --words "
                      f"{args.words} --seed {STUDY_SEED}`")
     try:
         plan = study_plan(model, Path(data_dir), args.out, args.contexts, args.field_contexts,

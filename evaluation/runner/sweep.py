@@ -1,4 +1,4 @@
-"""Sweep presses x compression ratios with :mod:`evaluation.run`, then tabulate and plot the results.
+"""Sweep presses x compression ratios with :mod:`evaluation.runner.run`, then tabulate and plot the results.
 
 ``no_press`` runs once, at ratio 0. Runs go to ``<output_dir>`` (default ``results/sweep``; kvpress's own
 evaluate.py writes under ``results/kvpress``), the summary to ``<output_dir>/sweep__<dataset>__<data>__<model>/``:
@@ -25,8 +25,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .data import dataset_name
-from .files import save_figure, write_atomic
+from ..tasks.dataset_files import dataset_name
+from ..safe_files import save_figure, write_atomic
 from .run import DEFAULT_OUTPUT_DIR, RunConfig, preflight, ratio_label, run
 
 BASELINE = "no_press"
@@ -255,7 +255,7 @@ def accuracy_figure(table: pd.DataFrame, title: str) -> Figure:
 def display_name(model: str) -> str:
     """The model as a person names it: a real model by its own name (SmolLM2-135M-Instruct), a local folder by
     its name, a hub id as it is."""
-    from .real_models import REAL_MODELS
+    from ..model_zoo.real_models import REAL_MODELS
 
     name = Path(model.rstrip("/")).name
     real = REAL_MODELS.get(name)
@@ -329,7 +329,7 @@ def plan(
 ) -> list[RunConfig]:
     """The run configurations of a sweep; raises ValueError on any bad argument before anything runs.
 
-    ``options`` are :class:`evaluation.run.RunConfig` fields (device, max_contexts, fidelity, ...).
+    ``options`` are :class:`evaluation.runner.run.RunConfig` fields (device, max_contexts, fidelity, ...).
     """
     return [RunConfig(model, str(data_dir), press, ratio, dataset=dataset, output_dir=str(output_dir), **options)
             for press, ratio in planned_runs(presses, ratios)]
@@ -349,7 +349,7 @@ def run_sweep(configs: list[RunConfig]) -> SweepOutputs:
 
 def sweep(model: str, presses: list[str], ratios: list[float], data_dir: str | Path, **kwargs) -> SweepOutputs:
     """Every press at every ratio on ``model`` over the local dataset ``data_dir``; see :func:`plan`. The data
-    and output folder are checked before the first run (:func:`evaluation.run.preflight`)."""
+    and output folder are checked before the first run (:func:`evaluation.runner.run.preflight`)."""
     configs = plan(model, presses, ratios, data_dir, **kwargs)
     preflight(configs)
     return run_sweep(configs)

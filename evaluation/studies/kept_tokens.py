@@ -16,7 +16,7 @@ tokens* from *how the budget is spread*.
 
 Usage (one thread; the recorded scores are cached under ``--cache-dir``)::
 
-    OMP_NUM_THREADS=1 python -m evaluation.kept_tokens --task niah_multikey_1 --contexts 0 1 \\
+    OMP_NUM_THREADS=1 python -m evaluation.studies.kept_tokens --task niah_multikey_1 --contexts 0 1 \\
         --sources kvzip replay --ratio 0.75
 
 prints, per context and needle, the fraction of the needle's value (and key) tokens each variant keeps, averaged
