@@ -26,10 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-from .tasks import dataset_files
-from .tasks.ruler import RULER_TASKS, check_ruler_dataset
 from .runner.run import DEFAULT_OUTPUT_DIR, add_run_options, check_model, preflight, run_options
 from .runner.sweep import plan, run_sweep
+from .tasks import dataset_files
+from .tasks.ruler import RULER_TASKS, check_ruler_dataset
 
 TOY_MODELS = Path(__file__).parent / "models"  # models trained on the word-level tasks (their tokens are words)
 SHIPPED_MODEL = TOY_MODELS / "retrieval-llama"

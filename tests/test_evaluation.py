@@ -17,14 +17,27 @@ from kvpress import AdaKVPress, BasePress, ExpectedAttentionPress, KnormPress, S
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import evaluation.__main__ as cli
-from evaluation.runner import presses
-from evaluation.tasks.dataset_files import load_rows, write_dataset
-from evaluation.metrics.fidelity import fidelity
 from evaluation.metrics.accuracy import (
-    average, bootstrap_interval, string_match_all, string_match_part, task_scores, whole_word_match_all)
+    average,
+    bootstrap_interval,
+    string_match_all,
+    string_match_part,
+    task_scores,
+    whole_word_match_all,
+)
+from evaluation.metrics.fidelity import fidelity
+from evaluation.runner import presses
 from evaluation.runner.run import RunConfig, evaluate, load_pipeline
-from evaluation.runner.sweep import (
-    MEAN_COLUMN, accuracy_by_ratio, accuracy_figure, coinciding, human_title, plot, plot_lines)
+from evaluation.studies.report import (
+    MEAN_COLUMN,
+    accuracy_by_ratio,
+    accuracy_figure,
+    coinciding,
+    human_title,
+    plot,
+    plot_lines,
+)
+from evaluation.tasks.dataset_files import load_rows, write_dataset
 from evaluation.tasks.word_tasks import BASE_TASKS as TASKS
 from evaluation.tasks.word_tasks import DENSE_TASKS, VALUES, build_tokenizer, vocabulary
 from kvpress_compose import ComposePress
@@ -566,7 +579,7 @@ def test_benchmark_names_an_unknown_method(capsys):
 
 
 def test_interval_tables_mark_failed_runs():
-    from evaluation.runner.sweep import intervals_by_ratio
+    from evaluation.studies.report import intervals_by_ratio
 
     table = pd.DataFrame({"press": ["a", "b"], "ratio": [0.5, 0.5], "status": ["ok", "failed"],
                           "average": [50.0, float("nan")], "ci_low": [40.0, float("nan")],
@@ -575,7 +588,7 @@ def test_interval_tables_mark_failed_runs():
 
 
 def test_ratio_columns_are_in_ratio_order_whatever_order_the_runs_finished_in():
-    from evaluation.runner.sweep import by_ratio, intervals_by_ratio
+    from evaluation.studies.report import by_ratio, intervals_by_ratio
 
     table = pd.DataFrame({"press": ["no_press", "a", "a", "a"], "ratio": [0.0, 0.75, 0.9, 0.5],
                           "status": ["ok"] * 4, "average": [80.0, 70.0, 50.0, 75.0], "ci_low": [75.0, 65, 45, 70],
@@ -585,7 +598,7 @@ def test_ratio_columns_are_in_ratio_order_whatever_order_the_runs_finished_in():
     assert list(memory.columns) == ["0.00", "0.50", "0.75", "0.90"]
     assert memory.loc["a"].tolist()[1:] == [0.5, 0.25, 0.1] and list(memory.index) == ["no_press", "a"]
 
-    from evaluation.runner.sweep import curves
+    from evaluation.studies.report import curves
 
     curve = curves(table)["a"]
     assert curve.index.tolist() == [0.0, 0.5, 0.75, 0.9] and curve.tolist() == [80.0, 75.0, 70.0, 50.0]

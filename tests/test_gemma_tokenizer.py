@@ -8,8 +8,16 @@ import random
 
 import pytest
 
-from evaluation.model_zoo.gemma_tokenizer import (BYTE, CONTROL, NORMAL, USER_DEFINED, fixed_gemma_tokenizer,
-                                        merges_from_scores, read_gguf_tokenizer, sentencepiece_pieces)
+from evaluation.model_zoo.gemma_tokenizer import (
+    BYTE,
+    CONTROL,
+    NORMAL,
+    USER_DEFINED,
+    fixed_gemma_tokenizer,
+    merges_from_scores,
+    read_gguf_tokenizer,
+    sentencepiece_pieces,
+)
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 # User-defined pieces as GGUF converters store them: space runs with literal spaces.

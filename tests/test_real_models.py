@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import types
 import os
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from evaluation.model_zoo import real_models
-from evaluation.model_zoo.real_models import RealModel, cache_root, convert_gguf, converted_model, import_package, resolve_model
+from evaluation.model_zoo.real_models import (
+    RealModel,
+    cache_root,
+    convert_gguf,
+    converted_model,
+    import_package,
+    resolve_model,
+)
 
 gguf = pytest.importorskip("gguf")
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402

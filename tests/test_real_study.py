@@ -10,9 +10,9 @@ import sys
 import pandas as pd
 import pytest
 
+from evaluation.runner.run import RunConfig
 from evaluation.studies import real_study
 from evaluation.tasks import dataset_files
-from evaluation.runner.run import RunConfig
 from evaluation.tasks.word_tasks import BASE_TASKS
 
 

@@ -16,10 +16,10 @@ import yaml
 import evaluation.__main__ as cli
 import evaluation.runner.run as run_module
 from evaluation.runner import kvpress_evaluate, presses
-from evaluation.studies import toy_study
+from evaluation.runner.run import RunConfig, evaluate
+from evaluation.studies import core, toy_study
 from evaluation.tasks import dataset_files
 from evaluation.tasks.dataset_files import load_rows, write_dataset
-from evaluation.runner.run import RunConfig, evaluate
 from evaluation.tasks.word_tasks import TASKS
 from tests.test_evaluation import one_thread, tiny_model_folder  # noqa: F401 - one_thread: autouse
 
@@ -119,20 +119,20 @@ def test_the_archived_4096_study_is_still_done_and_its_report_rebuilds(tmp_path)
     other defaults; and the leaders' table rebuilds as committed."""
     docs = tmp_path / "docs"
     shutil.copytree(REPO / "docs" / "study-4096", docs)
-    plan = toy_study.study_plan("evaluation/models/retrieval-llama-gqa", tmp_path / "data" / "study-4096",
+    plan = core.study_plan("evaluation/models/retrieval-llama-gqa", tmp_path / "data" / "study-4096",
                             tmp_path / "results", contexts=20, field_contexts=4)
     every_run = plan["claims"] + plan["field"]
     for config in every_run:
-        toy_study.restore_run(config, docs)
+        core.restore_run(config, docs)
     archived = {path.parent.name + "/" + path.name for path in (docs / "runs").glob("*/*")}
-    done = {f"{c.results_dir().parent.name}/{c.results_dir().name}" for c in toy_study.done(every_run)}
+    done = {f"{c.results_dir().parent.name}/{c.results_dir().name}" for c in core.done(every_run)}
     redefined = {name for name in archived if "__compose__" in name}
     assert len(redefined) == 5  # the field's ratios
     assert len(archived) > 200 and done == (archived - redefined) & {
         f"{c.results_dir().parent.name}/{c.results_dir().name}" for c in every_run}
     assert len(done) >= 225
     committed = (REPO / "docs" / "study-4096" / "summary.md").read_text()
-    text = toy_study.write_report(plan, docs, None).read_text()
+    text = core.write_report(plan, docs, None).read_text()
     leaders = text.split("## Leaders")[1].split("##")[0]
     assert leaders in committed and "| kvzip |" in leaders
 
@@ -357,7 +357,7 @@ def test_a_compose_run_recorded_before_press_records_is_stale_since_its_defaults
 
 
 def test_archiving_a_failed_rerun_drops_the_answers_of_the_run_before(model_dir, data_dir, tmp_path):
-    from evaluation.studies.toy_study import archive_run
+    from evaluation.studies.core import archive_run
 
     run_dir = run_knorm(model_dir, data_dir, tmp_path / "out", max_contexts=1)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -18,11 +18,11 @@ import evaluation.__main__ as cli
 import evaluation.runner.run as run_module
 from evaluation.model_zoo import train_model
 from evaluation.runner import kvpress_evaluate
-from evaluation.studies import toy_study
+from evaluation.runner.run import RunConfig, evaluate
+from evaluation.runner.sweep import plan, run_sweep
+from evaluation.studies import core
 from evaluation.tasks import dataset_files
 from evaluation.tasks.dataset_files import write_dataset
-from evaluation.runner.run import RunConfig, evaluate
-from evaluation.runner.sweep import sweep
 from tests.test_evaluation import one_thread, tiny_model_folder  # noqa: F401 - one_thread: autouse
 
 TASKS = ("niah_single", "niah_multikey")
@@ -74,7 +74,9 @@ def cli_error(main, argv, capsys) -> str:
 
 
 def test_two_ratios_that_round_alike_get_their_own_folders_and_summary_columns(model_dir, data_dir, tmp_path):
-    outputs = sweep(str(model_dir), ["knorm"], [0.5, 0.501], data_dir, output_dir=tmp_path / "out", max_contexts=1)
+    configs = plan(str(model_dir), ["knorm"], [0.5, 0.501], data_dir, output_dir=tmp_path / "out", max_contexts=1)
+    run_module.preflight(configs)  # as the main job does, before its sweep
+    outputs = run_sweep(configs)
     assert [run.name.rsplit("__", 1)[1] for run in outputs.runs] == ["0.50", "0.501"]
     assert [metrics_of(run)["compression_ratio"] for run in outputs.runs] == [0.5, 0.501]
     assert pd.read_csv(outputs.summary_csv)["ratio"].tolist() == [0.5, 0.501]
@@ -132,10 +134,10 @@ def test_a_run_whose_predictions_were_deleted_is_run_again(model_dir, data_dir, 
 def test_a_run_restored_from_the_archive_keeps_its_predictions_and_stays_done(model_dir, data_dir, tmp_path, no_model):
     config = RunConfig(str(model_dir), str(data_dir), "knorm", 0.5, output_dir=str(tmp_path / "out"), max_contexts=1)
     run_knorm_loaded(model_dir, data_dir, tmp_path / "out")
-    toy_study.archive_run(config, tmp_path / "docs")
+    core.archive_run(config, tmp_path / "docs")
     shutil.rmtree(config.results_dir())
-    toy_study.restore_run(config, tmp_path / "docs")
-    assert (config.results_dir() / "predictions.csv").is_file() and toy_study.done([config]) == [config]
+    core.restore_run(config, tmp_path / "docs")
+    assert (config.results_dir() / "predictions.csv").is_file() and core.done([config]) == [config]
 
 
 # 9: links and folders outside the output folder -----------------------------------------------------------------
@@ -145,13 +147,13 @@ def test_archiving_a_run_never_writes_through_a_linked_file(model_dir, data_dir,
     config = RunConfig(str(model_dir), str(data_dir), "knorm", 0.5, output_dir=str(tmp_path / "out"), max_contexts=1)
     run_module.run(config)
     docs, outside = tmp_path / "docs", tmp_path / "outside"
-    target = toy_study.archived(config, docs)
+    target = core.archived(config, docs)
     target.mkdir(parents=True)
     outside.mkdir()
     for name in ("config.yaml", "predictions.csv", "metrics.json"):
         (outside / name).write_text("precious")
         (target / name).symlink_to(outside / name)
-    toy_study.archive_run(config, docs)
+    core.archive_run(config, docs)
     for name in ("config.yaml", "predictions.csv", "metrics.json"):
         assert (outside / name).read_text() == "precious" and not (target / name).is_symlink()
     assert (target / "config.yaml").read_bytes() == (config.results_dir() / "config.yaml").read_bytes()
@@ -163,11 +165,11 @@ def test_archiving_into_a_linked_folder_that_leads_outside_the_docs_is_refused(m
     run_module.run(config)
     docs, outside = tmp_path / "docs", tmp_path / "outside"
     outside.mkdir()
-    tier = toy_study.archived(config, docs).parent
+    tier = core.archived(config, docs).parent
     tier.parent.mkdir(parents=True)
     tier.symlink_to(outside, target_is_directory=True)
     with pytest.raises(OSError, match="outside"):
-        toy_study.archive_run(config, docs)
+        core.archive_run(config, docs)
     assert [path.name for path in outside.rglob("*") if path.is_file()] == []
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.tasks.word_tasks import TASKS, make_sample, vocabulary
 from evaluation.model_zoo.train_model import (
     build_model,
     encode_recall,
@@ -16,6 +15,7 @@ from evaluation.model_zoo.train_model import (
     make_batch,
     reproduction_arguments,
 )
+from evaluation.tasks.word_tasks import TASKS, make_sample, vocabulary
 
 TOKEN_IDS = {token: i for i, token in enumerate(vocabulary())}
 WORDS = vocabulary()

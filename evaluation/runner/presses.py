@@ -172,8 +172,9 @@ LEFT_OUT = {
     "snap_think": "ThinK's channel ratio and SnapKV's token ratio are two settings; `think` alone is here",
 }
 
+BASELINE = "no_press"  # the uncompressed run: sweeps and studies run it once, at ratio 0
 PRESS_REGISTRY: dict[str, PressFactory] = {
-    "no_press": lambda ratio: None,
+    BASELINE: lambda ratio: None,
     **{name: (lambda ratio, build=build: at_ratio(build(), ratio)) for name, build in KVPRESS_PRESSES.items()},
     **COMPOSE_PRESSES,
 }

@@ -54,12 +54,12 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, Cache, DynamicCache, Pipeline, pipeline
 from transformers.utils import logging as transformers_logging
 
-from ..tasks.dataset_files import dataset_name, fingerprint, load_rows
-from ..safe_files import write_atomic
-from ..metrics.fidelity import fidelity, summarize
 from ..metrics.accuracy import average, bootstrap_interval, task_scores
-from .prefixed_pipeline import PrefixedQuestionsPipeline
+from ..metrics.fidelity import fidelity, summarize
 from ..model_zoo.real_models import REAL_MODELS, cache_root, resolve_model
+from ..safe_files import write_atomic
+from ..tasks.dataset_files import dataset_name, fingerprint, load_rows
+from .prefixed_pipeline import PrefixedQuestionsPipeline
 from .presses import EAGER_PRESSES, check_press_name, make_press, reset_press_state, say_kvpress_warnings_once
 
 try:

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from kvpress_compose import ComposePress
 
-from ..tasks.dataset_files import load_rows
 from ..metrics.fidelity import prefill
 from ..runner.run import first_contexts, load_pipeline
-from ..runner.sweep import markdown
+from ..tasks.dataset_files import load_rows
+from .report import markdown
 
 DEFAULT_RATIOS = (0.5, 0.75, 0.9, 0.95)
 

@@ -1,10 +1,10 @@
 """The study on a real pretrained model: RULER's tasks, written in the model's own tokens.
 
-    python -m evaluation.studies.toy_study --model smollm2-135m                       # 2048 tokens -> docs/study-smollm2-135m-2048/
-    python -m evaluation.studies.toy_study --model smollm2-135m --tier screen         # step 2 only
-    python -m evaluation.studies.toy_study --model smollm2-135m --tier claims &       # two processes share two cores:
-    python -m evaluation.studies.toy_study --model smollm2-135m --tier claims &       # each claims the next run not taken
-    python -m evaluation.studies.toy_study --model smollm2-135m --tokens 4096 --contexts 5    # the leaders at 4096, smaller
+    python -m evaluation.studies --model smollm2-135m                       # 2048 tokens -> docs/study-smollm2-135m-2048/
+    python -m evaluation.studies --model smollm2-135m --tier screen         # step 2 only
+    python -m evaluation.studies --model smollm2-135m --tier claims &       # two processes share two cores:
+    python -m evaluation.studies --model smollm2-135m --tier claims &       # each claims the next run not taken
+    python -m evaluation.studies --model smollm2-135m --tokens 4096 --contexts 5    # the leaders at 4096, smaller
 
 1. **Data**: RULER's synthetic tasks (:mod:`evaluation.tasks.ruler`) of ``--tokens`` tokens of the model's tokenizer,
    ``--contexts`` contexts per task, seed :data:`STUDY_SEED`, in ``evaluation/data/ruler-<model>-<tokens>/``.
@@ -18,7 +18,7 @@
    run at the other ratios (:func:`eliminated`; the baseline and the :data:`FLOORS` always run).
    **Field tier**: every press of the registry at ``--ratios`` on ``--field-contexts`` contexts per task.
 
-Runs are resumable and archived exactly as :mod:`evaluation.studies.toy_study`'s (``--docs``/runs/); the report is rewritten
+Runs are resumable and archived exactly as the toy study's (:mod:`evaluation.studies.core`) (``--docs``/runs/); the report is rewritten
 after every run, so it always shows what has finished. Several processes may run the same tiers at once: each takes
 the next run that no live process has claimed (a ``.claimed`` file in the run's folder holding its process id and
 start time; a claim with the id alone, from an earlier version, is honoured while that id runs).
@@ -36,21 +36,22 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..tasks import dataset_files
 from ..model_zoo.real_models import REAL_MODELS
-from ..tasks.ruler import RULER_TASKS, check_ruler_dataset
+from ..runner.presses import BASELINE
 from ..runner.run import RunConfig, ratio_label, read_result, run
-from .toy_study import (
+from ..tasks import dataset_files
+from ..tasks.ruler import RULER_TASKS, check_ruler_dataset
+from .core import (
     STUDY_SEED,
     archive_run,
     done,
     field_presses,
-    run_table,
     restore_run,
+    run_table,
     study_plan,
     write_report,
 )
-from ..runner.sweep import BASELINE, markdown
+from .report import markdown
 
 CLAIM_RATIOS = (0.5, 0.75, 0.9)
 FIELD_RATIOS = (0.25, 0.5, 0.75, 0.9)
@@ -270,7 +271,7 @@ def screening_section(scores: dict[str, float], eligible: list[str], n_contexts:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.studies.toy_study --model <real model>", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m evaluation.studies --model <real model>", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(REAL_MODELS))
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per context, in the model's tokenizer")
@@ -348,3 +349,7 @@ def main(argv: list[str] | None = None) -> Path:
     path = report()
     print(f"report: {path}")
     return path
+
+
+if __name__ == "__main__":
+    main()

@@ -65,8 +65,8 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .dataset_files import task_file, task_names_in
 from ..safe_files import write_atomic
+from .dataset_files import task_file, task_names_in
 from .ruler_prose import PROSE_SOURCE, load_prose, split_sentences
 
 # --- RULER's specification (scripts/synthetic.yaml, scripts/data/synthetic/constants.py) -------------------
