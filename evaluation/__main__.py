@@ -26,13 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+from .model_zoo.toy_models import SHIPPED_MODEL, is_toy_model
 from .runner.run import DEFAULT_OUTPUT_DIR, add_run_options, check_model, preflight, run_options
 from .runner.sweep import plan, run_sweep
 from .tasks import dataset_files
 from .tasks.ruler import RULER_TASKS, check_ruler_dataset
 
-TOY_MODELS = Path(__file__).parent / "models"  # models trained on the word-level tasks (their tokens are words)
-SHIPPED_MODEL = TOY_MODELS / "retrieval-llama"
 DEFAULT_MODEL = "smollm2-135m"
 # the default ComposePress (replay, uniform allocation), KVzip (masks; holds the whole cache), SnapKV (no extra pass)
 DEFAULT_PRESSES = ["no_press", "compose", "kvzip", "snapkv"]
@@ -63,12 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(parser)
     parser.set_defaults(threads=min(2, os.cpu_count() or 1))  # one sweep process: its cores are idle otherwise
     return parser
-
-
-def is_toy_model(model: str) -> bool:
-    """Whether ``model`` is one of the trained toy models, which read the word-level tasks."""
-    path = Path(model)
-    return path.exists() and path.resolve().is_relative_to(TOY_MODELS.resolve())
 
 
 def holds_other_tasks(data_dir: Path) -> bool:

@@ -247,7 +247,7 @@ def test_the_decoding_benchmark_names_a_buffer_too_short_for_snapkv(settings, ca
 
 
 def test_the_decoding_benchmark_bootstrap_interval_brackets_the_mean():
-    from evaluation.bench.decoding import bootstrap_mean_interval
+    from evaluation.metrics.accuracy import bootstrap_mean_interval
 
     assert bootstrap_mean_interval([0.5]) == (0.5, 0.5)  # one context: nothing to resample
     assert bootstrap_mean_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)

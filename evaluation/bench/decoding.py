@@ -41,11 +41,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from kvpress_compose import ComposeDecodingPress, ComposePress
 
+from ..metrics.accuracy import bootstrap_mean_interval
 from ..model_zoo.real_models import resolve_model
+from ..model_zoo.toy_models import SHIPPED_MODEL, is_toy_model
 from ..tasks.word_tasks import make_sample
 
-TOY_MODELS = Path(__file__).parents[1] / "models"  # models trained on the word-level tasks (their tokens are words)
-SHIPPED_MODEL = TOY_MODELS / "retrieval-llama"
 FIGURES = ("kl", "top1_agreement", "peak_entries_per_layer_head", "tokens_per_s")
 DIGITS = {"kl": 5, "top1_agreement": 4, "peak_entries_per_layer_head": 1, "tokens_per_s": 1}
 
@@ -59,26 +59,6 @@ def methods(interval: int, target_size: int, buffer: int) -> dict:
         "decoding_snapkv": DecodingPress(base_press=SnapKVPress(), **settings),
         "decoding_knorm": DecodingPress(base_press=KnormPress(), **settings),
     }
-
-
-def is_toy_model(model: str) -> bool:
-    """Whether ``model`` is one of the trained toy models, which read the word-level tasks."""
-    path = Path(model)
-    return path.exists() and path.resolve().is_relative_to(TOY_MODELS.resolve())
-
-
-def bootstrap_mean_interval(values, n_resamples: int = 2000, level: float = 0.95,
-                            seed: int = 0) -> tuple[float, float]:
-    """Central ``level`` percentile bootstrap interval of the mean of ``values`` (one per context): each of
-    ``n_resamples`` resamples draws ``len(values)`` values with replacement."""
-    values = np.asarray(values, dtype=float)
-    if values.ndim != 1 or len(values) == 0:
-        raise ValueError(f"values must be a non-empty 1-d sequence (one per context), got shape {values.shape}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    drawn = np.random.default_rng(seed).integers(0, len(values), size=(n_resamples, len(values)))
-    low, high = np.percentile(values[drawn].mean(axis=1), [50 * (1 - level), 50 * (1 + level)])
-    return float(low), float(high)
 
 
 def prose_windows(token_ids: list[int], n_contexts: int, context_tokens: int, continuation_tokens: int,

@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -38,6 +37,7 @@ from kvpress_compose import QUERY_SOURCES, ComposePress
 from kvpress_compose.replay import activation_values_per_token, replay_chunk_size
 
 from ..metrics.fidelity import prefill
+from ..model_zoo.toy_models import SHIPPED_MODEL
 
 MODELS = {
     "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -59,7 +59,7 @@ TIME_TARGETS_8B = {"compose[prefill]": 1.05, "compose[bidirectional]": 1.10}
 REPLAY_FLOOR_TOLERANCE = 1.05
 REPLAYS = ("compose[replay]", "compose[replay_local]")  # each checked against KVzipPress, which also re-feeds
 TARGETED = (*TIME_TARGETS, "compose[replay_local]")
-KVZIP_TOKENIZER = Path(__file__).parents[1] / "models" / "retrieval-llama"  # KVzipPress loads one from name_or_path
+KVZIP_TOKENIZER = SHIPPED_MODEL  # KVzipPress loads one from name_or_path
 MMAP_THRESHOLD_BYTES = 64 * 1024  # glibc: blocks this large get their own mapping, returned to the system when freed
 EXTRA_MEMORY_TARGET = 0.25  # peak extra memory over the plain prefill's, as a fraction of the full KV cache
 SPEEDUP_TARGET = 20.0  # against kvpress's KVComposePress at 8k tokens

@@ -207,12 +207,6 @@ def needle_table(kept: torch.Tensor, needle: Needle) -> dict:
     }
 
 
-def rank_percentile(scores: torch.Tensor, positions: list[int]) -> torch.Tensor:
-    """(layers, heads): the best percentile (1 = top) among ``positions`` of each head's scores (layers, heads, n)."""
-    ranks = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1).float()
-    return 1 - ranks[..., positions].amin(dim=-1) / scores.shape[-1]
-
-
 # -- answers under a kept mask (teacher-forced, one prefill for every mask) ----------------------------------------
 
 

@@ -31,13 +31,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..model_zoo.toy_models import GQA_MODEL
 from ..runner.run import check_model, check_results_folders, check_writable, load_pipeline, run
 from ..tasks import dataset_files
 from ..tasks.word_tasks import TASKS
 from . import head_overlap
 from .core import CLAIM_RATIOS, RATIOS, STUDY_SEED, archive_run, done, restore_run, study_plan, write_report
 
-STUDY_MODEL = Path(__file__).parents[1] / "models" / "retrieval-llama-gqa"
+STUDY_MODEL = GQA_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -676,7 +676,7 @@ def write_ruler_dataset(
     ``progress`` shows a tqdm bar. ``one_question`` keeps RULER's own question alone (the first row) of every
     context: RULER's dataset exactly, and one answer prefix per context, which kvpress's ``evaluate.py`` requires."""
     tasks = tuple(tasks)
-    limit = check_arguments(tokenizer, n_tokens, n_contexts, tasks, max_context)
+    check_arguments(tokenizer, n_tokens, n_contexts, tasks, max_context)
     needs_prose = any(task in NIAH and NIAH[task].haystack == "essay" for task in tasks)
     prose_words = (prose if prose is not None else load_prose() if needs_prose else "").split()
     if needs_prose and not prose_words:
