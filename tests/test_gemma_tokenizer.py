@@ -1,15 +1,23 @@
 """The Gemma tokenizer rebuilt from a GGUF file: SentencePiece BPE segmentation, <bos>, byte fallback, round trips.
 
 Fast tests write a tiny GGUF holding a hand-made SentencePiece BPE vocabulary; the slow test reads the real
-Gemma-3-270M GGUF when it has been assembled (``python -m evaluation.real_models gemma3-270m``).
+Gemma-3-270M GGUF when it has been assembled (``python -m evaluation.model_zoo.real_models gemma3-270m``).
 """
 
 import random
 
 import pytest
 
-from evaluation.gemma_tokenizer import (BYTE, CONTROL, NORMAL, USER_DEFINED, fixed_gemma_tokenizer,
-                                        merges_from_scores, read_gguf_tokenizer, sentencepiece_pieces)
+from evaluation.model_zoo.gemma_tokenizer import (
+    BYTE,
+    CONTROL,
+    NORMAL,
+    USER_DEFINED,
+    fixed_gemma_tokenizer,
+    merges_from_scores,
+    read_gguf_tokenizer,
+    sentencepiece_pieces,
+)
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 # User-defined pieces as GGUF converters store them: space runs with literal spaces.
@@ -208,11 +216,11 @@ def test_rejects_what_it_cannot_build(tmp_path):
 
 @pytest.mark.slow
 def test_real_gemma_gguf_segments_words():
-    from evaluation.real_models import cache_root
+    from evaluation.model_zoo.real_models import cache_root
 
     path = cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
     if not path.is_file():
-        pytest.skip(f"{path} not assembled (python -m evaluation.real_models gemma3-270m)")
+        pytest.skip(f"{path} not assembled (python -m evaluation.model_zoo.real_models gemma3-270m)")
     tokenizer = fixed_gemma_tokenizer(path)
     ids = tokenizer("The capital of France is").input_ids
     assert tokenizer.convert_ids_to_tokens(ids) == ["<bos>", "The", "▁capital", "▁of", "▁France", "▁is"]

@@ -15,7 +15,7 @@ from kvpress import (
 )
 from transformers import DynamicCache, pipeline
 
-from evaluation.synthetic_tasks import build_tokenizer, make_sample, vocabulary
+from evaluation.tasks.word_tasks import build_tokenizer, make_sample, vocabulary
 from kvpress_compose import ComposePress, compute_n_kept
 from tests.models import cache_layer_lengths, prefill, quantized_cache, random_ids, tiny_model
 from tests.reference import compressed_vs_reference, install_reference_masks, kept_from_cache, question_and_decode

@@ -1,4 +1,4 @@
-"""kvpress's own evaluation through ``python -m evaluation.kvpress_evaluate``, against a stand-in checkout.
+"""kvpress's own evaluation through ``python -m evaluation.runner.kvpress_evaluate``, against a stand-in checkout.
 
 The stand-in's ``evaluate.py`` is written here in the shape of kvpress's (``CliEntryPoint`` under Fire, its
 registries imported from ``evaluate_registry``, ``load_dataset(registry[dataset], data_dir=..., split="test")``,
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluation import kvpress_evaluate
-from evaluation.data import load_rows, write_dataset
+from evaluation.runner import kvpress_evaluate
+from evaluation.tasks.dataset_files import load_rows, write_dataset
 
 STAND_IN_REGISTRY = '''
 from kvpress import KnormPress
@@ -112,6 +112,9 @@ def test_the_distribution_installs_only_kvpress_compose(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"kvpress_compose", wheel.name.rsplit("-", 3)[0] + ".dist-info"}
     assert "kvpress_compose/evaluation/__main__.py" in names
+    for module in ("runner/run.py", "tasks/ruler.py", "metrics/accuracy.py", "studies/real_study.py",
+                   "model_zoo/real_models.py", "bench/speed.py"):  # every subpackage is installed
+        assert f"kvpress_compose/evaluation/{module}" in names
     assert "kvpress_compose/evaluation/models/retrieval-llama/model.safetensors" in names
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     assert "kvpress-compose-eval = kvpress_compose.evaluation.__main__:main" in zipfile.ZipFile(wheel).read(

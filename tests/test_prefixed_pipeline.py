@@ -1,5 +1,5 @@
 """The pipeline that answers each question after its own answer prefix (RULER names the asked key in it) from one
-compression of the context (evaluation.prefixed_pipeline)."""
+compression of the context (evaluation.runner.prefixed_pipeline)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from kvpress import KnormPress
 from transformers import pipeline
 
-from evaluation.prefixed_pipeline import PrefixedQuestionsPipeline
-from evaluation.run import answer_prefixes
-from evaluation.synthetic_tasks import build_tokenizer, make_sample, vocabulary
+from evaluation.runner.prefixed_pipeline import PrefixedQuestionsPipeline
+from evaluation.runner.run import answer_prefixes
+from evaluation.tasks.word_tasks import build_tokenizer, make_sample, vocabulary
 from tests.models import tiny_model
 
 

@@ -5,13 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from evaluation.registry import KVZIP_LOGGER, make_press, quiet_press_construction
+from evaluation.runner.presses import KVZIP_LOGGER, make_press, quiet_press_construction
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_importing_our_packages_prints_nothing():
-    code = "import kvpress_compose, evaluation.registry, evaluation.run, evaluation.sweep, evaluation.kvpress_evaluate"
+    code = "import kvpress_compose, evaluation.runner.presses, evaluation.runner.run, evaluation.runner.sweep, evaluation.runner.kvpress_evaluate"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (done.stdout, done.stderr) == ("", "")
@@ -47,7 +47,7 @@ def test_quiet_press_construction_restores_the_level_after_an_error():
 
 
 def test_kvpress_untested_model_warning_is_said_once_per_process(caplog):
-    from evaluation.registry import UNTESTED_MODEL_LOGGERS, say_kvpress_warnings_once
+    from evaluation.runner.presses import UNTESTED_MODEL_LOGGERS, say_kvpress_warnings_once
 
     logger = logging.getLogger(UNTESTED_MODEL_LOGGERS[0])
     filters, logger.filters = logger.filters, []  # as in a fresh process (an earlier run may have installed it)

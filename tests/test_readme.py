@@ -92,7 +92,7 @@ def test_the_documentation_code_runs(name, blocks, restored_registries):
 def test_the_help_examples_run(restored_registries):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evaluation.real_models import resolve_model
+    from evaluation.model_zoo.real_models import resolve_model
 
     path = resolve_model("smollm2-135m")
     namespace = {"model": AutoModelForCausalLM.from_pretrained(path), "tokenizer": AutoTokenizer.from_pretrained(path),

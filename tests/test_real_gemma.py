@@ -22,7 +22,7 @@ pytestmark = [
 def gemma():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evaluation.real_models import resolve_model
+    from evaluation.model_zoo.real_models import resolve_model
 
     path = resolve_model("gemma3-270m")
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", attn_implementation="sdpa").eval()
@@ -33,7 +33,7 @@ def next_tokens_agreement(model, tokenizer, cache, full_cache) -> float:
     """The share of the 16 prose tokens after the 4096-token context where the model's greedy choice with
     ``cache`` (compressed) equals its choice with ``full_cache``, at their original positions; the compressed
     logits must be finite."""
-    from evaluation.prose import load_prose
+    from evaluation.tasks.ruler_prose import load_prose
 
     following = tokenizer(load_prose(), return_tensors="pt").input_ids[:, 4096:4112]
     positions = torch.arange(4096, 4112)[None]
@@ -47,7 +47,7 @@ def next_tokens_agreement(model, tokenizer, cache, full_cache) -> float:
 def test_a_4096_token_context_is_compressed_in_the_full_layers_only(gemma):
     from transformers import DynamicCache
 
-    from evaluation.prose import load_prose
+    from evaluation.tasks.ruler_prose import load_prose
 
     model, tokenizer = gemma
     torch.set_num_threads(2)
@@ -79,7 +79,7 @@ def test_the_gemma_setting_keeps_one_token_set_in_every_full_layer(gemma):
     uncompressed model's."""
     from transformers import DynamicCache
 
-    from evaluation.prose import load_prose
+    from evaluation.tasks.ruler_prose import load_prose
 
     model, tokenizer = gemma
     torch.set_num_threads(2)

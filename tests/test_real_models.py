@@ -1,21 +1,28 @@
-"""Real models by short name (evaluation.real_models): GGUF conversion on a tiny Llama GGUF written here, the cache,
+"""Real models by short name (evaluation.model_zoo.real_models): GGUF conversion on a tiny Llama GGUF written here, the cache,
 name resolution and missing packages; SmolLM2-135M itself in a slow test."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import types
 import os
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from evaluation import real_models
-from evaluation.real_models import RealModel, cache_root, convert_gguf, converted_model, import_package, resolve_model
+from evaluation.model_zoo import real_models
+from evaluation.model_zoo.real_models import (
+    RealModel,
+    cache_root,
+    convert_gguf,
+    converted_model,
+    import_package,
+    resolve_model,
+)
 
 gguf = pytest.importorskip("gguf")
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402

@@ -10,14 +10,15 @@ import sys
 import pandas as pd
 import pytest
 
-from evaluation import data, real_study
-from evaluation.run import RunConfig
-from evaluation.synthetic_tasks import BASE_TASKS
+from evaluation.runner.run import RunConfig
+from evaluation.studies import real_study
+from evaluation.tasks import dataset_files
+from evaluation.tasks.word_tasks import BASE_TASKS
 
 
 @pytest.fixture
 def dataset(tmp_path):
-    return data.write_dataset(tmp_path / "ruler-m-64", n_contexts=2, n_words=64, seed=0, tasks=BASE_TASKS[:3])
+    return dataset_files.write_dataset(tmp_path / "ruler-m-64", n_contexts=2, n_words=64, seed=0, tasks=BASE_TASKS[:3])
 
 
 def test_screening_keeps_the_tasks_the_uncompressed_model_can_do(tmp_path, dataset):
@@ -37,10 +38,10 @@ def test_the_eligible_dataset_holds_exactly_the_eligible_tasks_byte_for_byte(dat
     assert target.name == "ruler-m-64-eligible"
     assert sorted(p.name for p in target.glob("test-*.jsonl")) == ["test-niah_multikey.jsonl",
                                                                    "test-niah_single.jsonl"]
-    assert data.task_file(target, "niah_single").read_bytes() == data.task_file(dataset, "niah_single").read_bytes()
+    assert dataset_files.task_file(target, "niah_single").read_bytes() == dataset_files.task_file(dataset, "niah_single").read_bytes()
     real_study.eligible_dataset(dataset, ["niah_single"])  # a later screening with fewer tasks drops the others
     assert [p.name for p in target.glob("test-*.jsonl")] == ["test-niah_single.jsonl"]
-    assert set(data.load_rows(target)["task"]) == {"niah_single"}
+    assert set(dataset_files.load_rows(target)["task"]) == {"niah_single"}
 
 
 def test_runs_go_baseline_first_then_by_ratio_priority_then_leader_order(tmp_path):
@@ -90,7 +91,7 @@ def test_a_failed_screening_is_named_and_a_partial_dataset_refused(tmp_path, dat
     (config.results_dir() / "metrics.json").write_text(json.dumps({"status": "failed", "errors": ["OOM"]}))
     with pytest.raises(SystemExit, match="screening run failed \\(OOM\\)"):
         real_study.screening(config, 40.0)
-    from evaluation.ruler import RULER_FORMAT
+    from evaluation.tasks.ruler import RULER_FORMAT
 
     card = dataset / "README.md"  # a RULER dataset of this format, some of its tasks written: an interrupted generation
     card.write_text(card.read_text() + f"\nruler-format: {RULER_FORMAT}\n")

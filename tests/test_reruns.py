@@ -14,11 +14,13 @@ import pytest
 import yaml
 
 import evaluation.__main__ as cli
-import evaluation.run as run_module
-from evaluation import data, kvpress_evaluate, registry, run as run_module, study
-from evaluation.data import load_rows, write_dataset
-from evaluation.run import RunConfig, evaluate
-from evaluation.synthetic_tasks import TASKS
+import evaluation.runner.run as run_module
+from evaluation.runner import kvpress_evaluate, presses
+from evaluation.runner.run import RunConfig, evaluate
+from evaluation.studies import core, toy_study
+from evaluation.tasks import dataset_files
+from evaluation.tasks.dataset_files import load_rows, write_dataset
+from evaluation.tasks.word_tasks import TASKS
 from tests.test_evaluation import one_thread, tiny_model_folder  # noqa: F401 - one_thread: autouse
 
 REPO = Path(__file__).parents[1]
@@ -51,10 +53,10 @@ def test_config_records_the_data_the_press_and_the_versions(model_dir, data_dir,
                              "config.yaml").read_text())
     assert record["max_contexts"] == 1 and record["press_name"] == "knorm"
     assert record["press"] == {"class": "KnormPress", "compression_ratio": "0.5"}
-    assert record["data_fingerprint"] == data.fingerprint(data_dir) and len(record["data_fingerprint"]) == 64
+    assert record["data_fingerprint"] == dataset_files.fingerprint(data_dir) and len(record["data_fingerprint"]) == 64
     assert set(record["versions"]) == {"kvpress", "transformers", "torch", "kvpress-compose"}
     again = write_dataset(tmp_path / "again" / "synthetic-64", 2, 64, seed=0, tasks=("niah_single", "niah_multikey"))
-    assert data.fingerprint(again) == record["data_fingerprint"]  # same generator and seed: same bytes
+    assert dataset_files.fingerprint(again) == record["data_fingerprint"]  # same generator and seed: same bytes
 
 
 @pytest.mark.parametrize(("option", "first", "second"), [("max_contexts", 1, 2), ("seed", 0, 1),
@@ -86,7 +88,7 @@ def test_a_regenerated_dataset_reruns_the_same_one_does_not(model_dir, data_dir,
     write_dataset(data_dir, 2, 64, seed=7, tasks=("niah_single", "niah_multikey"), overwrite=True)
     run_knorm(model_dir, data_dir, out, max_contexts=1)
     assert "data_fingerprint:" in capsys.readouterr().out
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data_fingerprint"] == data.fingerprint(data_dir)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data_fingerprint"] == dataset_files.fingerprint(data_dir)
 
 
 def test_other_package_versions_warn_but_do_not_rerun(model_dir, data_dir, tmp_path, capsys):
@@ -117,20 +119,20 @@ def test_the_archived_4096_study_is_still_done_and_its_report_rebuilds(tmp_path)
     other defaults; and the leaders' table rebuilds as committed."""
     docs = tmp_path / "docs"
     shutil.copytree(REPO / "docs" / "study-4096", docs)
-    plan = study.study_plan("evaluation/models/retrieval-llama-gqa", tmp_path / "data" / "study-4096",
+    plan = core.study_plan("evaluation/models/retrieval-llama-gqa", tmp_path / "data" / "study-4096",
                             tmp_path / "results", contexts=20, field_contexts=4)
     every_run = plan["claims"] + plan["field"]
     for config in every_run:
-        study.restore_run(config, docs)
+        core.restore_run(config, docs)
     archived = {path.parent.name + "/" + path.name for path in (docs / "runs").glob("*/*")}
-    done = {f"{c.results_dir().parent.name}/{c.results_dir().name}" for c in study.done(every_run)}
+    done = {f"{c.results_dir().parent.name}/{c.results_dir().name}" for c in core.done(every_run)}
     redefined = {name for name in archived if "__compose__" in name}
     assert len(redefined) == 5  # the field's ratios
     assert len(archived) > 200 and done == (archived - redefined) & {
         f"{c.results_dir().parent.name}/{c.results_dir().name}" for c in every_run}
     assert len(done) >= 225
     committed = (REPO / "docs" / "study-4096" / "summary.md").read_text()
-    text = study.write_report(plan, docs, None).read_text()
+    text = core.write_report(plan, docs, None).read_text()
     leaders = text.split("## Leaders")[1].split("##")[0]
     assert leaders in committed and "| kvzip |" in leaders
 
@@ -187,7 +189,7 @@ def broken_press(monkeypatch):
                 raise RuntimeError("boom")
             return super().score(*args, **kwargs)
 
-    monkeypatch.setitem(registry.PRESS_REGISTRY, "broken", BrokenPress)
+    monkeypatch.setitem(presses.PRESS_REGISTRY, "broken", BrokenPress)
     return BrokenPress
 
 
@@ -225,9 +227,9 @@ def test_result_files_are_replaced_whole(model_dir, data_dir, tmp_path, monkeypa
     def killed(*args):
         raise KeyboardInterrupt
 
-    import evaluation.files
+    import evaluation.safe_files
 
-    monkeypatch.setattr(evaluation.files.os, "replace", killed)
+    monkeypatch.setattr(evaluation.safe_files.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         run_knorm(model_dir, data_dir, tmp_path / "out", max_contexts=1)
     run_dirs = list((tmp_path / "out").iterdir())
@@ -251,7 +253,7 @@ def no_model(monkeypatch):
     ('{"context": "c", "answer": ["v"], "task": "niah_single"}\n', "missing column(s) ['question'"),
 ])
 def test_a_bad_dataset_is_named_before_any_run(tmp_path, data_dir, no_model, capsys, content, expected):
-    bad = data.task_file(data_dir, "niah_single")
+    bad = dataset_files.task_file(data_dir, "niah_single")
     bad.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--model", "m", "--dataset-dir", str(data_dir), "--out", str(tmp_path / "out"),
@@ -275,7 +277,7 @@ def test_the_study_checks_its_output_folder_before_any_run(tmp_path, no_model, c
     data_dir = write_dataset(tmp_path / "study-64", n_contexts=1, n_words=64, seed=0, tasks=TASKS)
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SystemExit):
-        study.main(["--model", "m", "--data-dir", str(data_dir), "--contexts", "1", "--field-contexts", "1",
+        toy_study.main(["--model", "m", "--data-dir", str(data_dir), "--contexts", "1", "--field-contexts", "1",
                     "--out", str(tmp_path / "file" / "out"), "--docs", str(tmp_path / "docs")])
     assert "cannot write there" in capsys.readouterr().err
 
@@ -330,7 +332,7 @@ def test_result_folders_do_not_depend_on_the_working_directory(tmp_path, monkeyp
 
 
 def test_a_press_field_added_later_at_its_default_keeps_the_run_and_a_changed_setting_reruns(model_dir, data_dir):
-    from evaluation.run import RunConfig, press_differences
+    from evaluation.runner.run import RunConfig, press_differences
 
     config = RunConfig(str(model_dir), str(data_dir), "compose_replay", 0.5)
     recorded = run_module.press_settings(config)
@@ -346,7 +348,7 @@ def test_a_press_field_added_later_at_its_default_keeps_the_run_and_a_changed_se
 
 
 def test_a_compose_run_recorded_before_press_records_is_stale_since_its_defaults_changed(tmp_path):
-    from evaluation.run import RunConfig, record_differences
+    from evaluation.runner.run import RunConfig, record_differences
 
     old_record = {"max_contexts": 4, "seed": 0}  # the 4096 study's archive: no press recorded
     compose = RunConfig("m", str(tmp_path), "compose", 0.75, max_contexts=4)
@@ -355,11 +357,11 @@ def test_a_compose_run_recorded_before_press_records_is_stale_since_its_defaults
 
 
 def test_archiving_a_failed_rerun_drops_the_answers_of_the_run_before(model_dir, data_dir, tmp_path):
-    from evaluation.study import archive_run
+    from evaluation.studies.core import archive_run
 
     run_dir = run_knorm(model_dir, data_dir, tmp_path / "out", max_contexts=1)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    from evaluation.run import RunConfig
+    from evaluation.runner.run import RunConfig
 
     run_config = RunConfig(str(model_dir), str(data_dir), "knorm", 0.5, output_dir=str(tmp_path / "out"),
                            max_contexts=config["max_contexts"])
@@ -375,7 +377,7 @@ def test_archiving_a_failed_rerun_drops_the_answers_of_the_run_before(model_dir,
 
 
 def test_result_files_written_whole_are_as_readable_as_any_other(tmp_path):
-    from evaluation.files import write_atomic
+    from evaluation.safe_files import write_atomic
 
     write_atomic(tmp_path / "metrics.json", "{}")
     (tmp_path / "plain.json").write_text("{}")

@@ -15,11 +15,14 @@ import torch
 import yaml
 
 import evaluation.__main__ as cli
-import evaluation.run as run_module
-from evaluation import data, kvpress_evaluate, study, train_model
-from evaluation.data import write_dataset
-from evaluation.run import RunConfig, evaluate
-from evaluation.sweep import sweep
+import evaluation.runner.run as run_module
+from evaluation.model_zoo import train_model
+from evaluation.runner import kvpress_evaluate
+from evaluation.runner.run import RunConfig, evaluate
+from evaluation.runner.sweep import plan, run_sweep
+from evaluation.studies import core
+from evaluation.tasks import dataset_files
+from evaluation.tasks.dataset_files import write_dataset
 from tests.test_evaluation import one_thread, tiny_model_folder  # noqa: F401 - one_thread: autouse
 
 TASKS = ("niah_single", "niah_multikey")
@@ -71,7 +74,9 @@ def cli_error(main, argv, capsys) -> str:
 
 
 def test_two_ratios_that_round_alike_get_their_own_folders_and_summary_columns(model_dir, data_dir, tmp_path):
-    outputs = sweep(str(model_dir), ["knorm"], [0.5, 0.501], data_dir, output_dir=tmp_path / "out", max_contexts=1)
+    configs = plan(str(model_dir), ["knorm"], [0.5, 0.501], data_dir, output_dir=tmp_path / "out", max_contexts=1)
+    run_module.preflight(configs)  # as the main job does, before its sweep
+    outputs = run_sweep(configs)
     assert [run.name.rsplit("__", 1)[1] for run in outputs.runs] == ["0.50", "0.501"]
     assert [metrics_of(run)["compression_ratio"] for run in outputs.runs] == [0.5, 0.501]
     assert pd.read_csv(outputs.summary_csv)["ratio"].tolist() == [0.5, 0.501]
@@ -129,10 +134,10 @@ def test_a_run_whose_predictions_were_deleted_is_run_again(model_dir, data_dir, 
 def test_a_run_restored_from_the_archive_keeps_its_predictions_and_stays_done(model_dir, data_dir, tmp_path, no_model):
     config = RunConfig(str(model_dir), str(data_dir), "knorm", 0.5, output_dir=str(tmp_path / "out"), max_contexts=1)
     run_knorm_loaded(model_dir, data_dir, tmp_path / "out")
-    study.archive_run(config, tmp_path / "docs")
+    core.archive_run(config, tmp_path / "docs")
     shutil.rmtree(config.results_dir())
-    study.restore_run(config, tmp_path / "docs")
-    assert (config.results_dir() / "predictions.csv").is_file() and study.done([config]) == [config]
+    core.restore_run(config, tmp_path / "docs")
+    assert (config.results_dir() / "predictions.csv").is_file() and core.done([config]) == [config]
 
 
 # 9: links and folders outside the output folder -----------------------------------------------------------------
@@ -142,13 +147,13 @@ def test_archiving_a_run_never_writes_through_a_linked_file(model_dir, data_dir,
     config = RunConfig(str(model_dir), str(data_dir), "knorm", 0.5, output_dir=str(tmp_path / "out"), max_contexts=1)
     run_module.run(config)
     docs, outside = tmp_path / "docs", tmp_path / "outside"
-    target = study.archived(config, docs)
+    target = core.archived(config, docs)
     target.mkdir(parents=True)
     outside.mkdir()
     for name in ("config.yaml", "predictions.csv", "metrics.json"):
         (outside / name).write_text("precious")
         (target / name).symlink_to(outside / name)
-    study.archive_run(config, docs)
+    core.archive_run(config, docs)
     for name in ("config.yaml", "predictions.csv", "metrics.json"):
         assert (outside / name).read_text() == "precious" and not (target / name).is_symlink()
     assert (target / "config.yaml").read_bytes() == (config.results_dir() / "config.yaml").read_bytes()
@@ -160,11 +165,11 @@ def test_archiving_into_a_linked_folder_that_leads_outside_the_docs_is_refused(m
     run_module.run(config)
     docs, outside = tmp_path / "docs", tmp_path / "outside"
     outside.mkdir()
-    tier = study.archived(config, docs).parent
+    tier = core.archived(config, docs).parent
     tier.parent.mkdir(parents=True)
     tier.symlink_to(outside, target_is_directory=True)
     with pytest.raises(OSError, match="outside"):
-        study.archive_run(config, docs)
+        core.archive_run(config, docs)
     assert [path.name for path in outside.rglob("*") if path.is_file()] == []
 
 
@@ -177,7 +182,7 @@ def test_a_dataset_card_and_task_file_that_are_links_are_replaced_not_written_th
     write_dataset(out, 1, 64, seed=0, tasks=("niah_single",), overwrite=True)
     for name in ("README.md", "test-niah_single.jsonl"):
         assert (tmp_path / f"precious-{name}").read_text() == "precious" and not (out / name).is_symlink()
-    assert data.recorded_parameters(out)["contexts"] == 1 and len(data.load_rows(out)) == 1
+    assert dataset_files.recorded_parameters(out)["contexts"] == 1 and len(dataset_files.load_rows(out)) == 1
 
 
 @pytest.mark.parametrize("dataset", ["../escaped", "/tmp/anywhere", "a/b", "..", ""])
@@ -223,7 +228,7 @@ def test_a_crafted_training_checkpoint_runs_no_code_when_training_resumes(tmp_pa
 ])
 def test_a_bad_dataset_row_is_named_with_its_file_row_and_field_before_any_run(tmp_path, data_dir, no_model, capsys,
                                                                                 field, value, expected):
-    path = data.task_file(data_dir, "niah_single")
+    path = dataset_files.task_file(data_dir, "niah_single")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     rows[1][field] = value
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -1,4 +1,4 @@
-"""RULER's synthetic tasks (evaluation.ruler): needles in their contexts, rows sharing contexts, lengths as RULER
+"""RULER's synthetic tasks (evaluation.tasks.ruler): needles in their contexts, rows sharing contexts, lengths as RULER
 counts them (prompt and generated tokens within the target, the prompt within 2% of it) in a real subword
 tokenizer's tokens, determinism, refusals. A byte-level BPE tokenizer trained
 here on the fly stands in for a model's; the slow test uses the converted SmolLM2 tokenizer when it exists."""
@@ -17,11 +17,11 @@ from transformers import PreTrainedTokenizerFast
 
 pytest.importorskip("wonderwords")
 
-from evaluation import ruler  # noqa: E402
-from evaluation.data import load_rows  # noqa: E402
-from evaluation.metrics import string_match_all  # noqa: E402
-from evaluation.prose import split_sentences  # noqa: E402
-from evaluation.ruler import NIAH, RULER_TASKS, write_ruler_dataset  # noqa: E402
+from evaluation.metrics.accuracy import string_match_all  # noqa: E402
+from evaluation.tasks import ruler  # noqa: E402
+from evaluation.tasks.dataset_files import load_rows  # noqa: E402
+from evaluation.tasks.ruler import NIAH, RULER_TASKS, write_ruler_dataset  # noqa: E402
+from evaluation.tasks.ruler_prose import split_sentences  # noqa: E402
 
 N_TOKENS, N_CONTEXTS = 2048, 2
 ROWS_PER_CONTEXT = {
@@ -248,7 +248,7 @@ def test_split_sentences_keeps_the_text():
 
 def test_lee_corpus_is_read_when_gensim_is_installed():
     pytest.importorskip("gensim")
-    from evaluation.prose import load_prose
+    from evaluation.tasks.ruler_prose import load_prose
 
     words = load_prose().split()
     assert len(words) > 50_000 and words[:3] == ["Hundreds", "of", "people"]

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.synthetic_tasks import BASE_TASKS as TASKS
-from evaluation.synthetic_tasks import TASKS as ALL_TASKS
-from evaluation.synthetic_tasks import dataset_rows
+from evaluation.tasks.word_tasks import BASE_TASKS as TASKS
+from evaluation.tasks.word_tasks import TASKS as ALL_TASKS
+from evaluation.tasks.word_tasks import dataset_rows
 from kvpress_compose import ComposePress, compute_n_kept
 from tests.models import random_ids, tiny_model
 from tests.reference import compressed_vs_reference
@@ -82,7 +82,7 @@ def test_shipped_model_through_the_pipeline_with_compose_press():
 def test_speed_benchmark_runs_and_checks_the_cache_bytes(tmp_path, capsys):
     import json
 
-    from evaluation import bench_speed
+    from evaluation.bench import speed as bench_speed
 
     bench_speed.main(["--lengths", "128", "--repeats", "1", "--decode-steps", "2", "--threads", "1",
                       "--json", str(tmp_path / "bench.json"), "--plot", str(tmp_path / "bench.png")])

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from evaluation import head_overlap, study
-from evaluation.data import write_dataset
-from evaluation.metrics import average, paired_difference, task_scores
-from evaluation.registry import PRESS_REGISTRY
-from evaluation.synthetic_tasks import TASKS
+from evaluation.metrics.accuracy import average, paired_difference, task_scores
+from evaluation.runner.presses import PRESS_REGISTRY
+from evaluation.runner.run import run
+from evaluation.studies import core, head_overlap, toy_study
+from evaluation.tasks.dataset_files import write_dataset
+from evaluation.tasks.word_tasks import TASKS
 from tests.test_evaluation import PNG_MAGIC, one_thread, tiny_model_folder  # noqa: F401 - one_thread: autouse
 
 
@@ -59,18 +60,18 @@ def test_top_k_overlap_is_one_for_identical_heads_and_zero_for_disjoint_ones():
 
 
 def test_study_plan_spends_contexts_on_the_leaders_at_the_claim_ratios(tmp_path):
-    plan = study.study_plan("m", tmp_path / "study-96", tmp_path, contexts=20, field_contexts=4)
+    plan = core.study_plan("m", tmp_path / "study-96", tmp_path, contexts=20, field_contexts=4)
     claims = {(c.press_name, c.compression_ratio) for c in plan["claims"]}
-    assert claims == {("no_press", 0.0)} | {(p, r) for p in study.LEADERS[1:] for r in study.CLAIM_RATIOS}
+    assert claims == {("no_press", 0.0)} | {(p, r) for p in core.LEADERS[1:] for r in core.CLAIM_RATIOS}
     assert {c.max_contexts for c in plan["claims"]} == {20} and {c.max_contexts for c in plan["field"]} == {4}
     assert {c.press_name for c in plan["field"]} == {name for name in PRESS_REGISTRY if not name.endswith("_full_layers")}
-    assert {c.compression_ratio for c in plan["field"]} == {0.0, *study.RATIOS}
+    assert {c.compression_ratio for c in plan["field"]} == {0.0, *core.RATIOS}
     folders = {c.results_dir().parent for tier in plan.values() for c in tier}
     assert folders == {tmp_path / "study__study-96" / "contexts-20", tmp_path / "study__study-96" / "contexts-4"}
-    for first, second, _ in study.COMPARISONS:
-        assert {first, second} <= set(study.LEADERS)
+    for first, second, _ in core.COMPARISONS:
+        assert {first, second} <= set(core.LEADERS)
     with pytest.raises(ValueError, match="must not exceed"):
-        study.study_plan("m", tmp_path, tmp_path, contexts=2, field_contexts=3)
+        core.study_plan("m", tmp_path, tmp_path, contexts=2, field_contexts=3)
 
 
 def test_study_runs_both_tiers_and_writes_the_report(tmp_path, capsys):
@@ -80,13 +81,13 @@ def test_study_runs_both_tiers_and_writes_the_report(tmp_path, capsys):
     argv = ["--model", str(model), "--data-dir", str(data_dir), "--contexts", "2", "--field-contexts", "1",
             "--claim-ratios", "0.9", "--ratios", "0.5", "--field-presses", "no_press", "knorm",
             "--overlap-contexts", "1", "--out", str(tmp_path / "results"), "--docs", str(docs)]
-    report = study.main(argv)
+    report = toy_study.main(argv)
     summary = pd.read_csv(docs / "summary.csv")
-    assert len(summary) == len(study.LEADERS) + 2 and (summary["status"] == "ok").all()
-    assert set(summary.loc[summary["contexts"] == 2, "press"]) == set(study.LEADERS)
+    assert len(summary) == len(core.LEADERS) + 2 and (summary["status"] == "ok").all()
+    assert set(summary.loc[summary["contexts"] == 2, "press"]) == set(core.LEADERS)
     assert set(summary.loc[summary["contexts"] == 1, "press"]) == {"no_press", "knorm"}
     text = report.read_text()
-    for comparison in study.COMPARISONS:
+    for comparison in core.COMPARISONS:
         assert f"| {comparison[0]} | {comparison[1]} | 0.90 |" in text
     assert "## Are the KV heads redundant?" in text and "| layer | keep 50% |" in text
     kvzip = summary[(summary["press"] == "kvzip") & (summary["ratio"] == 0.9)].iloc[0]
@@ -95,40 +96,40 @@ def test_study_runs_both_tiers_and_writes_the_report(tmp_path, capsys):
     for png in ("leaders_accuracy_vs_ratio.png", "field_accuracy_vs_ratio.png", "accuracy_vs_memory.png"):
         assert (docs / png).read_bytes().startswith(PNG_MAGIC)
     capsys.readouterr()
-    study.main(argv)  # every run done: the study resumes by skipping them all
-    assert capsys.readouterr().out.count("skip ") == len(study.LEADERS) + 2
+    toy_study.main(argv)  # every run done: the study resumes by skipping them all
+    assert capsys.readouterr().out.count("skip ") == len(core.LEADERS) + 2
     # a checkout without the results folder resumes from the runs archived with the report
     archived = pd.read_csv(next((docs / "runs").glob("contexts-2/*__kvzip__0.90")) / "predictions.csv")
     assert list(archived.columns) == ["task", "context", "question", "answer", "predicted_answer"]
     assert archived["context"].str.fullmatch("[0-9a-f]{12}").all()
     shutil.rmtree(tmp_path / "results")
     shutil.rmtree(next((docs / "runs").glob("contexts-2/*__kvzip__0.90")))  # this one runs again, fresh
-    study.main(argv)
-    assert capsys.readouterr().out.count("skip ") == len(study.LEADERS) + 1
+    toy_study.main(argv)
+    assert capsys.readouterr().out.count("skip ") == len(core.LEADERS) + 1
     assert report.read_text() == text  # restored and fresh runs pair as before
 
 
 def test_study_refuses_data_with_too_few_contexts(tmp_path, capsys):
     data_dir = write_dataset(tmp_path / "d", n_contexts=1, n_words=96, seed=0, tasks=TASKS)
     with pytest.raises(SystemExit):
-        study.main(["--model", "m", "--data-dir", str(data_dir), "--contexts", "2", "--field-contexts", "1"])
+        toy_study.main(["--model", "m", "--data-dir", str(data_dir), "--contexts", "2", "--field-contexts", "1"])
     error = capsys.readouterr().err
-    assert "at least --contexts 2" in error and f"--words 4096 --seed {study.STUDY_SEED}" in error
+    assert "at least --contexts 2" in error and f"--words 4096 --seed {core.STUDY_SEED}" in error
 
 
 def test_a_study_under_way_is_reported_as_far_as_it_got(tmp_path):
     model = tiny_model_folder(tmp_path / "tiny-llama")
     data_dir = write_dataset(tmp_path / "study-96", n_contexts=1, n_words=96, seed=0, tasks=TASKS)
-    plan = study.study_plan(str(model), data_dir, tmp_path / "results", contexts=1, field_contexts=1,
+    plan = core.study_plan(str(model), data_dir, tmp_path / "results", contexts=1, field_contexts=1,
                             claim_ratios=(0.9,), ratios=(0.5,), field=["knorm"])
     for config in plan["claims"][:2]:  # no_press and compose_replay only
-        study.run(config)
-    text = study.write_report(plan, tmp_path / "docs", None).read_text()
-    assert f"**2 of {len(study.LEADERS) + 1} runs done** (claims tier 2 of {len(study.LEADERS)}, field 0 of 1)" in text
+        run(config)
+    text = core.write_report(plan, tmp_path / "docs", None).read_text()
+    assert f"**2 of {len(core.LEADERS) + 1} runs done** (claims tier 2 of {len(core.LEADERS)}, field 0 of 1)" in text
     assert "| compose_replay | kvzip |" not in text  # kvzip has not run: nothing to pair
     assert "## Every press" not in text and "## Leaders" in text
-    study.main(["--model", str(model), "--data-dir", str(data_dir), "--contexts", "1", "--field-contexts", "1",
+    toy_study.main(["--model", str(model), "--data-dir", str(data_dir), "--contexts", "1", "--field-contexts", "1",
                 "--claim-ratios", "0.9", "--ratios", "0.5", "--field-presses", "knorm", "--overlap-contexts", "0",
                 "--out", str(tmp_path / "results"), "--docs", str(tmp_path / "docs"), "--tier", "field"])
-    done = {config.press_name for tier in plan.values() for config in study.done(tier)}
+    done = {config.press_name for tier in plan.values() for config in core.done(tier)}
     assert done == {"no_press", "compose_replay", "knorm"}  # the field tier only: its no_press and knorm

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.synthetic_tasks import TASKS, make_sample, vocabulary
-from evaluation.train_model import (
+from evaluation.model_zoo.train_model import (
     build_model,
     encode_recall,
     encode_sample,
@@ -16,6 +15,7 @@ from evaluation.train_model import (
     make_batch,
     reproduction_arguments,
 )
+from evaluation.tasks.word_tasks import TASKS, make_sample, vocabulary
 
 TOKEN_IDS = {token: i for i, token in enumerate(vocabulary())}
 WORDS = vocabulary()
@@ -64,7 +64,7 @@ def test_learning_rate_warms_up_decays_to_a_tenth_and_halves_for_long_contexts()
 def test_training_stops_where_asked_and_resuming_reproduces_an_uninterrupted_run(tmp_path):
     from safetensors.torch import load_file
 
-    from evaluation.train_model import main
+    from evaluation.model_zoo.train_model import main
 
     def run(name, stop_after):
         main(["--out", str(tmp_path / name), "--checkpoint-dir", str(tmp_path / f"{name}-checkpoints"),
@@ -81,7 +81,7 @@ def test_training_stops_where_asked_and_resuming_reproduces_an_uninterrupted_run
 def test_saved_model_folder_loads_with_auto_classes_on_either_transformers_major(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evaluation.train_model import save_final
+    from evaluation.model_zoo.train_model import save_final
 
     save_final(build_model("llama", seed=0), tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
@@ -101,7 +101,7 @@ def test_rope_base_written_where_transformers_4_reads_it(tmp_path):
     10000. The shipped model, saved by 5.x, keeps its base on the running version."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from evaluation.train_model import portable_rope_theta
+    from evaluation.model_zoo.train_model import portable_rope_theta
 
     (tmp_path / "config.json").write_text(json.dumps({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}))
     portable_rope_theta(tmp_path / "config.json")
@@ -132,7 +132,7 @@ def test_training_batches_draw_only_the_given_tasks():
 
 
 def test_until_trained_stops_at_the_first_evaluation_passing_every_task_at_the_last_length(tmp_path, monkeypatch):
-    from evaluation import train_model
+    from evaluation.model_zoo import train_model
 
     monkeypatch.setattr(train_model, "CURRICULUM", [64])  # one stage: it is the last
     scores = iter([0.5, 1.0, 1.0])  # the first evaluation fails one task, the second passes all

@@ -1,69 +1,27 @@
-"""The full study: where the budget binds, which presses keep their accuracy, with intervals.
+"""What the toy-model and real-model studies share: the plan of runs in two tiers, which runs are done, the
+archive of finished runs in the report's folder (and their restoring into the results folder), paired differences
+between presses, and the report writer (``summary.md``, ``summary.csv`` and plots).
 
-    python -m evaluation.study                  # GQA model, 4096-word contexts of all 7 tasks -> docs/study-4096/
-    python -m evaluation.study --words 2048 --model <folder> --docs docs/study-2048
-    python -m evaluation.study --model smollm2-135m   # a real model: see evaluation.real_study (its own options)
-
-Compute goes where the claims are. The leaders (ComposePress's query sources and ablations, KVzip) run at the
-ratios where presses differ (``--claim-ratios``, 0.75 / 0.9 / 0.95) on ``--contexts`` contexts per task (20);
-every press of the registry, the leaders included, runs at every ratio (0.25 to 0.95) on
-``--field-contexts`` (4). Runs go under ``--out/study__<data>/contexts-<n>/`` and a run already there is
-skipped, so an interrupted study resumes where it stopped; ``--tier claims`` and ``--tier field`` in two
-processes share two cores. Every finished run is also copied to ``--docs``/runs/ (metrics, and predictions with
-each context as a hash): committed, it lets a later checkout resume the study and rebuild its report without the
-results folder. ``--docs`` receives:
-
-- ``summary.md``: the leaders' accuracy with 95% bootstrap intervals, per task at the highest ratios, paired
-  differences (``A - B`` with its paired interval; "A beats B" only where it excludes 0), the memory held,
-  the field's table, and the KV heads' top-k overlap (:mod:`evaluation.head_overlap`);
-- ``summary.csv``: every run (press, ratio, contexts, per-task and average accuracy, interval, memory);
-- ``leaders_accuracy_vs_ratio.png``, ``field_accuracy_vs_ratio.png`` (bands: the intervals) and
-  ``accuracy_vs_memory.png`` (accuracy against the cache memory really held).
+The leaders, comparisons and ratios here are the toy study's (:mod:`evaluation.studies.toy_study`); the real-model
+study (:mod:`evaluation.studies.real_study`) passes its own. Both run as ``python -m evaluation.studies``.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
-import os
-import sys
-import textwrap
 from pathlib import Path
 
 import pandas as pd
-import torch
-from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
-from . import data, head_overlap
-from .files import check_inside, save_figure, write_atomic
-from .metrics import paired_difference
-from .real_models import REAL_MODELS
-from .registry import KVPRESS_PRESSES, PRESS_REGISTRY
-from .run import (
-    RunConfig,
-    check_model,
-    check_results_folders,
-    check_writable,
-    load_pipeline,
-    ratio_label,
-    rerun_reason,
-    run,
-)
-from .sweep import (
-    BASELINE,
-    by_ratio,
-    draw_accuracy_vs_memory,
-    human_title,
-    intervals_by_ratio,
-    markdown,
-    plot,
-    run_summary,
-)
-from .synthetic_tasks import TASKS
+from ..metrics.accuracy import paired_difference
+from ..runner.presses import BASELINE, KVPRESS_PRESSES, PRESS_REGISTRY
+from ..runner.run import RunConfig, ratio_label, rerun_reason
+from ..safe_files import check_inside, write_atomic
+from ..tasks import dataset_files
+from ..tasks.word_tasks import TASKS
+from .report import by_ratio, human_title, intervals_by_ratio, markdown, plot, plot_accuracy_vs_memory, run_summary
 
-STUDY_MODEL = Path(__file__).parent / "models" / "retrieval-llama-gqa"
 STUDY_SEED = 2026
 ARCHIVE = "runs"  # under the report's folder: a copy of every finished run, from which a later study resumes
 RATIOS = (0.25, 0.5, 0.75, 0.9, 0.95)
@@ -122,7 +80,7 @@ def study_plan(model: str, data_dir: Path, out: Path, contexts: int, field_conte
              "field": (field or field_presses(), ratios, field_contexts)}
     plan = {}
     for tier, (presses, tier_ratios, n_contexts) in tiers.items():
-        output_dir = out / f"study__{data.dataset_name(data_dir)}" / f"contexts-{n_contexts}"
+        output_dir = out / f"study__{dataset_files.dataset_name(data_dir)}" / f"contexts-{n_contexts}"
         plan[tier] = [
             RunConfig(model, str(data_dir), press, ratio, dataset=dataset, output_dir=str(output_dir),
                       max_contexts=n_contexts)
@@ -133,14 +91,14 @@ def study_plan(model: str, data_dir: Path, out: Path, contexts: int, field_conte
 
 
 def done(configs: list[RunConfig]) -> list[RunConfig]:
-    """The runs of ``configs`` that have finished with this run's record (:func:`evaluation.run.rerun_reason`:
+    """The runs of ``configs`` that have finished with this run's record (:func:`evaluation.runner.run.rerun_reason`:
     a run restored from the archive counts when its record matches; one archived before records held a data
     fingerprint and the press's settings counts too, those fields being unknown)."""
     return [config for config in configs if rerun_reason(config) is None]
 
 
 def run_table(configs: list[RunConfig]) -> pd.DataFrame:
-    """One summary row per finished run (see :func:`evaluation.sweep.run_summary`), with its contexts per task."""
+    """One summary row per finished run (see :func:`evaluation.studies.report.run_summary`), with its contexts per task."""
     rows = [run_summary(config.results_dir()) | {"contexts": config.max_contexts} for config in done(configs)]
     return pd.DataFrame(rows)
 
@@ -227,22 +185,11 @@ def per_task_table(table: pd.DataFrame, ratio: float, tasks=TASKS) -> pd.DataFra
     return rows.set_index("press")[columns + ["average"]]
 
 
-def plot_accuracy_vs_memory(table: pd.DataFrame, path: Path, title: str) -> Path:
-    """Average accuracy against the cache memory really held (fraction of the full cache), one line per press
-    with its intervals as error bars (:func:`evaluation.sweep.draw_accuracy_vs_memory`): presses that only mask
-    stay at 1.0 whatever their ratio."""
-    figure = Figure(figsize=(9, 5.5))
-    axes = figure.subplots()
-    draw_accuracy_vs_memory(axes, table)
-    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
-    figure.suptitle(textwrap.fill(title, 75), fontsize="medium")  # over the whole figure, wrapped: never cut
-    figure.tight_layout()
-    return save_figure(figure, path)
 
 
 def plot_title(config: RunConfig, tasks, what: str) -> str:
     """A plot's title: model, data and task count, contexts per task, and which presses (``what``)."""
-    return human_title(config.model, data.dataset_name(config.data_dir), len(tasks), config.max_contexts, what)
+    return human_title(config.model, dataset_files.dataset_name(config.data_dir), len(tasks), config.max_contexts, what)
 
 
 def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str | None, tasks=TASKS,
@@ -259,7 +206,7 @@ def write_report(plan: dict[str, list[RunConfig]], docs: Path, overlap_text: str
     progress = "" if n_done == n_runs else (
         f" **{n_done} of {n_runs} runs done** (claims tier {len(claims)} of {len(plan['claims'])}, field "
         f"{len(field)} of {len(plan['field'])}): the tables hold those; rerun the command to finish the rest.")
-    sections = [(f"# Study: {setting}\n\nWritten by `python -m evaluation.study`. Sample: {len(tasks)} tasks; the "
+    sections = [(f"# Study: {setting}\n\nWritten by `python -m evaluation.studies`. Sample: {len(tasks)} tasks; the "
                 f"leaders on {n_claims} contexts per task, the field on {n_field}. Accuracy in % by kvpress's RULER "
                 f"metric (`string_match_all`: the share of answer items found as case-blind substrings), 95% "
                 f"bootstrap intervals over contexts (resampled within each task).{progress}")]
@@ -292,91 +239,3 @@ def leaders_sections(claims: pd.DataFrame, configs: list[RunConfig], docs: Path,
               "![accuracy against memory held](accuracy_vs_memory.png)")
     return [leaders, *per_task, paired, memory]
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.study", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="hub id or model folder (default: retrieval-llama-gqa)")
-    parser.add_argument("--words", type=int, default=4096, help="words per context")
-    parser.add_argument("--data-dir", type=Path, default=None, help="default: evaluation/data/study-<words>")
-    parser.add_argument("--contexts", type=int, default=20, help="contexts per task for the leaders' claims")
-    parser.add_argument("--field-contexts", type=int, default=4, help="contexts per task for every press")
-    parser.add_argument("--claim-ratios", type=float, nargs="+", default=list(CLAIM_RATIOS))
-    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), help="the field's ratios")
-    parser.add_argument("--field-presses", nargs="+", default=None, help="the field's presses (default: every "
-                        "press of the registry)")
-    parser.add_argument("--overlap-contexts", type=int, default=3, help="contexts per task for the head overlap "
-                        "(0: skip it)")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder")
-    parser.add_argument("--docs", type=Path, default=None, help="report folder (default: docs/study-<words>)")
-    parser.add_argument("--tier", choices=["all", "claims", "field"], default="all", help="run one tier only: "
-                        "two processes, one per tier, share two cores (each report covers every finished run)")
-    parser.add_argument("--report-only", action="store_true", help="run nothing: write the report from the "
-                        "runs already there")
-    parser.add_argument("--threads", type=int, default=1)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> Path:
-    argv = sys.argv[1:] if argv is None else argv
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--model")
-    if peek.parse_known_args(argv)[0].model in REAL_MODELS:  # RULER's tasks in the model's tokens
-        from .real_study import main as real_model_study
-
-        return real_model_study(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("contexts", "field_contexts", "words", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not all(0 < ratio < 1 for ratio in args.ratios + args.claim_ratios):
-        parser.error("--ratios and --claim-ratios must be in (0, 1)")
-    model = args.model or os.path.relpath(STUDY_MODEL)  # relative: the run folders' names do not depend on the checkout
-    if args.model is None and not (STUDY_MODEL / "config.json").is_file():
-        sys.exit(f"error: no model in {STUDY_MODEL}: train it (see its README) or pass --model")
-    torch.set_num_threads(args.threads)
-    data_dir = args.data_dir or data.DEFAULT_DATA_ROOT / f"study-{args.words}"
-    if not data.has_dataset(data_dir):
-        data.write_dataset(data_dir, args.contexts, args.words, STUDY_SEED, TASKS)
-    try:
-        available = data.load_rows(data_dir).groupby("task")["context"].nunique()
-    except ValueError as error:  # a bad dataset file, named
-        parser.error(str(error))
-    if set(available.index) != set(TASKS) or available.min() < args.contexts:
-        parser.error(f"{data_dir} holds {available.to_dict()} contexts per task; the study needs every task of "
-                     f"{list(TASKS)} with at least --contexts {args.contexts}: write it with `python -m "
-                     f"evaluation.data --out {data_dir} --tasks {' '.join(TASKS)} --contexts {args.contexts} --words "
-                     f"{args.words} --seed {STUDY_SEED}`")
-    try:
-        plan = study_plan(model, Path(data_dir), args.out, args.contexts, args.field_contexts,
-                          tuple(args.claim_ratios), tuple(args.ratios), args.field_presses)
-        check_model(model)
-        check_writable(args.out)  # before the first run, not after it
-        check_results_folders(plan["claims"] + plan["field"])
-    except (ValueError, OSError) as error:
-        parser.error(str(error))
-    docs = args.docs or Path("docs") / f"study-{args.words}"
-    every_run = plan["claims"] + plan["field"]
-    for config in every_run:
-        restore_run(config, docs)
-    if not args.report_only:
-        tiers = ["claims", "field"] if args.tier == "all" else [args.tier]
-        for config in tqdm([config for tier in tiers for config in plan[tier]], desc="study runs"):
-            run(config)
-            archive_run(config, docs)
-    for config in done(every_run):  # runs made by other processes too
-        archive_run(config, docs)
-    overlap_text = None
-    if args.overlap_contexts:
-        pipe = load_pipeline(model)
-        contexts = head_overlap.context_ids(pipe, data_dir, args.overlap_contexts)
-        overlap_text = head_overlap.report(head_overlap.overlap_table(pipe.model, contexts), model, data_dir,
-                                           len(contexts))
-    report = write_report(plan, docs, overlap_text)
-    print(f"report: {report}")
-    return report
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,7 @@
 :func:`make_press` does the same with a clear error for an unknown name.
 
 kvpress's own ``evaluation/evaluate.py`` runs these presses through :func:`register_with_kvpress`, which
-``python -m evaluation.kvpress_evaluate`` calls (see that module).
+``python -m evaluation.runner.kvpress_evaluate`` calls (see that module).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from kvpress import (
 
 from kvpress_compose import ComposePress
 
-from .full_layers_only import FullLayersOnly
+from .full_layers import FullLayersOnly
 
 PressFactory = Callable[[float], BasePress | None]
 
@@ -145,7 +145,7 @@ KVPRESS_PRESSES: dict[str, Callable[[], BasePress]] = {
     "cam_adakv_snapkv": lambda: CAMPress(base_press=AdaKVPress(SnapKVPress())),
     "cam_tova": lambda: CAMPress(base_press=TOVAPress()),
     # not in kvpress's registry: kvpress's Gemma 3 rule (windowed layers left alone) on every hybrid model
-    # (evaluation/full_layers_only.py); on a model without windowed layers each is the press itself. Not
+    # (evaluation/runner/full_layers.py); on a model without windowed layers each is the press itself. Not
     # expected_attention: it calls Gemma 3's rotary embedding without the layer type, which transformers 5.2 needs
     "snapkv_full_layers": lambda: FullLayersOnly(SnapKVPress()),
     "knorm_full_layers": lambda: FullLayersOnly(KnormPress()),
@@ -172,8 +172,9 @@ LEFT_OUT = {
     "snap_think": "ThinK's channel ratio and SnapKV's token ratio are two settings; `think` alone is here",
 }
 
+BASELINE = "no_press"  # the uncompressed run: sweeps and studies run it once, at ratio 0
 PRESS_REGISTRY: dict[str, PressFactory] = {
-    "no_press": lambda ratio: None,
+    BASELINE: lambda ratio: None,
     **{name: (lambda ratio, build=build: at_ratio(build(), ratio)) for name, build in KVPRESS_PRESSES.items()},
     **COMPOSE_PRESSES,
 }

@@ -1,6 +1,6 @@
 """RULER's synthetic tasks, generated offline, with lengths counted in the target model's tokens.
 
-    python -m evaluation.ruler --tokenizer ~/.cache/kvpress-compose/models/smollm2-135m --tokens 2048 \\
+    python -m evaluation.tasks.ruler --tokenizer ~/.cache/kvpress-compose/models/smollm2-135m --tokens 2048 \\
         --contexts 20 --seed 0 --out evaluation/data/ruler-smollm2-2048
 
 Our own generator for the eleven RULER tasks (Hsieh et al. 2024, NVIDIA/RULER ``scripts/synthetic.yaml``) that need
@@ -32,19 +32,19 @@ one compression whatever it is asked, so the multi-key tasks ask more than RULER
 after its own prefix: ``niah_multikey_1`` each of its 4 keys (RULER's asked key first), ``niah_multikey_2``/``_3``
 (whose haystack is made of needles, each a real key-value pair) the inserted needle and
 :data:`HAYSTACK_NEEDLE_ROWS` - 1 haystack needles drawn at random. The runner answers each row after its own
-prefix from one compression (:mod:`evaluation.prefixed_pipeline`); ``one_question`` (``--one-question``) keeps
+prefix from one compression (:mod:`evaluation.runner.prefixed_pipeline`); ``one_question`` (``--one-question``) keeps
 RULER's own row alone, which is RULER's dataset exactly and what kvpress's ``evaluate.py`` (one answer prefix per
 context) needs. The first row of every context is RULER's own and its prompt fits ``n_tokens``; another key's row
 may be a few tokens longer or shorter.
 
-Smaller differences: the essay haystack is the Lee background corpus of news prose (:mod:`evaluation.prose`,
+Smaller differences: the essay haystack is the Lee background corpus of news prose (:mod:`evaluation.tasks.ruler_prose`,
 shipped by the ``gensim`` wheel; RULER downloads Paul Graham's essays), cut into sentences by a small rule instead
 of NLTK's punkt; like RULER every essay context starts at the corpus's first word. Needle positions are drawn once
 per context as fractions of the haystack (RULER: as indices) so that a context's draws do not change while its
 size is searched. ``cwe`` beyond the ~8,700 words of wonderwords' lists continues with adjective-noun compounds
 (RULER switches to a downloaded word list).
 
-Scoring (:mod:`evaluation.metrics`): kvpress's RULER scorer, ``string_match_all`` for every task here (the share of
+Scoring (:mod:`evaluation.metrics.accuracy`): kvpress's RULER scorer, ``string_match_all`` for every task here (the share of
 answer items found in the prediction as case-blind substrings, control characters removed first;
 ``string_match_part``, any item found, is for RULER's qa tasks, which need downloads and are not generated here).
 """
@@ -65,9 +65,9 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .data import task_file, task_names_in
-from .files import write_atomic
-from .prose import PROSE_SOURCE, load_prose, split_sentences
+from ..safe_files import write_atomic
+from .dataset_files import task_file, task_names_in
+from .ruler_prose import PROSE_SOURCE, load_prose, split_sentences
 
 # --- RULER's specification (scripts/synthetic.yaml, scripts/data/synthetic/constants.py) -------------------
 
@@ -142,9 +142,9 @@ configs:
 ---
 # RULER synthetic tasks
 
-RULER's synthetic tasks from `evaluation.ruler` (ruler-format: {format}): {n_contexts} contexts per task of
+RULER's synthetic tasks from `evaluation.tasks.ruler` (ruler-format: {format}): {n_contexts} contexts per task of
 {n_tokens} tokens as RULER counts them (the prompt and the tokens to generate) in the tokenizer `{tokenizer}`, seed
-{seed}. Written by `python -m evaluation.ruler`. Every key of a multi-key context is asked as its own row, after
+{seed}. Written by `python -m evaluation.tasks.ruler`. Every key of a multi-key context is asked as its own row, after
 RULER's answer prefix naming that key (see the module's docstring).
 
 | task | haystack | rows | max_new_tokens |
@@ -671,12 +671,12 @@ def write_ruler_dataset(
 ) -> Path:
     """Generate ``n_contexts`` contexts of ``n_tokens`` tokens as RULER counts them (the prompt, in
     ``tokenizer``'s tokens, and the tokens to generate) for each of ``tasks`` and write them under ``out_dir`` as
-    ``test-<task>.jsonl`` files and a ``README.md`` card (``evaluation.data.load_rows`` reads them). ``prose``
-    replaces the essay haystack's text (default: the Lee background corpus, :func:`evaluation.prose.load_prose`);
+    ``test-<task>.jsonl`` files and a ``README.md`` card (``evaluation.tasks.dataset_files.load_rows`` reads them). ``prose``
+    replaces the essay haystack's text (default: the Lee background corpus, :func:`evaluation.tasks.ruler_prose.load_prose`);
     ``progress`` shows a tqdm bar. ``one_question`` keeps RULER's own question alone (the first row) of every
     context: RULER's dataset exactly, and one answer prefix per context, which kvpress's ``evaluate.py`` requires."""
     tasks = tuple(tasks)
-    limit = check_arguments(tokenizer, n_tokens, n_contexts, tasks, max_context)
+    check_arguments(tokenizer, n_tokens, n_contexts, tasks, max_context)
     needs_prose = any(task in NIAH and NIAH[task].haystack == "essay" for task in tasks)
     prose_words = (prose if prose is not None else load_prose() if needs_prose else "").split()
     if needs_prose and not prose_words:

@@ -22,7 +22,7 @@ import torch
 from kvpress import BasePress
 from transformers import Cache, DynamicCache, PreTrainedModel
 
-from .registry import reset_press_state
+from ..runner.presses import reset_press_state
 
 
 @dataclass

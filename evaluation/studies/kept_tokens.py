@@ -16,7 +16,7 @@ tokens* from *how the budget is spread*.
 
 Usage (one thread; the recorded scores are cached under ``--cache-dir``)::
 
-    OMP_NUM_THREADS=1 python -m evaluation.kept_tokens --task niah_multikey_1 --contexts 0 1 \\
+    OMP_NUM_THREADS=1 python -m evaluation.studies.kept_tokens --task niah_multikey_1 --contexts 0 1 \\
         --sources kvzip replay --ratio 0.75
 
 prints, per context and needle, the fraction of the needle's value (and key) tokens each variant keeps, averaged
@@ -207,12 +207,6 @@ def needle_table(kept: torch.Tensor, needle: Needle) -> dict:
         "value_all_heads": (value.mean(dim=-1) == 1).float().mean().item(),  # (layer, head)s keeping every digit
         "value_per_layer": value.mean(dim=(1, 2)).tolist(),
     }
-
-
-def rank_percentile(scores: torch.Tensor, positions: list[int]) -> torch.Tensor:
-    """(layers, heads): the best percentile (1 = top) among ``positions`` of each head's scores (layers, heads, n)."""
-    ranks = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1).float()
-    return 1 - ranks[..., positions].amin(dim=-1) / scores.shape[-1]
 
 
 # -- answers under a kept mask (teacher-forced, one prefill for every mask) ----------------------------------------

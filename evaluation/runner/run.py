@@ -1,6 +1,6 @@
 """One evaluation run: a model, a local dataset, a press at one compression ratio.
 
-    python -m evaluation.run --model evaluation/models/retrieval-llama --data-dir evaluation/data/synthetic-1024 \
+    python -m evaluation.runner.run --model evaluation/models/retrieval-llama --data-dir evaluation/data/synthetic-1024 \
         --press compose_replay --ratio 0.5
 
 Rows are grouped by context and kvpress's pipeline answers all the questions of a context from one
@@ -54,13 +54,13 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, Cache, DynamicCache, Pipeline, pipeline
 from transformers.utils import logging as transformers_logging
 
-from .data import dataset_name, fingerprint, load_rows
-from .files import write_atomic
-from .fidelity import fidelity, summarize
-from .metrics import average, bootstrap_interval, task_scores
+from ..metrics.accuracy import average, bootstrap_interval, task_scores
+from ..metrics.fidelity import fidelity, summarize
+from ..model_zoo.real_models import REAL_MODELS, cache_root, resolve_model
+from ..safe_files import write_atomic
+from ..tasks.dataset_files import dataset_name, fingerprint, load_rows
 from .prefixed_pipeline import PrefixedQuestionsPipeline
-from .real_models import REAL_MODELS, cache_root, resolve_model
-from .registry import EAGER_PRESSES, check_press_name, make_press, reset_press_state, say_kvpress_warnings_once
+from .presses import EAGER_PRESSES, check_press_name, make_press, reset_press_state, say_kvpress_warnings_once
 
 try:
     import fcntl
@@ -68,8 +68,8 @@ except ImportError:  # Windows: runs are not locked
     fcntl = None
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-DEFAULT_OUTPUT_DIR = "results/sweep"  # kvpress's own evaluate.py: results/kvpress (evaluation.kvpress_evaluate)
-CHECKOUT = Path(__file__).resolve().parents[1]  # a model folder in here is named by its path inside it
+DEFAULT_OUTPUT_DIR = "results/sweep"  # kvpress's own evaluate.py: results/kvpress (evaluation.runner.kvpress_evaluate)
+CHECKOUT = Path(__file__).resolve().parents[2]  # a model folder in here is named by its path inside it
 # The record fields that must match for a run to count as done. A field missing from a record (runs archived
 # before it was recorded, e.g. docs/study-4096/runs) counts as unknown and is not held against the run: those
 # archives stay usable. data_dir, output_dir and device say where, not what, and differ across checkouts;
@@ -85,7 +85,7 @@ VERSIONED = ("kvpress", "transformers", "torch", "kvpress-compose")  # recorded;
 class RunConfig:
     """Everything that defines a run (saved as ``config.yaml``).
 
-    ``dataset`` names the benchmark and ``data_dir`` is the local folder written by :mod:`evaluation.data`;
+    ``dataset`` names the benchmark and ``data_dir`` is the local folder written by :mod:`evaluation.tasks.dataset_files`;
     the folder's name is the short data name in the results folder. ``max_contexts`` keeps the first contexts
     of each task. ``fidelity_rows`` rows (the first row of each task first) get fidelity metrics when
     ``fidelity`` is set. ``no_press`` always runs at ratio 0. ``overwrite`` reruns a finished run,
@@ -226,7 +226,7 @@ def press_differences(recorded, config: RunConfig) -> list[str]:
 
 def run_record(config: RunConfig) -> dict:
     """What ``config.yaml`` records: the run's arguments and what produced it (see :data:`RECORD_FIELDS`), and
-    where its model and data came from (:func:`model_location`, :func:`evaluation.run.location`)."""
+    where its model and data came from (:func:`model_location`, :func:`evaluation.runner.run.location`)."""
     return asdict(config) | {"data_fingerprint": fingerprint(config.data_dir), "press": press_settings(config),
                              "versions": package_versions(), "model_location": model_location(config.model),
                              "data_location": location(Path(config.data_dir))}
@@ -364,7 +364,7 @@ def check_model(model: str) -> None:
 
 
 def preflight(configs: list[RunConfig]) -> None:
-    """Check every model (:func:`check_model`), dataset (:func:`evaluation.data.load_rows` names a bad file, row
+    """Check every model (:func:`check_model`), dataset (:func:`evaluation.tasks.dataset_files.load_rows` names a bad file, row
     or column), output folder and run folder (:func:`check_results_folders`) once, before the first run:
     ValueError, FileNotFoundError or OSError."""
     for model in dict.fromkeys(config.model for config in configs):
@@ -611,11 +611,11 @@ def run_options(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
-        prog="python -m evaluation.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m evaluation.runner.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="hub id or local model folder")
-    parser.add_argument("--data-dir", required=True, help="folder written by `python -m evaluation.data`")
-    parser.add_argument("--press", required=True, help="a name from evaluation.registry.PRESS_REGISTRY")
+    parser.add_argument("--data-dir", required=True, help="folder written by `python -m evaluation.tasks.dataset_files`")
+    parser.add_argument("--press", required=True, help="a name from evaluation.runner.presses.PRESS_REGISTRY")
     parser.add_argument("--ratio", type=float, required=True, help="compression ratio in [0, 1)")
     parser.add_argument("--dataset", default="synthetic")
     parser.add_argument("--out", default=DEFAULT_OUTPUT_DIR)

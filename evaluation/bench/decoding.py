@@ -1,7 +1,7 @@
 """Decode-time compression side by side: ComposeDecodingPress against kvpress's DecodingPress(SnapKV / Knorm).
 
-    python -m evaluation.bench_decoding                   # shipped toy model, 1024-word context, 2048 decoded tokens
-    python -m evaluation.bench_decoding --model smollm2-135m --contexts 10 --context-tokens 256 --tokens 192 \\
+    python -m evaluation.bench.decoding                   # shipped toy model, 1024-word context, 2048 decoded tokens
+    python -m evaluation.bench.decoding --model smollm2-135m --contexts 10 --context-tokens 256 --tokens 192 \\
         --interval 80 --target-size 128 --buffer 64 --json docs/bench_decoding_smollm2-135m.json
 
 After a context, every method decodes the same ``--tokens`` long continuation, fed one token per forward as
@@ -13,7 +13,7 @@ decoded tokens per second. Every press compresses every ``--interval`` tokens to
 scores with its last 64 queries, so at least 65 must be buffered at a compression: ``--buffer`` >= 64 and
 ``--interval`` >= 65.
 
-Texts. A real model reads natural prose, the Lee corpus of news articles (:func:`evaluation.prose.load_prose`):
+Texts. A real model reads natural prose, the Lee corpus of news articles (:func:`evaluation.tasks.ruler_prose.load_prose`):
 context ``i`` is a window of ``--context-tokens`` tokens at a seeded offset inside the ``i``-th of ``--contexts``
 equal stretches of the tokenized corpus (so contexts never overlap), and its continuation is the ``--tokens``
 tokens right after it, so the decoded text goes on coherently; the special tokens the tokenizer puts before a
@@ -41,11 +41,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from kvpress_compose import ComposeDecodingPress, ComposePress
 
-from .real_models import resolve_model
-from .synthetic_tasks import make_sample
+from ..metrics.accuracy import bootstrap_mean_interval
+from ..model_zoo.real_models import resolve_model
+from ..model_zoo.toy_models import SHIPPED_MODEL, is_toy_model
+from ..tasks.word_tasks import make_sample
 
-TOY_MODELS = Path(__file__).parent / "models"  # models trained on the word-level tasks (their tokens are words)
-SHIPPED_MODEL = TOY_MODELS / "retrieval-llama"
 FIGURES = ("kl", "top1_agreement", "peak_entries_per_layer_head", "tokens_per_s")
 DIGITS = {"kl": 5, "top1_agreement": 4, "peak_entries_per_layer_head": 1, "tokens_per_s": 1}
 
@@ -59,26 +59,6 @@ def methods(interval: int, target_size: int, buffer: int) -> dict:
         "decoding_snapkv": DecodingPress(base_press=SnapKVPress(), **settings),
         "decoding_knorm": DecodingPress(base_press=KnormPress(), **settings),
     }
-
-
-def is_toy_model(model: str) -> bool:
-    """Whether ``model`` is one of the trained toy models, which read the word-level tasks."""
-    path = Path(model)
-    return path.exists() and path.resolve().is_relative_to(TOY_MODELS.resolve())
-
-
-def bootstrap_mean_interval(values, n_resamples: int = 2000, level: float = 0.95,
-                            seed: int = 0) -> tuple[float, float]:
-    """Central ``level`` percentile bootstrap interval of the mean of ``values`` (one per context): each of
-    ``n_resamples`` resamples draws ``len(values)`` values with replacement."""
-    values = np.asarray(values, dtype=float)
-    if values.ndim != 1 or len(values) == 0:
-        raise ValueError(f"values must be a non-empty 1-d sequence (one per context), got shape {values.shape}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    drawn = np.random.default_rng(seed).integers(0, len(values), size=(n_resamples, len(values)))
-    low, high = np.percentile(values[drawn].mean(axis=1), [50 * (1 - level), 50 * (1 + level)])
-    return float(low), float(high)
 
 
 def prose_windows(token_ids: list[int], n_contexts: int, context_tokens: int, continuation_tokens: int,
@@ -118,7 +98,7 @@ def prose_samples(tokenizer, n_contexts: int, context_tokens: int, continuation_
                   seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(context, continuation) id tensors of shape (1, length) from the Lee corpus (see :func:`prose_windows`);
     each context starts with the tokenizer's leading special tokens."""
-    from .prose import load_prose
+    from ..tasks.ruler_prose import load_prose
 
     ids = tokenizer(load_prose(), add_special_tokens=False).input_ids
     prefix = leading_special_tokens(tokenizer)
@@ -187,7 +167,7 @@ def print_table(results: dict) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(SHIPPED_MODEL), help="a toy model's folder, a real model's short "
-                        "name (evaluation.real_models), or a folder / hub id")
+                        "name (evaluation.model_zoo.real_models), or a folder / hub id")
     parser.add_argument("--contexts", type=int, default=1, help="contexts (each with its continuation)")
     parser.add_argument("--context-words", type=int, default=1024, help="words per context, toy models")
     parser.add_argument("--context-tokens", type=int, default=1024, help="tokens per context, real models")
@@ -209,7 +189,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     toy = is_toy_model(args.model)
-    path = resolve_model(args.model)  # a real model's short name (evaluation.real_models) or a folder / hub id
+    path = resolve_model(args.model)  # a real model's short name (evaluation.model_zoo.real_models) or a folder / hub id
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if toy:

@@ -1,6 +1,6 @@
 """Write the synthetic retrieval tasks as a local Hugging Face dataset, and read them back.
 
-    python -m evaluation.data --out evaluation/data/synthetic-1024-x20 --contexts 20 --words 1024
+    python -m evaluation.tasks.dataset_files --out evaluation/data/synthetic-1024-x20 --contexts 20 --words 1024
 
 The folder holds one JSON-lines file per task, ``test-<task>.jsonl``, and a ``README.md`` dataset card whose
 YAML header declares the configurations, so that ``datasets.load_dataset(folder, split="test")`` loads every
@@ -25,10 +25,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .files import write_atomic
-from .synthetic_tasks import BASE_TASKS, TASKS, dataset_rows
+from ..safe_files import write_atomic
+from .word_tasks import BASE_TASKS, TASKS, dataset_rows
 
-DEFAULT_DATA_ROOT = Path(__file__).parent / "data"
+DEFAULT_DATA_ROOT = Path(__file__).parents[1] / "data"
 COLUMNS = ("context", "question", "answer_prefix", "answer", "max_new_tokens", "task")  # kvpress's
 # contexts x words x tasks one command writes at most: each question's row repeats its context (about 7 bytes a
 # word), so 10^8 words is a dataset of about a gigabyte or more
@@ -40,8 +40,8 @@ kvpress_compose: {parameters}
 ---
 # Synthetic retrieval tasks
 
-RULER-style retrieval tasks from `evaluation.synthetic_tasks`: {n_contexts} contexts of {n_words} words per
-task, seed {seed}. Written by `python -m evaluation.data`.
+RULER-style retrieval tasks from `evaluation.tasks.word_tasks`: {n_contexts} contexts of {n_words} words per
+task, seed {seed}. Written by `python -m evaluation.tasks.dataset_files`.
 """
 
 
@@ -168,7 +168,7 @@ def load_rows(data_dir: str | Path, task: str | None = None) -> pd.DataFrame:
     missing = [str(f) for f in files if not f.is_file()]
     if not files or missing:
         raise FileNotFoundError(
-            f"no dataset at {missing or data_dir}: write one with `python -m evaluation.data --out {data_dir}`"
+            f"no dataset at {missing or data_dir}: write one with `python -m evaluation.tasks.dataset_files --out {data_dir}`"
         )
     return pd.concat([read_task_file(f) for f in files], ignore_index=True)
 

@@ -1,6 +1,6 @@
 """Are a model's KV heads redundant? The overlap of their per-head top-k token sets.
 
-    python -m evaluation.head_overlap --model evaluation/models/retrieval-llama-gqa \
+    python -m evaluation.studies.head_overlap --model evaluation/models/retrieval-llama-gqa \
         --data-dir evaluation/data/study-4096 --contexts 3 --out docs/study-4096/head_overlap.md
 
 Composite tokens only matter when the KV heads of a layer want different tokens: with one KV head, or heads
@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from kvpress_compose import ComposePress
 
-from .data import load_rows
-from .fidelity import prefill
-from .run import first_contexts, load_pipeline
-from .sweep import markdown
+from ..metrics.fidelity import prefill
+from ..runner.run import first_contexts, load_pipeline
+from ..tasks.dataset_files import load_rows
+from .report import markdown
 
 DEFAULT_RATIOS = (0.5, 0.75, 0.9, 0.95)
 
@@ -86,10 +86,10 @@ def report(table: pd.DataFrame, model: str, data_dir: str | Path, n_contexts: in
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.head_overlap", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m evaluation.studies.head_overlap", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="hub id or local model folder")
-    parser.add_argument("--data-dir", required=True, help="folder written by `python -m evaluation.data`")
+    parser.add_argument("--data-dir", required=True, help="folder written by `python -m evaluation.tasks.dataset_files`")
     parser.add_argument("--contexts", type=int, default=3, help="contexts per task")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     parser.add_argument("--out", type=Path, help="also write the markdown table here")

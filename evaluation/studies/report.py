@@ -1,14 +1,10 @@
-"""Sweep presses x compression ratios with :mod:`evaluation.run`, then tabulate and plot the results.
+"""Tables and plots of finished runs, for the sweep's summary and the studies' reports.
 
-``no_press`` runs once, at ratio 0. Runs go to ``<output_dir>`` (default ``results/sweep``; kvpress's own
-evaluate.py writes under ``results/kvpress``), the summary to ``<output_dir>/sweep__<dataset>__<data>__<model>/``:
-
-- ``summary.csv``: one row per run (press, ratio, status, per-task and average accuracy, memory, seconds,
-  fidelity);
-- ``summary.md``: that table, then average accuracy with one row per press and one column per ratio, and its
-  mean over the ratios the press ran (``mean over ratios``, each ratio weighted equally; ``no_press``: its
-  uncompressed accuracy), then the cache memory held per press and ratio;
-- ``accuracy_vs_ratio.png``: average accuracy against compression ratio, one line per press (:func:`plot`).
+A run's summary row (:func:`run_summary`, from its ``metrics.json``); tables by press and ratio (:func:`by_ratio`,
+:func:`accuracy_by_ratio`, :func:`intervals_by_ratio`) written as GitHub markdown (:func:`markdown`); plots of
+accuracy against compression ratio and against the cache memory held (:func:`accuracy_figure`, :func:`plot`,
+:func:`plot_accuracy_vs_memory`) under human titles (:func:`human_title`); a sweep's summary files
+(:func:`write_summary`).
 """
 
 from __future__ import annotations
@@ -23,33 +19,10 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
-from .data import dataset_name
-from .files import save_figure, write_atomic
-from .run import DEFAULT_OUTPUT_DIR, RunConfig, preflight, ratio_label, run
-
-BASELINE = "no_press"
-
-
-@dataclass
-class SweepOutputs:
-    """Where a sweep's runs and summary went."""
-
-    runs: list[Path]
-    summary_csv: Path
-    summary_md: Path
-    plot: Path
-
-
-def planned_runs(presses: list[str], ratios: list[float]) -> list[tuple[str, float]]:
-    """(press, ratio) pairs to run: every press at every ratio (ascending), ``no_press`` once at 0."""
-    if not presses or not ratios:
-        raise ValueError(f"need at least one press and one ratio, got presses={presses} ratios={ratios}")
-    runs = []
-    for press in dict.fromkeys(presses):
-        runs += [(press, 0.0)] if press == BASELINE else [(press, ratio) for ratio in sorted(set(ratios))]
-    return runs
+from ..runner.presses import BASELINE
+from ..runner.run import ratio_label
+from ..safe_files import save_figure, write_atomic
 
 
 def run_summary(results_dir: Path) -> dict:
@@ -72,6 +45,7 @@ def run_summary(results_dir: Path) -> dict:
         **fidelity,
         "error": "; ".join(metrics["errors"]),
     }
+
 
 
 def curves(table: pd.DataFrame) -> dict[str, pd.Series]:
@@ -229,6 +203,20 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> Path:
     return save_figure(accuracy_figure(table, title), path)
 
 
+def plot_accuracy_vs_memory(table: pd.DataFrame, path: Path, title: str) -> Path:
+    """Average accuracy against the cache memory really held (fraction of the full cache), one line per press
+    with its intervals as error bars (:func:`draw_accuracy_vs_memory`): presses that only mask
+    stay at 1.0 whatever their ratio."""
+    figure = Figure(figsize=(9, 5.5))
+    axes = figure.subplots()
+    draw_accuracy_vs_memory(axes, table)
+    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.suptitle(textwrap.fill(title, 75), fontsize="medium")  # over the whole figure, wrapped: never cut
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+
 def accuracy_figure(table: pd.DataFrame, title: str) -> Figure:
     """Two panels: average accuracy against compression ratio (:func:`draw_accuracy_vs_ratio`) and against the
     cache memory really held (:func:`draw_accuracy_vs_memory`, where the runs recorded it), one legend for both;
@@ -255,7 +243,7 @@ def accuracy_figure(table: pd.DataFrame, title: str) -> Figure:
 def display_name(model: str) -> str:
     """The model as a person names it: a real model by its own name (SmolLM2-135M-Instruct), a local folder by
     its name, a hub id as it is."""
-    from .real_models import REAL_MODELS
+    from ..model_zoo.real_models import REAL_MODELS
 
     name = Path(model.rstrip("/")).name
     real = REAL_MODELS.get(name)
@@ -317,39 +305,3 @@ def write_summary(table: pd.DataFrame, out_dir: Path, title: str) -> tuple[Path,
     write_atomic(out_dir / "summary.md", text)
     return out_dir / "summary.csv", out_dir / "summary.md", plot(table, out_dir / "accuracy_vs_ratio.png", title)
 
-
-def plan(
-    model: str,
-    presses: list[str],
-    ratios: list[float],
-    data_dir: str | Path,
-    output_dir: str | Path = DEFAULT_OUTPUT_DIR,
-    dataset: str = "synthetic",
-    **options,
-) -> list[RunConfig]:
-    """The run configurations of a sweep; raises ValueError on any bad argument before anything runs.
-
-    ``options`` are :class:`evaluation.run.RunConfig` fields (device, max_contexts, fidelity, ...).
-    """
-    return [RunConfig(model, str(data_dir), press, ratio, dataset=dataset, output_dir=str(output_dir), **options)
-            for press, ratio in planned_runs(presses, ratios)]
-
-
-def run_sweep(configs: list[RunConfig]) -> SweepOutputs:
-    """Run (or skip) every configuration, print the tables and write the summary files."""
-    runs = [run(config) for config in tqdm(configs, desc="sweep")]
-    table = pd.DataFrame([run_summary(results_dir) for results_dir in runs])
-    first = configs[0]
-    title = human_title(first.model, dataset_name(first.data_dir), len(task_names(table)), first.max_contexts,
-                        sample=sample_size(table))
-    csv, md, png = write_summary(table, Path(first.output_dir) / f"sweep__{first.setting}", title)
-    print(md.read_text())
-    return SweepOutputs(runs=runs, summary_csv=csv, summary_md=md, plot=png)
-
-
-def sweep(model: str, presses: list[str], ratios: list[float], data_dir: str | Path, **kwargs) -> SweepOutputs:
-    """Every press at every ratio on ``model`` over the local dataset ``data_dir``; see :func:`plan`. The data
-    and output folder are checked before the first run (:func:`evaluation.run.preflight`)."""
-    configs = plan(model, presses, ratios, data_dir, **kwargs)
-    preflight(configs)
-    return run_sweep(configs)

@@ -1,10 +1,10 @@
 """Train the small long-context retrieval model that the evaluation ships (deterministic, seeded, resumable).
 
-    nohup python -m evaluation.train_model > train.log &      # writes evaluation/models/retrieval-llama
+    nohup python -m evaluation.model_zoo.train_model > train.log &      # writes evaluation/models/retrieval-llama
 
 A Llama-architecture causal LM (4 layers, hidden 128, GQA with 2 query heads of 64 dims over 1 KV head, RoPE,
 attention biases) -- or with ``--arch qwen3`` the Qwen3 layout (q_norm/k_norm) -- is trained from scratch on
-the tasks of :mod:`evaluation.synthetic_tasks`. A task sequence is ``<s> context ? key answer </s> ...``
+the tasks of :mod:`evaluation.tasks.word_tasks`. A task sequence is ``<s> context ? key answer </s> ...``
 (several questions per context), with the loss on answer tokens; half of the rows are an auxiliary span-recall
 text (random words whose earlier spans reappear) with the loss on every recalled word, which is what makes
 the model form the induction heads retrieval needs. Context length follows a curriculum (128 to 4096 words,
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from .synthetic_tasks import (
+from ..tasks.word_tasks import (
     BASE_TASKS,
     FILLER_WORDS,
     KEYS,
@@ -172,7 +172,7 @@ def write_model_card(out: Path, log_path: Path, reproduce: str) -> None:
     out.joinpath("README.md").write_text(
         f"""# {out.name}
 
-A {CURRICULUM[-1]}-token-curriculum retrieval model trained from scratch by `python -m evaluation.train_model`
+A {CURRICULUM[-1]}-token-curriculum retrieval model trained from scratch by `python -m evaluation.model_zoo.train_model`
 (deterministic, seeded; see that module). Snapshot at step {last["step"]}, training on {last["length"]}-word
 contexts. Teacher-forced answer accuracy at that step (the trainer's own evaluation: {EVAL_SAMPLES_PER_TASK} fresh
 samples per task of that length):
@@ -182,7 +182,7 @@ samples per task of that length):
 {rows}
 
 {status}The curriculum moves to the next context length once every task reaches 95%. Reproduce this snapshot with
-`python -m evaluation.train_model {reproduce}--stop-after {last["step"]}` (one thread, as the defaults set).
+`python -m evaluation.model_zoo.train_model {reproduce}--stop-after {last["step"]}` (one thread, as the defaults set).
 """
     )
 

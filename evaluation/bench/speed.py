@@ -1,8 +1,8 @@
 """Speed and memory of ComposePress next to a plain prefill, SnapKV and kvpress's KVComposePress.
 
-    python -m evaluation.bench_speed                       # tiny model, 4k-32k tokens
-    python -m evaluation.bench_speed --model medium --lengths 4096 32768 --json bench.json --plot bench.png
-    python -m evaluation.bench_speed --from-json bench.json --plot bench.png   # plot figures measured earlier
+    python -m evaluation.bench.speed                       # tiny model, 4k-32k tokens
+    python -m evaluation.bench.speed --model medium --lengths 4096 32768 --json bench.json --plot bench.png
+    python -m evaluation.bench.speed --from-json bench.json --plot bench.png   # plot figures measured earlier
 
 Models are built from configs (random weights: speed does not depend on them). For every context length the
 methods run interleaved (one round = every method once) after a warm-up round, and the table reports medians
@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -37,7 +36,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kvpress_compose import QUERY_SOURCES, ComposePress
 from kvpress_compose.replay import activation_values_per_token, replay_chunk_size
 
-from .fidelity import prefill
+from ..metrics.fidelity import prefill
+from ..model_zoo.toy_models import SHIPPED_MODEL
 
 MODELS = {
     "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -59,7 +59,7 @@ TIME_TARGETS_8B = {"compose[prefill]": 1.05, "compose[bidirectional]": 1.10}
 REPLAY_FLOOR_TOLERANCE = 1.05
 REPLAYS = ("compose[replay]", "compose[replay_local]")  # each checked against KVzipPress, which also re-feeds
 TARGETED = (*TIME_TARGETS, "compose[replay_local]")
-KVZIP_TOKENIZER = Path(__file__).parent / "models" / "retrieval-llama"  # KVzipPress loads one from name_or_path
+KVZIP_TOKENIZER = SHIPPED_MODEL  # KVzipPress loads one from name_or_path
 MMAP_THRESHOLD_BYTES = 64 * 1024  # glibc: blocks this large get their own mapping, returned to the system when freed
 EXTRA_MEMORY_TARGET = 0.25  # peak extra memory over the plain prefill's, as a fraction of the full KV cache
 SPEEDUP_TARGET = 20.0  # against kvpress's KVComposePress at 8k tokens
@@ -129,7 +129,7 @@ def probe_peak_memory(args, method: str, length: int) -> int:
     above the level just before the run). A fixed mmap threshold keeps glibc from holding freed tensors in
     its heap (its default threshold rises after the first large free), so the peak follows the bytes of live
     tensors: repeated probes agree within about 0.5 MB, where the default allocator varied by 50 MB."""
-    command = [sys.executable, "-m", "evaluation.bench_speed", "--memory-probe", method, "--model", args.model,
+    command = [sys.executable, "-m", "evaluation.bench.speed", "--memory-probe", method, "--model", args.model,
                "--lengths", str(length), "--ratio", str(args.ratio), "--device", args.device,
                "--threads", str(torch.get_num_threads())]
     if args.dtype:

@@ -114,10 +114,30 @@ def resampled_averages(
     return np.mean(per_task, axis=0) * 100
 
 
-def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """The central ``level`` percentile interval of bootstrap ``replicates``, rounded to 4 decimals."""
+def percentile_bounds(replicates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap ``replicates``."""
     low, high = np.percentile(replicates, [50 * (1 - level), 50 * (1 + level)])
-    return round(float(low), 4), round(float(high), 4)
+    return float(low), float(high)
+
+
+def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """:func:`percentile_bounds`, rounded to 4 decimals."""
+    low, high = percentile_bounds(replicates, level)
+    return round(low, 4), round(high, 4)
+
+
+def bootstrap_mean_interval(values, n_resamples: int = 2000, level: float = 0.95,
+                            seed: int = 0) -> tuple[float, float]:
+    """Central ``level`` percentile bootstrap interval of the mean of ``values`` (one per context, e.g. the
+    decoding benchmark's figures): each of ``n_resamples`` resamples draws ``len(values)`` values with
+    replacement. Not rounded (the caller rounds each figure to its own digits)."""
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError(f"values must be a non-empty 1-d sequence (one per context), got shape {values.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    drawn = np.random.default_rng(seed).integers(0, len(values), size=(n_resamples, len(values)))
+    return percentile_bounds(values[drawn].mean(axis=1), level)
 
 
 def bootstrap_interval(

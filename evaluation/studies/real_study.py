@@ -1,12 +1,12 @@
 """The study on a real pretrained model: RULER's tasks, written in the model's own tokens.
 
-    python -m evaluation.study --model smollm2-135m                       # 2048 tokens -> docs/study-smollm2-135m-2048/
-    python -m evaluation.study --model smollm2-135m --tier screen         # step 2 only
-    python -m evaluation.study --model smollm2-135m --tier claims &       # two processes share two cores:
-    python -m evaluation.study --model smollm2-135m --tier claims &       # each claims the next run not taken
-    python -m evaluation.study --model smollm2-135m --tokens 4096 --contexts 5    # the leaders at 4096, smaller
+    python -m evaluation.studies --model smollm2-135m                       # 2048 tokens -> docs/study-smollm2-135m-2048/
+    python -m evaluation.studies --model smollm2-135m --tier screen         # step 2 only
+    python -m evaluation.studies --model smollm2-135m --tier claims &       # two processes share two cores:
+    python -m evaluation.studies --model smollm2-135m --tier claims &       # each claims the next run not taken
+    python -m evaluation.studies --model smollm2-135m --tokens 4096 --contexts 5    # the leaders at 4096, smaller
 
-1. **Data**: RULER's synthetic tasks (:mod:`evaluation.ruler`) of ``--tokens`` tokens of the model's tokenizer,
+1. **Data**: RULER's synthetic tasks (:mod:`evaluation.tasks.ruler`) of ``--tokens`` tokens of the model's tokenizer,
    ``--contexts`` contexts per task, seed :data:`STUDY_SEED`, in ``evaluation/data/ruler-<model>-<tokens>/``.
 2. **Screening**: ``no_press`` on the first ``--screen-contexts`` contexts of every task. A task where the
    uncompressed model scores under ``--min-accuracy`` (40%) cannot tell presses apart: it is shown in the report
@@ -18,7 +18,7 @@
    run at the other ratios (:func:`eliminated`; the baseline and the :data:`FLOORS` always run).
    **Field tier**: every press of the registry at ``--ratios`` on ``--field-contexts`` contexts per task.
 
-Runs are resumable and archived exactly as :mod:`evaluation.study`'s (``--docs``/runs/); the report is rewritten
+Runs are resumable and archived exactly as the toy study's (:mod:`evaluation.studies.core`) (``--docs``/runs/); the report is rewritten
 after every run, so it always shows what has finished. Several processes may run the same tiers at once: each takes
 the next run that no live process has claimed (a ``.claimed`` file in the run's folder holding its process id and
 start time; a claim with the id alone, from an earlier version, is honoured while that id runs).
@@ -36,21 +36,22 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data
-from .real_models import REAL_MODELS
-from .ruler import RULER_TASKS, check_ruler_dataset
-from .run import RunConfig, ratio_label, read_result, run
-from .study import (
+from ..model_zoo.real_models import REAL_MODELS
+from ..runner.presses import BASELINE
+from ..runner.run import RunConfig, ratio_label, read_result, run
+from ..tasks import dataset_files
+from ..tasks.ruler import RULER_TASKS, check_ruler_dataset
+from .core import (
     STUDY_SEED,
     archive_run,
     done,
     field_presses,
-    run_table,
     restore_run,
+    run_table,
     study_plan,
     write_report,
 )
-from .sweep import BASELINE, markdown
+from .report import markdown
 
 CLAIM_RATIOS = (0.5, 0.75, 0.9)
 FIELD_RATIOS = (0.25, 0.5, 0.75, 0.9)
@@ -86,7 +87,7 @@ FLOORS = (BASELINE, "compose_replay", "kvzip", "snapkv")
 
 
 def dataset_dir(model: str, n_tokens: int) -> Path:
-    return data.DEFAULT_DATA_ROOT / f"ruler-{model}-{n_tokens}"
+    return dataset_files.DEFAULT_DATA_ROOT / f"ruler-{model}-{n_tokens}"
 
 
 def write_data(model: str, data_dir: Path, n_tokens: int, n_contexts: int) -> None:
@@ -95,8 +96,8 @@ def write_data(model: str, data_dir: Path, n_tokens: int, n_contexts: int) -> No
         return
     from transformers import AutoTokenizer
 
-    from .real_models import resolve_model
-    from .ruler import write_ruler_dataset
+    from ..model_zoo.real_models import resolve_model
+    from ..tasks.ruler import write_ruler_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     write_ruler_dataset(data_dir, tokenizer, n_tokens, n_contexts, seed=STUDY_SEED)
@@ -121,16 +122,16 @@ def screening(config: RunConfig, min_accuracy: float) -> tuple[dict[str, float],
 def eligible_dataset(data_dir: Path, tasks: list[str]) -> Path:
     """A copy of ``data_dir`` holding ``tasks`` only (their files, byte for byte), beside it."""
     target = data_dir.with_name(f"{data_dir.name}-eligible")
-    wanted = {data.task_file(target, task).name for task in tasks}
+    wanted = {dataset_files.task_file(target, task).name for task in tasks}
     target.mkdir(parents=True, exist_ok=True)
     for stale in target.glob("test-*.jsonl"):
         if stale.name not in wanted:
             stale.unlink()
     for task in tasks:
-        source = data.task_file(data_dir, task)
-        if not data.task_file(target, task).is_file() or \
-                data.task_file(target, task).read_bytes() != source.read_bytes():
-            shutil.copyfile(source, data.task_file(target, task))
+        source = dataset_files.task_file(data_dir, task)
+        if not dataset_files.task_file(target, task).is_file() or \
+                dataset_files.task_file(target, task).read_bytes() != source.read_bytes():
+            shutil.copyfile(source, dataset_files.task_file(target, task))
     return target
 
 
@@ -270,7 +271,7 @@ def screening_section(scores: dict[str, float], eligible: list[str], n_contexts:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.study --model <real model>", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m evaluation.studies --model <real model>", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(REAL_MODELS))
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per context, in the model's tokenizer")
@@ -348,3 +349,7 @@ def main(argv: list[str] | None = None) -> Path:
     path = report()
     print(f"report: {path}")
     return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Benchmarks: prefill speed and memory, and decoding-time compression."""
