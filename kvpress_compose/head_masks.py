@@ -35,12 +35,12 @@ def restore_masks(module: nn.Module, args: tuple, kwargs: dict) -> None:
     try:
         record = MASKS.get(cache)
     except TypeError:  # not weak-referenceable: never recorded
-        return None
+        return
     if record is None:
-        return None
+        return
     context_length, masks = record
     if cache.get_seq_length(module.layer_idx) < context_length:  # cropped or reset: the masked context is gone
         del MASKS[cache]
-        return None
+        return
     module.masked_key_indices = masks.get(module.layer_idx)
-    return None
+    return

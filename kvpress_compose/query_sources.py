@@ -252,7 +252,7 @@ def tokenizer_repeat_prompt(model_path: str | None) -> RepeatPrompt:
     process: a folder whose tokenizer is rewritten meanwhile keeps the first prompt (give ``replay_prompt_ids``)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except Exception as error:  # noqa: BLE001 - any failure means the same: no tokenizer to build it from
+    except Exception as error:
         raise ValueError(
             f"query_source='replay_prompted' builds its repeat prompt with the model's tokenizer, which could not be "
             f"loaded from the model's name_or_path {model_path!r} ({type(error).__name__}: {error}): give "

@@ -64,9 +64,8 @@ def compressed_prefill(model, seed=1):
 def test_a_press_in_use_on_one_model_is_refused_on_another_and_keeps_compressing_the_first():
     first, second, press = tiny_model(), tiny_model(seed=1), ComposePress(0.5, query_source="prefill")
     with press(first):
-        with pytest.raises(RuntimeError, match="already in use on a LlamaForCausalLM"):
-            with press(second):
-                pass
+        with pytest.raises(RuntimeError, match="already in use on a LlamaForCausalLM"), press(second):
+            pass
         assert compressed_prefill(first) == N_KEPT
     assert compressed_prefill(second) == 3 * 40  # never attached
 
@@ -74,9 +73,8 @@ def test_a_press_in_use_on_one_model_is_refused_on_another_and_keeps_compressing
 def test_a_press_re_entered_on_its_model_is_refused_and_the_outer_block_keeps_compressing():
     model, press = tiny_model(), ComposePress(0.5, query_source="prefill")
     with press(model):
-        with pytest.raises(RuntimeError, match="already in use"):
-            with press(model):
-                pass
+        with pytest.raises(RuntimeError, match="already in use"), press(model):
+            pass
         assert compressed_prefill(model) == N_KEPT
     assert compressed_prefill(model) == 3 * 40  # detached at the outer block's exit
 

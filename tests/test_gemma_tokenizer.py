@@ -5,6 +5,7 @@ Gemma-3-270M GGUF when it has been assembled (``python -m evaluation.model_zoo.r
 """
 
 import random
+from itertools import pairwise
 
 import pytest
 
@@ -96,7 +97,7 @@ def sentencepiece_bpe(text, pieces, scores, types):
         position += len(match) if match else 1
     while True:
         candidates = [(normal[left + right], -index) for index, ((left, a), (right, b))
-                      in enumerate(zip(symbols, symbols[1:])) if not a and not b and left + right in normal]
+                      in enumerate(pairwise(symbols)) if not a and not b and left + right in normal]
         if not candidates:
             break
         index = -max(candidates)[1]

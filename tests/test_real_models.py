@@ -25,9 +25,9 @@ from evaluation.model_zoo.real_models import (
 )
 
 gguf = pytest.importorskip("gguf")
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
-from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
-from transformers.utils import logging as transformers_logging  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.utils import logging as transformers_logging
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 32, 2, 4, 2, 48
 HEAD_DIM = HIDDEN // HEADS

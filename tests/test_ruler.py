@@ -17,11 +17,11 @@ from transformers import PreTrainedTokenizerFast
 
 pytest.importorskip("wonderwords")
 
-from evaluation.metrics.accuracy import string_match_all  # noqa: E402
-from evaluation.tasks import ruler  # noqa: E402
-from evaluation.tasks.dataset_files import load_rows  # noqa: E402
-from evaluation.tasks.ruler import NIAH, RULER_TASKS, write_ruler_dataset  # noqa: E402
-from evaluation.tasks.ruler_prose import split_sentences  # noqa: E402
+from evaluation.metrics.accuracy import string_match_all
+from evaluation.tasks import ruler
+from evaluation.tasks.dataset_files import load_rows
+from evaluation.tasks.ruler import NIAH, RULER_TASKS, write_ruler_dataset
+from evaluation.tasks.ruler_prose import split_sentences
 
 N_TOKENS, N_CONTEXTS = 2048, 2
 ROWS_PER_CONTEXT = {

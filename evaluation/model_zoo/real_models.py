@@ -261,7 +261,7 @@ def converted_model(name: str, quiet: bool = False) -> Path:
     if name == "gemma3-270m":
         from .gemma_tokenizer import fixed_gemma_tokenizer
 
-        fix = lambda tokenizer: fixed_gemma_tokenizer(gguf_path, tokenizer)  # noqa: E731
+        fix = lambda tokenizer: fixed_gemma_tokenizer(gguf_path, tokenizer)
     elif name.startswith("qwen"):
         fix = end_turn_with("<|im_end|>")
     convert_gguf(gguf_path, out_dir, fix, model.sha256)

@@ -36,9 +36,15 @@ from kvpress import KVzipPress
 from transformers import DynamicCache
 
 from kvpress_compose import ComposePress
-from kvpress_compose.compression import (
-    compute_n_kept, head_budgets, post_processed, rank_tokens, stack_layer_scores, with_sinks_kept)
 from kvpress_compose.attention_scores import finish_scores
+from kvpress_compose.compression import (
+    compute_n_kept,
+    head_budgets,
+    post_processed,
+    rank_tokens,
+    stack_layer_scores,
+    with_sinks_kept,
+)
 from kvpress_compose.query_sources import QuerySource
 
 DATA = Path("/work/wt-study/evaluation/data/ruler-qwen2.5-0.5b-2048")
@@ -133,7 +139,7 @@ def compose_kept(stat: torch.Tensor, ratio: float = 0.75, agg_task: str = "max",
     scores = with_sinks_kept(scores, valid, press.n_sink)
     if not press.structured:
         processed = post_processed(list(scores), None, list(range(n_layers)), valid, press.compression_settings())
-        sorted_scores, order = rank_tokens(processed)
+        sorted_scores, _ = rank_tokens(processed)
         press.last_budgets = head_budgets(sorted_scores, ratio, press.min_tokens_per_layer,
                                           per_layer=press.layer_allocation == "uniform")
         return kept_of(press, n)

@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     if not args.report_only and args.tier != "screen":
         tiers = ["claims", "field"] if args.tier == "all" else [args.tier]
-        for tier, config in tqdm([(tier, config) for tier in tiers for config in plan[tier]], desc="study runs"):
+        for tier, config in tqdm([(name, config) for name in tiers for config in plan[name]], desc="study runs"):
             if done([config]) or (tier == "claims" and config in runs_left_out(plan["claims"])) or not claim(config):
                 continue
             run(config)

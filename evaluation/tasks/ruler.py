@@ -58,10 +58,10 @@ import random
 import re
 import string
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -191,7 +191,7 @@ def word_lists() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
 @lru_cache(maxsize=1)
 def cwe_words() -> tuple[str, ...]:
     """RULER's cwe pool: the sorted distinct nouns, adjectives and verbs."""
-    return tuple(sorted(set(word for words in word_lists() for word in words)))
+    return tuple(sorted({word for words in word_lists() for word in words}))
 
 
 def random_needle_item(kind: str, rng: random.Random) -> str:
