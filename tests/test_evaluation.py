@@ -535,6 +535,8 @@ def test_human_title_names_model_tasks_and_sample():
     assert title == "SmolLM2-135M-Instruct · ruler-niah (3 tasks) · 2 contexts per task"
     assert human_title("smollm2-135m", "ruler-smollm2-135m-2048-eligible", 3, 10, "leaders") == (
         "SmolLM2-135M-Instruct · RULER at 2048 tokens (3 tasks) · 10 contexts per task · leaders")
+    assert human_title("smollm2-135m", "ruler-smollm2-135m-1024-c2-niah_multikey_1+niah_multiquery", 2, None) == (
+        "SmolLM2-135M-Instruct · RULER at 1024 tokens (2 tasks) · every context")  # the main job's data
     assert human_title("org/model", "d", 5, None, "leaders") == "org/model · d (5 tasks) · every context · leaders"
     assert human_title("org/model", "d", 2, None, sample="4 contexts, 16 questions") == (
         "org/model · d (2 tasks) · 4 contexts, 16 questions")

@@ -235,7 +235,7 @@ def accuracy_figure(table: pd.DataFrame, title: str) -> Figure:
     if same:
         note = "same curve: " + "; ".join(" = ".join(presses) for presses in same)
         figure.text(0.01, 0.01, note, fontsize="small", wrap=True)
-    legend_share = 0.2 if with_memory else 0.28
+    legend_share = 0.1 if with_memory else 0.2
     figure.tight_layout(rect=(0, 0.05 if same else 0, 1 - legend_share, 1))
     return figure
 
@@ -253,9 +253,9 @@ def display_name(model: str) -> str:
 
 
 def data_label(data: str) -> str:
-    """A dataset as a person names it: the real-model study's ``ruler-<model>-<tokens>[-eligible]`` folders as
+    """A dataset as a person names it: the study's ``ruler-<model>-<tokens>[-eligible]`` and the main job's ``...-c<n>-<tasks>`` folders as
     "RULER at <tokens> tokens", any other by its folder name."""
-    match = re.fullmatch(r"ruler-.+-(\d+)(-eligible)?", data)
+    match = re.fullmatch(r"ruler-.+?-(\d+)(-eligible|-c\d+-[a-z0-9_+]+)?", data)
     return f"RULER at {match.group(1)} tokens" if match else data
 
 
