@@ -11,12 +11,11 @@ from kvpress.presses.base_press import is_prefilling
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, QuantizedCache
 
-from kvpress_compose.compose_press import ComposePress
+from kvpress_compose.compose_press import ComposePress, positive_int_setting
+from kvpress_compose.layer_masks import layer_windows
 from kvpress_compose.model_attachment import language_model_of
 from kvpress_compose.query_sources import QuerySource
 from kvpress_compose.replay import ReplayCache
-from kvpress_compose.settings import positive_int_setting
-from kvpress_compose.windowed_layers import layer_windows
 
 
 @dataclass

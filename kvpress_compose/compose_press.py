@@ -5,12 +5,14 @@ The press holds its settings and its last results; while it is in use on a model
 A prefill goes: the attachment's pre-hook asks :meth:`ComposePress.prefill_for` for a run and its query source;
 each attention layer's kvpress hook (:meth:`ComposePress.forward_hook`) has the source score that layer; when
 the decoder call returns, :meth:`ComposePress.compress_prefill` finishes the source (the replay pass) and runs
-the algorithm of :mod:`kvpress_compose.compression` on the cache.
+the algorithm of :mod:`kvpress_compose.compression` on the cache. Every setting is checked whenever it is set
+(:data:`SETTINGS`, at the end of this file).
 """
 
 from __future__ import annotations
 
 import logging
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -20,19 +22,26 @@ from kvpress import BasePress, ScorerPress
 from torch import nn
 from transformers import PreTrainedModel
 
-from kvpress_compose import attention_lse
-from kvpress_compose.cache_gather import layer_states
+from kvpress_compose.attention_scores import AGGREGATIONS, install_lse_capture
 from kvpress_compose.compression import (
+    ALLOCATIONS,
+    AUTO,
     Compressed,
     CompressionSettings,
     check_cache_unchanged,
     compress,
     compute_n_kept,
+    layer_states,
     mask_unstructured,
     resolved_allocation,
 )
 from kvpress_compose.head_masks import install_head_mask_hooks
-from kvpress_compose.layer_masks import install_layer_mask_hooks, refuse_assisted_generation
+from kvpress_compose.layer_masks import (
+    install_layer_mask_hooks,
+    layers_to_compress,
+    record_window,
+    refuse_assisted_generation,
+)
 from kvpress_compose.model_attachment import (
     DecoderAttachment,
     check_context_length,
@@ -45,9 +54,7 @@ from kvpress_compose.model_attachment import (
     refuse_unstructured,
 )
 from kvpress_compose.prefill_run import PREFILL, SCORED, PrefillRun, prefill_inputs
-from kvpress_compose.query_sources import QuerySource, Scoring, query_source_for, repeat_prompt_from
-from kvpress_compose.settings import SETTINGS, check_combination
-from kvpress_compose.windowed_layers import layers_to_compress, record_window
+from kvpress_compose.query_sources import QUERY_SOURCES, QuerySource, Scoring, query_source_for, repeat_prompt_from
 
 logger = logging.getLogger(__name__)  # users filter on its name, kvpress_compose.compose_press
 
@@ -142,7 +149,7 @@ class ComposePress(BasePress):
     On a model with sliding-window or chunked-attention layers (Gemma 3, Qwen2 with ``max_window_layers``,
     Llama 4), only the full-attention layers are compressed and ``compression_ratio`` is a fraction of their
     entries. Where every layer is windowed (Mistral), the layers are compressed while the context fits the window
-    and a longer context is refused (:mod:`kvpress_compose.windowed_layers`).
+    and a longer context is refused (:mod:`kvpress_compose.layer_masks`).
 
     After each prefill, ``last_budgets`` holds what each compressed layer kept (``(layers,)`` composite tokens,
     or ``(batch, layers, kv_heads)`` tokens when ``structured=False``), ``last_layers`` which layers those are,
@@ -250,7 +257,7 @@ class ComposePress(BasePress):
         attention_modules = [layer.self_attn for layer in language_model.layers]
         if not self.structured:
             refuse_unstructured(model)
-        attention_lse.install()
+        install_lse_capture()
         install_layer_mask_hooks(language_model, attention_modules)
         if not self.structured:
             install_head_mask_hooks(attention_modules)
@@ -388,4 +395,130 @@ class ComposePress(BasePress):
             f"{result.n_kept}, compression_ratio={self.compression_ratio}); per layer: {budgets}"
             + (f" (layers {result.layers}; the others are windowed, left as they are)"
                if len(result.layers) < len(cache.layers) else "")
+        )
+
+
+# -- each setting's check (SETTINGS), run whenever a setting is set: it takes the setting's name (for the error) and
+# the value, and returns the value to store (numpy numbers become Python ones) or raises a ValueError / TypeError
+# naming the setting and what was expected ----------------------------------------------------------------------
+
+def fraction_setting(include_one: bool):
+    """A real number in [0, 1) (a compression ratio), or in [0, 1] with ``include_one``."""
+    interval = "[0, 1]" if include_one else "[0, 1)"
+
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        value = float(value)
+        if not (0 <= value <= 1 if include_one else 0 <= value < 1):  # NaN fails too
+            raise ValueError(f"{name} must be in {interval}, got {value}")
+        return value
+
+    return check
+
+
+ratio_setting = fraction_setting(include_one=False)
+
+
+def positive_int_setting(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def non_negative_int_setting(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def odd_positive_int_setting(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or value % 2 == 0:
+        raise ValueError(f"{name} must be an odd int >= 1 (a window centred on each token), got {value!r}")
+    return int(value)
+
+
+def token_ids_setting(name, value):
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of token ids (ints) or None, got {type(value).__name__}")
+    value = tuple(value)
+    if not value or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ValueError(f"{name} must be a non-empty sequence of token ids (ints >= 0), got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def optional_positive_int_setting(name, value):
+    return None if value is None else positive_int_setting(name, value)
+
+
+def bool_setting(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def choice_setting(choices):
+    def check(name, value):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
+def scorer_setting(name, value):
+    if value is not None and not isinstance(value, ScorerPress):
+        raise TypeError(f"{name} must be a kvpress ScorerPress, got {type(value).__name__}")
+    return value
+
+
+SETTINGS = {
+    "compression_ratio": ratio_setting,
+    "query_source": choice_setting(QUERY_SOURCES),
+    "structured": bool_setting,
+    "layer_allocation": choice_setting((AUTO, *ALLOCATIONS)),
+    "composite_tokens": bool_setting,
+    "scorer": scorer_setting,
+    "agg_task": choice_setting(AGGREGATIONS),
+    "agg_group": choice_setting(AGGREGATIONS),
+    "agg_head": choice_setting(AGGREGATIONS),
+    "add_v_norm": bool_setting,
+    "add_mean_across_heads": bool_setting,
+    "score_pooling": odd_positive_int_setting,
+    "min_tokens_per_layer": positive_int_setting,
+    "n_sink": non_negative_int_setting,
+    "layer_floor": fraction_setting(include_one=True),
+    "replay_prompt_ids": token_ids_setting,
+    "score_block_size": optional_positive_int_setting,
+}
+
+
+def check_combination(press) -> None:
+    """Settings that depend on each other, checked together once ``press`` is constructed and whenever one of
+    them changes."""
+    allocation = ALLOCATIONS["global" if press.layer_allocation == AUTO else press.layer_allocation]
+    if not press.structured and (not allocation.serves_unstructured or not press.composite_tokens
+                                 or press.layer_floor > 0):
+        raise ValueError(
+            "structured=False ranks every head's tokens on their own, against one budget per layer "
+            "(layer_allocation='uniform') or one for the whole model ('global'): layer_allocation="
+            "'global_normalized' or 'shared', layer_floor and composite_tokens=False apply to the structured press "
+            "only"
+        )
+    if press.query_source == "prefill_seen" and press.agg_task != "mean":
+        raise ValueError(
+            "query_source='prefill_seen' averages over the queries that saw each key: it needs agg_task='mean', got "
+            f"agg_task={press.agg_task!r} (set agg_task='mean' first when changing both after construction)"
+        )
+    if press.replay_prompt_ids is not None and (press.query_source != "replay_prompted" or press.scorer is not None):
+        using = f"a scorer ({type(press.scorer).__name__})" if press.scorer is not None else \
+            f"query_source={press.query_source!r}"
+        raise ValueError(
+            f"replay_prompt_ids are fed only by query_source='replay_prompted' (without a scorer, which replaces the "
+            f"query source), and this press scores with {using}: they would be ignored. Leave replay_prompt_ids unset, "
+            "or use query_source='replay_prompted'"
         )

@@ -18,9 +18,9 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, QuantizedCache
 
 from kvpress_compose.compression import compute_n_kept
+from kvpress_compose.layer_masks import layer_windows, local_attention_span
 from kvpress_compose.prefill_run import SCORED, Decoder, PrefillRun, decoder_arguments, fed_tokens
 from kvpress_compose.query_sources import QuerySource
-from kvpress_compose.windowed_layers import layer_windows, local_attention_span
 
 START_LOCK = threading.Lock()  # one thread at a time checks for, and starts, a prefill
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kvpress_compose.attention_lse import LseCapture
+from kvpress_compose.attention_scores import LseCapture
 
 # phases: the prefill's own layers run and are scored; then every layer is scored (compression waits for the
 # decoder's end, when the prefill's activations are gone)

@@ -22,18 +22,17 @@ from kvpress import ScorerPress
 from torch import nn
 from transformers import AutoTokenizer
 
-from kvpress_compose import attention_lse
-from kvpress_compose.attention_lse import LseCapture
 from kvpress_compose.attention_scores import (
+    LseCapture,
     aggregate,
     attention_statistics,
+    bidirectional_lse,
     finish_scores,
     merge_statistics,
     query_blocks,
     statistics_from_lse,
 )
-from kvpress_compose.cache_gather import full_cache_bytes, layer_states
-from kvpress_compose.compression import check_cache_unchanged
+from kvpress_compose.compression import check_cache_unchanged, full_cache_bytes, layer_states
 from kvpress_compose.prefill_run import PrefillInputs, PrefillRun
 from kvpress_compose.replay import ReplayCache, run_replay
 
@@ -125,7 +124,7 @@ class BidirectionalPrefill(CausalPrefill):
     causal_offset = None
 
     def log_sum_exp(self, captured, run) -> torch.Tensor:
-        return attention_lse.bidirectional_lse(captured, run.inputs.valid)
+        return bidirectional_lse(captured, run.inputs.valid)
 
 
 class Replay(QuerySource):

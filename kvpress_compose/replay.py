@@ -4,7 +4,7 @@
 original context entries plus the re-fed tokens seen so far, which only the replay cache holds, so the real
 cache never keeps them. The context is re-fed in chunks, and the re-fed keys and values of earlier chunks (as
 large as the cache, by the last chunk) are kept for the later ones. Where attention is sure to run as the
-unmasked split of :mod:`kvpress_compose.attention_lse` (sdpa on CPU, no padding), no mask is built (a zero-size
+unmasked split of :mod:`kvpress_compose.attention_scores` (sdpa on CPU, no padding), no mask is built (a zero-size
 placeholder stands in for transformers' own), so a chunk is bounded by one layer's activations over it, not by
 its O(chunk x context) mask: fewer, larger chunks, each of which re-copies the context keys. Where moreover the
 KV cache outweighs one layer's activations (:func:`single_pass_saves_memory`), the context is re-fed in one
@@ -23,8 +23,8 @@ from torch import nn
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from kvpress_compose.attention_lse import LseCapture
-from kvpress_compose.cache_gather import full_cache_bytes, layer_states
+from kvpress_compose.attention_scores import LseCapture
+from kvpress_compose.compression import full_cache_bytes, layer_states
 from kvpress_compose.prefill_run import PrefillInputs
 
 MIN_REPLAY_CHUNK, MAX_REPLAY_CHUNK = 256, 2048  # fewer chunks: each re-copies the context keys

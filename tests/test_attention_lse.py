@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvpress_compose import ComposePress, attention_lse, query_sources
+from kvpress_compose import ComposePress, attention_scores, query_sources
 from tests.models import prefill, quantized_cache, random_ids, tiny_model
 
 
@@ -20,10 +20,10 @@ def test_wrapped_sdpa_matches_sdpa_and_returns_the_log_sum_exp():
     visible = torch.ones(9, 9, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
     visible[1, :, :, :3] = False  # row 1: three padding keys (its first three queries see nothing)
     module = Attention()
-    wrapped = attention_lse.wrap_sdpa(sdpa_attention_forward)
+    wrapped = attention_scores.wrap_sdpa(sdpa_attention_forward)
     for mask in (None, visible):
         expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
-        capture = attention_lse.LseCapture([module]).__enter__()
+        capture = attention_scores.LseCapture([module]).__enter__()
         output, _ = wrapped(module, query, key, value, mask, scaling=0.3)
         torch.testing.assert_close(output, expected, atol=1e-6, rtol=1e-5)
         logits = 0.3 * query @ key.repeat_interleave(2, dim=1).transpose(-1, -2)
@@ -36,7 +36,7 @@ def test_wrapped_sdpa_matches_sdpa_and_returns_the_log_sum_exp():
         assert attended_keys is key and attended_queries is query and scale == 0.3
         assert capture.take(module, 2, 9) is None  # taken once
         capture.__exit__(None, None, None)
-        assert module not in attention_lse.ACTIVE_CAPTURES
+        assert module not in attention_scores.ACTIVE_CAPTURES
 
 
 KERNEL_CASES = [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)]  # dtype, kernel has GQA
@@ -47,12 +47,12 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 def test_prefix_and_causal_attention_equals_masked_attention(dtype, kernel_has_gqa, monkeypatch):
     """The replay pass's attention as two unmasked calls: every query sees 7 prefix keys, then 5 keys causally
     (torch < 2.9 has no GQA in the kernel: the keys are repeated)."""
-    monkeypatch.setattr(attention_lse, "KERNEL_HAS_GQA", kernel_has_gqa)
+    monkeypatch.setattr(attention_scores, "KERNEL_HAS_GQA", kernel_has_gqa)
     torch.manual_seed(0)
     query, key, value = (torch.randn(shape).to(dtype) for shape in [(2, 4, 5, 8), (2, 2, 12, 8), (2, 2, 12, 8)])
     visible = torch.ones(5, 12, dtype=torch.bool)
     visible[:, 7:] = torch.ones(5, 5, dtype=torch.bool).tril()
-    output, lse = attention_lse.prefix_and_causal_attention(query, key, value, 7, scale=0.3)
+    output, lse = attention_scores.prefix_and_causal_attention(query, key, value, 7, scale=0.3)
     expected, _ = sdpa_attention_forward(Attention(), query, key, value, visible[None, None].expand(2, 1, 5, 12),
                                          scaling=0.3)
     assert output.dtype == dtype
@@ -67,7 +67,7 @@ def test_prefix_and_causal_attention_equals_masked_attention(dtype, kernel_has_g
 @pytest.mark.parametrize(("dtype", "kernel_has_gqa"), KERNEL_CASES)
 def test_bidirectional_lse_is_the_log_sum_exp_over_every_valid_key(own_key_dominates, dtype, kernel_has_gqa,
                                                                   monkeypatch):
-    monkeypatch.setattr(attention_lse, "KERNEL_HAS_GQA", kernel_has_gqa)
+    monkeypatch.setattr(attention_scores, "KERNEL_HAS_GQA", kernel_has_gqa)
     torch.manual_seed(0)
     queries, keys = torch.randn(2, 4, 30, 8).to(dtype), torch.randn(2, 2, 30, 8).to(dtype)
     if own_key_dominates:  # later keys add almost nothing next to a query's own key: the subtraction's worst case
@@ -76,8 +76,8 @@ def test_bidirectional_lse_is_the_log_sum_exp_over_every_valid_key(own_key_domin
     key_valid[1, :4] = key_valid[1, -3:] = False  # left and right padding on row 1
     logits = 0.3 * queries.float() @ keys.float().repeat_interleave(2, dim=1).transpose(-1, -2)
     causal = logits.masked_fill(torch.ones(30, 30, dtype=torch.bool).triu(1) | ~key_valid[:, None, None], float("-inf"))
-    captured = attention_lse.Captured(causal.logsumexp(dim=-1), queries, keys, 0.3)
-    lse = attention_lse.bidirectional_lse(captured, key_valid)
+    captured = attention_scores.Captured(causal.logsumexp(dim=-1), queries, keys, 0.3)
+    lse = attention_scores.bidirectional_lse(captured, key_valid)
     expected = logits.masked_fill(~key_valid[:, None, None], float("-inf")).logsumexp(dim=-1)
     queries_valid = key_valid[:, None].expand(2, 4, 30)
     tolerance = TOLERANCE[dtype]
@@ -86,10 +86,10 @@ def test_bidirectional_lse_is_the_log_sum_exp_over_every_valid_key(own_key_domin
 
 def test_wrapped_sdpa_passes_through_when_not_capturing_or_when_the_causal_mask_is_implicit_and_not_square():
     module = Attention()
-    wrapped = attention_lse.wrap_sdpa(lambda *args, **kwargs: ("original", args[5], kwargs))
+    wrapped = attention_scores.wrap_sdpa(lambda *args, **kwargs: ("original", args[5], kwargs))
     query, key = torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 5, 8)
     assert wrapped(module, query, key, key, None, 0.0, scaling=2.0) == ("original", 0.0, {"scaling": 2.0})
-    with attention_lse.LseCapture([module]) as capture:
+    with attention_scores.LseCapture([module]) as capture:
         assert wrapped(module, query, key, key, None, 0.0)[0] == "original"  # top-left causal would be wrong
         assert module not in capture.captured
 
@@ -99,13 +99,13 @@ def scores_and_lse_calls(attn, ids, monkeypatch, attention_mask=None, **press_kw
     original = query_sources.statistics_from_lse
     monkeypatch.setattr(query_sources, "statistics_from_lse",
                         lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
-    original_split = attention_lse.prefix_and_causal_attention
-    monkeypatch.setattr(attention_lse, "prefix_and_causal_attention",
+    original_split = attention_scores.prefix_and_causal_attention
+    monkeypatch.setattr(attention_scores, "prefix_and_causal_attention",
                         lambda *args, **kwargs: split_calls.append(1) or original_split(*args, **kwargs))
     model = tiny_model(attn=attn)
     press = ComposePress(compression_ratio=0.5, add_mean_across_heads=False, **press_kwargs)
     prefill(model, ids, press, attention_mask=attention_mask)
-    assert not any(layer.self_attn in attention_lse.ACTIVE_CAPTURES for layer in model.model.layers)
+    assert not any(layer.self_attn in attention_scores.ACTIVE_CAPTURES for layer in model.model.layers)
     assert not press.in_prefill
     return press.last_scores, len(calls), len(split_calls)
 
@@ -168,20 +168,20 @@ def test_an_error_inside_composed_press_leaves_no_capture_behind():
     press = ComposePress(compression_ratio=0.5, query_source="prefill", min_tokens_per_layer=100)
     with pytest.raises(ValueError, match="min_tokens_per_layer"):
         prefill(model, random_ids(1, 50), ComposedPress([press]))
-    assert not any(layer.self_attn in attention_lse.ACTIVE_CAPTURES for layer in model.model.layers)
+    assert not any(layer.self_attn in attention_scores.ACTIVE_CAPTURES for layer in model.model.layers)
     assert press._attachment is None and not press.in_prefill
     with torch.no_grad():
         model(random_ids(1, 20))
-    assert not any(layer.self_attn in attention_lse.ACTIVE_CAPTURES for layer in model.model.layers)
+    assert not any(layer.self_attn in attention_scores.ACTIVE_CAPTURES for layer in model.model.layers)
 
 
 def test_attention_that_would_read_a_placeholder_mask_raises():
     """In a single-pass replay the mask is a placeholder: a call that does not take the split must fail."""
-    wrapped = attention_lse.wrap_sdpa(lambda *args, **kwargs: "original")
+    wrapped = attention_scores.wrap_sdpa(lambda *args, **kwargs: "original")
     query, key = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 6, 8)
     placeholder = torch.ones((), dtype=torch.bool).expand(1, 1, 3, 6)
     module = Attention()
-    with attention_lse.LseCapture([module]) as capture:
+    with attention_scores.LseCapture([module]) as capture:
         capture.declare_visible_prefix(2, mask_ignored=True)  # 6 - 2 != 3 queries: no split
         with pytest.raises(RuntimeError, match="placeholder mask"):
             wrapped(module, query, key, key, placeholder, 0.0)

@@ -11,7 +11,7 @@ import torch
 from kvpress import ComposedPress, KnormPress, SnapKVPress
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM
 
-from kvpress_compose import ComposePress, attention_lse, compute_n_kept
+from kvpress_compose import ComposePress, attention_scores, compute_n_kept
 from tests.models import VOCAB, cache_layer_lengths, prefill, random_ids, tiny_model
 
 
@@ -26,7 +26,7 @@ def assert_left_as_never_pressed(model, never_pressed, ids):
     assert torch.equal(logits_of(model, ids), logits_of(never_pressed, ids))
     assert len(model.model._forward_pre_hooks) == 1
     assert len(model.model._forward_hooks) == 0
-    assert not any(layer.self_attn in attention_lse.ACTIVE_CAPTURES for layer in model.model.layers)
+    assert not any(layer.self_attn in attention_scores.ACTIVE_CAPTURES for layer in model.model.layers)
 
 
 # 1 -------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from kvpress_compose import ComposeDecodingPress, ComposePress
 from kvpress_compose.compression import compute_n_kept
-from kvpress_compose.windowed_layers import CHUNKED, SLIDING, LayerWindow, layer_windows, layers_to_compress
+from kvpress_compose.layer_masks import CHUNKED, SLIDING, LayerWindow, layer_windows, layers_to_compress
 from tests.models import random_ids, tiny_model
 from tests.test_exactness import assert_same_logits
 from tests.windowed_reference import FULL, tiny_gemma3, windowed_compressed_vs_reference

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 from kvpress import BasePress
 
-from kvpress_compose.cache_gather import mark_compressed, processed_positions
-from kvpress_compose.layer_masks import install_layer_mask_hooks
+from kvpress_compose.compression import mark_compressed, processed_positions
+from kvpress_compose.layer_masks import install_layer_mask_hooks, layer_windows
 from kvpress_compose.model_attachment import language_model_of
-from kvpress_compose.windowed_layers import layer_windows
 
 
 @dataclass
