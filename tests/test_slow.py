@@ -89,8 +89,9 @@ def test_speed_benchmark_runs_and_checks_the_cache_bytes(tmp_path, capsys):
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
     figures = json.loads((tmp_path / "bench.json").read_text())
     methods = {row["method"] for row in figures["rows"]}
-    assert methods == {"plain prefill", "compose[prefill]", "compose[bidirectional]", "compose[replay]",
-                       "compose[replay_local]", "snapkv", "kvpress KVzipPress", "kvpress KVComposePress"}
+    assert methods == {"plain prefill", "compose[prefill]", "compose[prefill_seen]", "compose[bidirectional]",
+                       "compose[replay]", "compose[replay_local]", "compose[replay_prompted]", "snapkv",
+                       "kvpress KVzipPress", "kvpress KVComposePress"}  # every query source, and kvpress's
     assert figures["cache"][0]["kept_bytes_fraction"] == 0.5
     assert set(figures["decode_tokens_per_s"]) == {"0.0", "0.5", "0.75"}
     assert "against the targets" in capsys.readouterr().out
