@@ -38,6 +38,7 @@ from kvpress_compose.compression import (
 from kvpress_compose.head_masks import install_head_mask_hooks
 from kvpress_compose.layer_masks import (
     install_layer_mask_hooks,
+    is_hybrid,
     layers_to_compress,
     record_window,
     refuse_assisted_generation,
@@ -264,8 +265,7 @@ class ComposePress(BasePress):
         self._detach()
         model_path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         self._attached = DecoderAttachment(self, language_model, attention_modules, type(model).__name__, model_path)
-        windows = self._attached.windows
-        self._hybrid_model = any(window is None for window in windows) and any(w is not None for w in windows)
+        self._hybrid_model = is_hybrid(self._attached.windows)
         if self.scorer is not None:
             self.scorer.post_init_from_model(model)
 

@@ -339,6 +339,11 @@ def layer_windows(config, n_layers: int) -> list[LayerWindow | None]:
     return windows
 
 
+def is_hybrid(windows: list[LayerWindow | None]) -> bool:
+    """Whether full-attention layers sit beside windowed ones (what ``layer_allocation="auto"`` reads)."""
+    return any(window is None for window in windows) and any(window is not None for window in windows)
+
+
 def layers_to_compress(windows: list[LayerWindow | None], context_length: int) -> list[int]:
     """The layers ComposePress compresses for a context of ``context_length`` tokens (padding included): the
     full-attention ones; where every layer is windowed, all of them while the context fits the smallest window

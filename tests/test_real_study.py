@@ -149,3 +149,39 @@ def test_claim_ratios_outside_the_priority_list_run_lowest_first_and_the_lowest_
     assert real_study.first_ratio(configs) == 0.6
     assert [(c.press_name, c.compression_ratio) for c in real_study.priority(configs)] == \
         [("compose_replay", 0.6), ("kvzip", 0.6), ("compose_replay", 0.8), ("kvzip", 0.8)]
+
+
+def test_the_default_section_sets_the_default_beside_the_best_other_compose_setting(tmp_path, monkeypatch):
+    presses = {  # press -> (average, ci_low, ci_high) at 0.75, and whether each question is answered
+        "compose_replay": ((70.0, 60.0, 80.0), [1, 1, 1, 0]), "compose_uniform": ((50.0, 40.0, 60.0), [1, 1, 0, 0]),
+        "compose_replay_shared": ((60.0, 55.0, 72.0), [1, 0, 1, 0]), "kvzip": ((90.0, 85.0, 95.0), [1, 1, 1, 1])}
+    configs = [RunConfig("m", "d", press, 0.75, output_dir=str(tmp_path)) for press in presses]
+    table = pd.DataFrame([{"press": press, "ratio": 0.75, "average": average, "ci_low": low, "ci_high": high}
+                          for press, ((average, low, high), _) in presses.items()])
+    monkeypatch.setattr(real_study, "done", lambda runs: list(runs))
+    monkeypatch.setattr(real_study, "run_table", lambda runs: table[table["press"].isin({c.press_name for c in runs})])
+
+    def predictions(config, docs):
+        answered = presses[config.press_name][1]
+        return pd.DataFrame({"task": "t", "context": range(4), "question": "q", "answer": [["x"]] * 4,
+                             "predicted_answer": ["x" if hit else "y" for hit in answered]})
+
+    monkeypatch.setattr(real_study, "predictions", predictions)
+    section = real_study.default_section(configs, tmp_path, "compose_replay")
+    # kvzip scores highest but is not a ComposePress setting; shared is the best other one
+    row = next(line for line in section.splitlines() if line.startswith("| 0.75"))
+    assert row.split(" | ")[1:6] == ["70.0 [60.0, 80.0]", "`compose_replay_shared` 60.0 [55.0, 72.0]",
+                                     "+25.0 [+0.0, +75.0]", "tie (interval holds 0)", "yes"]
+    assert real_study.default_section(configs, tmp_path, None) == ""
+    assert real_study.default_section(configs[1:], tmp_path, "compose_replay") == ""  # the default has not run
+
+
+def test_the_default_is_named_from_the_model_config_as_the_press_reads_it(tmp_path, monkeypatch):
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    monkeypatch.setattr(real_study, "cache_root", lambda: tmp_path)
+    LlamaConfig(num_hidden_layers=2).save_pretrained(tmp_path / "llama")
+    Gemma3TextConfig(num_hidden_layers=6, sliding_window=512).save_pretrained(tmp_path / "gemma")
+    assert real_study.default_press_name("llama") == "compose_replay"
+    assert real_study.default_press_name("gemma") == "compose_replay_shared"
+    assert real_study.default_press_name("absent") is None

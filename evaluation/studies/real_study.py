@@ -35,8 +35,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
-from ..model_zoo.real_models import REAL_MODELS
+from kvpress_compose.compression import AUTO, resolved_allocation
+from kvpress_compose.layer_masks import is_hybrid, layer_windows
+
+from ..metrics.accuracy import paired_difference
+from ..model_zoo.real_models import REAL_MODELS, cache_root
 from ..runner.presses import BASELINE
 from ..runner.run import RunConfig, ratio_label, read_result, run
 from ..tasks import dataset_files
@@ -46,6 +51,7 @@ from .core import (
     archive_run,
     done,
     field_presses,
+    predictions,
     restore_run,
     run_table,
     study_plan,
@@ -260,6 +266,58 @@ def failed_section(configs: list[RunConfig]) -> str:
     return "## Runs that failed\n\nLeft out of every table:\n\n" + "\n".join(lines) if lines else ""
 
 
+# the registry press that ComposePress() equals, by the allocation "auto" resolves to (tests/test_hybrid.py checks
+# that the default keeps exactly what each of them keeps): the studies run these under their explicit names
+DEFAULT_AS_RUN = {"global": "compose_replay", "shared": "compose_replay_shared"}
+
+
+def default_press_name(model: str) -> str | None:
+    """The registry press that ``ComposePress()`` equals on ``model``, from the model's own config as the press
+    reads it (None where the converted model is not on this machine)."""
+    folder = cache_root() / model
+    if not (folder / "config.json").is_file():
+        return None
+    config = AutoConfig.from_pretrained(folder)
+    config = getattr(config, "text_config", None) or config
+    allocation, _ = resolved_allocation(AUTO, 1, is_hybrid(layer_windows(config, config.num_hidden_layers)))
+    return DEFAULT_AS_RUN[allocation]
+
+
+def default_section(configs: list[RunConfig], docs: Path, default: str | None) -> str:
+    """Markdown: at each claim ratio, the default against the best other ComposePress setting that ran there (its
+    accuracy, the paired difference, whether the two intervals overlap); '' where the default has not run."""
+    finished = done(configs)
+    table = run_table(finished)
+    if default is None or not len(table) or default not in set(table["press"]):
+        return ""
+    by_run = {(config.press_name, config.compression_ratio): config for config in finished}
+    rows = []
+    for ratio in sorted(set(table.loc[table["press"] == default, "ratio"])):
+        at = table[(table["ratio"] == ratio) & table["press"].str.startswith("compose")].set_index("press")
+        others = at.drop(default)
+        if not len(others):
+            continue
+        mine, best = at.loc[default], others.loc[others["average"].idxmax()]
+        difference, low, high = paired_difference(*(predictions(by_run[(press, ratio)], docs)
+                                                    for press in (default, best.name)))
+        rows.append({
+            "ratio": ratio_label(ratio),
+            "default": f"{mine['average']:.1f} [{mine['ci_low']:.1f}, {mine['ci_high']:.1f}]",
+            "best other setting": f"`{best.name}` {best['average']:.1f} [{best['ci_low']:.1f}, {best['ci_high']:.1f}]",
+            "default - best other (paired)": f"{difference:+.1f} [{low:+.1f}, {high:+.1f}]",
+            "verdict": "default ahead" if low > 0 else "default behind" if high < 0 else "tie (interval holds 0)",
+            "intervals overlap": "yes" if mine["ci_high"] >= best["ci_low"] and best["ci_high"] >= mine["ci_low"]
+            else "no",
+            "settings compared": len(at),
+        })
+    if not rows:
+        return ""
+    return ("## The default against the best other ComposePress setting\n\n`ComposePress()` resolves its "
+            f"allocation from this model's config to what `{default}` runs (`layer_allocation=\"auto\"`). At each "
+            f"ratio, the ComposePress setting of the claims tier that scored highest besides it:\n\n"
+            f"{markdown(pd.DataFrame(rows), index=False)}")
+
+
 def screening_section(scores: dict[str, float], eligible: list[str], n_contexts: int, min_accuracy: float) -> str:
     table = pd.DataFrame({"uncompressed accuracy": scores}).rename_axis("task")
     table["in averages"] = ["yes" if task in eligible else "no" for task in table.index]
@@ -334,7 +392,8 @@ def main(argv: list[str] | None = None) -> Path:
             archive_run(config, docs)
         left_out = runs_left_out(plan["claims"])
         reported = {"claims": [config for config in plan["claims"] if config not in left_out], "field": plan["field"]}
-        sections = [preface, elimination_section(plan["claims"]), failed_section(every_run)]
+        sections = [preface, default_section(reported["claims"], docs, default_press_name(args.model)),
+                    elimination_section(plan["claims"]), failed_section(every_run)]
         return write_report(reported, docs, None, tasks=eligible, comparisons=REAL_COMPARISONS,
                             preface="\n\n".join(section for section in sections if section))
 
