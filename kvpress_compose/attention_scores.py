@@ -1,12 +1,14 @@
-"""Per-token attention statistics for scoring (step 1 of KVCompose), and the log-sum-exp capture that makes them cheap.
+"""Per-token attention statistics for scoring (step 1 of KVCompose), and the log-sum-exp capture that makes
+them cheap.
 
 The attention module's output does not expose its attention probabilities (sdpa and flash never build them).
-Two ways to them, both in bounded memory:
+There are two ways to get them, both in bounded memory:
 
 - **From the model's own log-sum-exp** (the fast path). A token's attention probability is
   ``exp(q . k * scale - lse(q))``; the prefill (and the replay pass) already compute ``lse`` inside their
-  attention call, and on CPU torch's flash kernel returns it. :func:`install_lse_capture` wraps transformers' ``"sdpa"``
-  attention function (as kvpress wraps it for its head-wise masking) when a press is first used on a model. An
+  attention call, and on CPU torch's flash kernel returns it. :func:`install_lse_capture` wraps transformers'
+  ``"sdpa"`` attention function (as kvpress wraps it for its head-wise masking) when a press is first used on a
+  model. An
   :class:`LseCapture` is a context over some attention modules: while it is open, the wrapper runs those
   modules' attention through that kernel and leaves the log-sum-exp, with the queries and keys it was taken
   over, in the capture (:meth:`LseCapture.take`); every other call goes through as before, and closing the

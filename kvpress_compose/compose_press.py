@@ -6,7 +6,8 @@ A prefill goes: the attachment's pre-hook asks :meth:`ComposePress.prefill_for` 
 each attention layer's kvpress hook (:meth:`ComposePress.forward_hook`) has the source score that layer; when
 the decoder call returns, :meth:`ComposePress.compress_prefill` finishes the source (the replay pass) and runs
 the algorithm of :mod:`kvpress_compose.compression` on the cache. Every setting is checked whenever it is set
-(:data:`SETTINGS`, at the end of this file).
+(:data:`SETTINGS`, at the end of this file), and settings that depend on each other together
+(:func:`check_combination`).
 """
 
 from __future__ import annotations
@@ -400,7 +401,7 @@ class ComposePress(BasePress):
 
 # -- each setting's check (SETTINGS), run whenever a setting is set: it takes the setting's name (for the error) and
 # the value, and returns the value to store (numpy numbers become Python ones) or raises a ValueError / TypeError
-# naming the setting and what was expected ----------------------------------------------------------------------
+# naming the setting and what was expected; then check_combination, for settings that depend on each other ---
 
 def fraction_setting(include_one: bool):
     """A real number in [0, 1) (a compression ratio), or in [0, 1] with ``include_one``."""

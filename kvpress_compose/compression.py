@@ -439,8 +439,9 @@ def kept_positions(token_order: torch.Tensor, budget: int) -> torch.Tensor:
     return token_order[..., :budget].sort(dim=-1).values
 
 
-# -- step 6: the gather: kept entries written back into the cache, one dense (batch, kv_heads, k_l, head_dim) tensor
-# per layer, and the context length each layer kept recorded for kvpress_compose.layer_masks ------------------
+# -- step 6: the gather: kept entries written back into the cache (DynamicCache, or QuantizedCache re-quantized),
+# one dense (batch, kv_heads, k_l, head_dim) tensor per layer, and the context length each layer kept recorded for
+# kvpress_compose.layer_masks; with the cache readers the query sources share (layer_states, full_cache_bytes) -----
 
 CONTEXT_LENGTH_ATTRIBUTE = "compose_context_length"
 ORIGINAL_LENGTH_ATTRIBUTE = "compose_original_length"  # positions the layer had processed when last compressed
@@ -497,6 +498,9 @@ def compress_layer(cache: Cache, layer_idx: int, positions: torch.Tensor) -> Non
     """Keep only ``positions`` ``(batch, kv_heads, k)`` of a layer's context entries."""
     keys, values = layer_states(cache, layer_idx)
     write_layer(cache, layer_idx, gather_positions(keys, positions), gather_positions(values, positions))
+
+
+# -- structured=False: kvpress's head-wise masks instead of the gather --------------------------------------------
 
 
 def mask_evicted_entries(attention_modules, token_order: torch.Tensor, budgets: torch.Tensor) -> None:

@@ -17,15 +17,17 @@ on positions already cached: such a forward is named, with the positions that wo
 (:func:`warn_if_positions_repeat`); assisted generation, which crops a cache by position, is refused
 (:func:`refuse_assisted_generation`).
 
-Windowed layers (sliding window or attention chunk). Hybrid models (Gemma 3: five sliding layers to one full; Qwen2
+Windowed layers (sliding window or attention chunk) are read from the model's config (:func:`layer_windows`,
+:func:`local_attention_span`); a model is hybrid (:func:`is_hybrid`, what ``layer_allocation="auto"`` reads) where
+they sit beside full-attention layers. Hybrid models (Gemma 3: five sliding layers to one full; Qwen2
 with ``max_window_layers``; Llama 4's chunked layers) mix full-attention layers with windowed ones, whose cache
 transformers keeps at most one window long (``DynamicSlidingWindowLayer``: ``window - 1`` entries). ComposePress
 compresses the full-attention layers only (:func:`layers_to_compress`) and leaves every windowed layer as the
 model's own cache keeps it, as kvpress does on Gemma 3. A model whose every layer is windowed (Mistral's
 ``sliding_window``) has nothing else to compress: while the context fits the window (the cache holds all of it)
 its layers are compressed as full layers, and the entries they keep leave later queries' view as the model's
-window moves past them (:func:`window_visible`); a longer context is refused. A hybrid model's windowed layers are left
-uncompressed and keep the original indices, so the 2D mask stays as given and the tokens after the context take
+window moves past them (:func:`window_visible`); a longer context is refused. A hybrid model's windowed layers
+are left uncompressed and keep the original indices, so the 2D mask stays as given and the tokens after the context take
 their padding and indices from the original context; a windowed layer compressed as a full one gets a per-head
 mask that hides each kept entry once the query's window has passed its original index.
 """
@@ -290,8 +292,9 @@ def refuse_assisted_generation(where: str) -> None:
         )
 
 
-# -- windowed layers (sliding window or attention chunk): which layers ComposePress compresses, and how a windowed
-# layer it compressed hides kept entries once the window has passed them --------------------------------------
+# -- windowed layers (sliding window or attention chunk): read from the config, whether a model is hybrid, which
+# layers ComposePress compresses, and how a windowed layer it compressed hides kept entries once the window has
+# passed them ------------------------------------------------------------------------------------------------
 
 SLIDING, CHUNKED = "sliding_attention", "chunked_attention"
 

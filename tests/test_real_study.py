@@ -185,3 +185,19 @@ def test_the_default_is_named_from_the_model_config_as_the_press_reads_it(tmp_pa
     assert real_study.default_press_name("llama") == "compose_replay"
     assert real_study.default_press_name("gemma") == "compose_replay_shared"
     assert real_study.default_press_name("absent") is None
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_the_press_run_for_the_default_has_the_default_settings_as_auto_resolves_them(hybrid):
+    from dataclasses import fields
+
+    from evaluation.runner.presses import make_press
+    from kvpress_compose import ComposePress
+    from kvpress_compose.compression import AUTO, resolved_allocation
+
+    default = ComposePress(compression_ratio=0.75)
+    allocation, pooling = resolved_allocation(AUTO, default.score_pooling, hybrid)
+    run = make_press(real_study.DEFAULT_AS_RUN[allocation], 0.75)
+    expected = {field.name: getattr(default, field.name) for field in fields(ComposePress)}
+    expected.update(layer_allocation=allocation, score_pooling=pooling)
+    assert {name: getattr(run, name) for name in expected} == expected

@@ -71,7 +71,7 @@ def compose_press(**settings) -> PressFactory:
 # every variant names its source and allocation, so that a change of ComposePress's defaults changes only "compose"
 GLOBAL = dict(layer_allocation="global")
 COMPOSE_PRESSES: dict[str, PressFactory] = {
-    "compose": compose_press(),  # the defaults: replay, global allocation
+    "compose": compose_press(),  # the defaults: replay, allocation "auto" (from the model's config)
     "compose_prefill": compose_press(query_source="prefill", **GLOBAL),
     "compose_bidirectional": compose_press(query_source="bidirectional", **GLOBAL),
     "compose_replay": compose_press(query_source="replay", **GLOBAL),  # the paper's

@@ -65,7 +65,7 @@ RATIO_PRIORITY = (0.75, 0.9, 0.5, 0.25)  # the ratio where presses part first, t
 # the default candidates against KVzip, with SnapKV as the floor, in the order they run at each ratio
 REAL_LEADERS = (
     BASELINE,
-    "compose_replay",  # the paper's and the default: replay, global allocation
+    "compose_replay",  # the paper's, and what the default runs on a model without windowed layers
     "kvzip",
     "compose_uniform",  # replay, uniform allocation
     "compose_bidirectional",
@@ -266,9 +266,10 @@ def failed_section(configs: list[RunConfig]) -> str:
     return "## Runs that failed\n\nLeft out of every table:\n\n" + "\n".join(lines) if lines else ""
 
 
-# the registry press that ComposePress() equals, by the allocation "auto" resolves to (tests/test_hybrid.py checks
-# that the default keeps exactly what each of them keeps): the studies run these under their explicit names
+# the registry press that ComposePress() equals, by the allocation "auto" resolves to (tests/test_real_study.py
+# checks their settings against the default's resolution): the studies run these under their explicit names
 DEFAULT_AS_RUN = {"global": "compose_replay", "shared": "compose_replay_shared"}
+DEFAULT_ALIAS = "compose"  # the registry's ComposePress() itself: the same press as DEFAULT_AS_RUN's, never "another"
 
 
 def default_press_name(model: str) -> str | None:
@@ -277,8 +278,7 @@ def default_press_name(model: str) -> str | None:
     folder = cache_root() / model
     if not (folder / "config.json").is_file():
         return None
-    config = AutoConfig.from_pretrained(folder)
-    config = getattr(config, "text_config", None) or config
+    config = AutoConfig.from_pretrained(folder).get_text_config()  # as the press reads its decoder's config
     allocation, _ = resolved_allocation(AUTO, 1, is_hybrid(layer_windows(config, config.num_hidden_layers)))
     return DEFAULT_AS_RUN[allocation]
 
@@ -294,21 +294,27 @@ def default_section(configs: list[RunConfig], docs: Path, default: str | None) -
     rows = []
     for ratio in sorted(set(table.loc[table["press"] == default, "ratio"])):
         at = table[(table["ratio"] == ratio) & table["press"].str.startswith("compose")].set_index("press")
-        others = at.drop(default)
+        others = at.drop([default, DEFAULT_ALIAS], errors="ignore").dropna(subset=["average"])
         if not len(others):
             continue
         mine, best = at.loc[default], others.loc[others["average"].idxmax()]
-        difference, low, high = paired_difference(*(predictions(by_run[(press, ratio)], docs)
-                                                    for press in (default, best.name)))
+        frames = [predictions(by_run[key], docs) if key in by_run else None
+                  for key in ((default, ratio), (best.name, ratio))]
+        if any(frame is None for frame in frames):  # an archive without its predictions: nothing to pair
+            paired, verdict = "n/a (predictions missing)", "n/a"
+        else:
+            difference, low, high = paired_difference(*frames)
+            paired = f"{difference:+.1f} [{low:+.1f}, {high:+.1f}]"
+            verdict = "default ahead" if low > 0 else "default behind" if high < 0 else "tie (interval holds 0)"
         rows.append({
             "ratio": ratio_label(ratio),
             "default": f"{mine['average']:.1f} [{mine['ci_low']:.1f}, {mine['ci_high']:.1f}]",
             "best other setting": f"`{best.name}` {best['average']:.1f} [{best['ci_low']:.1f}, {best['ci_high']:.1f}]",
-            "default - best other (paired)": f"{difference:+.1f} [{low:+.1f}, {high:+.1f}]",
-            "verdict": "default ahead" if low > 0 else "default behind" if high < 0 else "tie (interval holds 0)",
+            "default - best other (paired)": paired,
+            "verdict": verdict,
             "intervals overlap": "yes" if mine["ci_high"] >= best["ci_low"] and best["ci_high"] >= mine["ci_low"]
             else "no",
-            "settings compared": len(at),
+            "other settings run": len(others),
         })
     if not rows:
         return ""
