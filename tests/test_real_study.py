@@ -105,7 +105,8 @@ def test_a_failed_run_is_named_with_its_error_in_the_report(tmp_path):
                                          {"status": "ok", "average": 1.0})):
         config.results_dir().mkdir(parents=True)
         (config.results_dir() / "metrics.json").write_text(json.dumps(metrics))
-    section = real_study.failed_section(configs)  # tova has not run: not a failure
+    section = real_study.failed_section(configs + configs[:1])  # tova has not run: not a failure; a run in
+    # both tiers (the same contexts) is named once
     assert section.startswith("## Runs that failed") and section.count("\n- ") == 1
     assert "- `kvzip` at 0.75: ValueError: not supported" in section
     assert real_study.failed_section(configs[1:]) == ""

@@ -258,7 +258,7 @@ def failed_section(configs: list[RunConfig]) -> str:
     out of every table (and tried again when the study resumes), so without this section a press that cannot
     run on the model (KVzip on Gemma 3) would vanish from the report unexplained."""
     lines = []
-    for config in configs:
+    for config in {config.results_dir(): config for config in configs}.values():  # the tiers may share a run
         metrics, _ = read_result(config.results_dir() / "metrics.json")  # missing or unreadable: not a failure
         if metrics is not None and metrics.get("status") == "failed":
             errors = "; ".join(metrics.get("errors", [])) or "no error recorded"
