@@ -83,8 +83,12 @@ REAL_COMPARISONS = (
     ("compose_replay", "snapkv", "replay against SnapKV (frees memory, no extra pass)"),
     ("compose_replay_prompted", "kvzip", "KVzip's framing in ComposePress against KVzip"),
     ("compose_replay_prompted", "compose_replay", "KVzip's framing, normalized global allocation, against the default"),
-    ("compose_replay_shared", "compose_replay", "one pooled token set for every layer against the default"),
+    ("compose_replay_shared", "compose_replay", "one pooled token set for every layer (hybrid default) against global"),
     ("compose_replay_shared", "kvzip", "one pooled token set for every layer against KVzip"),
+    ("compose_replay_pooled", "compose_replay", "pooling 9 alone, under global allocation, against global"),
+    ("compose_unstructured", "compose_replay", "per-head budgets (masks, no memory freed) against composite tokens"),
+    ("compose_replay", "compactor", "replay against kvpress's best memory-freeing press (SmolLM2's field)"),
+    ("compose_replay_shared", "compactor_full_layers", "the hybrid default against Compactor on the full layers"),
 )
 MIN_ACCURACY = 40.0
 # run at every claim ratio whatever they score: the baseline, the default, KVzip and SnapKV (the presses the
