@@ -157,7 +157,8 @@ def test_the_default_section_sets_the_default_beside_the_best_other_compose_sett
         "compose_replay": ((70.0, 60.0, 80.0), [1, 1, 1, 0]), "compose_uniform": ((50.0, 40.0, 60.0), [1, 1, 0, 0]),
         "compose_replay_shared": ((60.0, 55.0, 72.0), [1, 0, 1, 0]), "kvzip": ((90.0, 85.0, 95.0), [1, 1, 1, 1])}
     configs = [RunConfig("m", "d", press, 0.75, output_dir=str(tmp_path)) for press in presses]
-    table = pd.DataFrame([{"press": press, "ratio": 0.75, "average": average, "ci_low": low, "ci_high": high}
+    table = pd.DataFrame([{"press": press, "ratio": 0.75, "average": average, "ci_low": low, "ci_high": high,
+                           "memory": 1.0 if press == "compose_replay_shared" else 0.25}
                           for press, ((average, low, high), _) in presses.items()])
     monkeypatch.setattr(real_study, "done", lambda runs: list(runs))
     monkeypatch.setattr(real_study, "run_table", lambda runs: table[table["press"].isin({c.press_name for c in runs})])
@@ -171,7 +172,7 @@ def test_the_default_section_sets_the_default_beside_the_best_other_compose_sett
     section = real_study.default_section(configs, tmp_path, "compose_replay")
     # kvzip scores highest but is not a ComposePress setting; shared is the best other one
     row = next(line for line in section.splitlines() if line.startswith("| 0.75"))
-    assert row.split(" | ")[1:6] == ["70.0 [60.0, 80.0]", "`compose_replay_shared` 60.0 [55.0, 72.0]",
+    assert row.split(" | ")[1:6] == ["70.0 [60.0, 80.0], memory 0.25", "`compose_replay_shared` 60.0 [55.0, 72.0], memory 1.00",
                                      "+25.0 [+0.0, +75.0]", "tie (interval holds 0)", "yes"]
     assert real_study.default_section(configs, tmp_path, None) == ""
     assert real_study.default_section(configs[1:], tmp_path, "compose_replay") == ""  # the default has not run

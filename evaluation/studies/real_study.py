@@ -312,8 +312,9 @@ def default_section(configs: list[RunConfig], docs: Path, default: str | None) -
             verdict = "default ahead" if low > 0 else "default behind" if high < 0 else "tie (interval holds 0)"
         rows.append({
             "ratio": ratio_label(ratio),
-            "default": f"{mine['average']:.1f} [{mine['ci_low']:.1f}, {mine['ci_high']:.1f}]",
-            "best other setting": f"`{best.name}` {best['average']:.1f} [{best['ci_low']:.1f}, {best['ci_high']:.1f}]",
+            "default": f"{mine['average']:.1f} [{mine['ci_low']:.1f}, {mine['ci_high']:.1f}], memory {mine['memory']:.2f}",
+            "best other setting": f"`{best.name}` {best['average']:.1f} [{best['ci_low']:.1f}, {best['ci_high']:.1f}], "
+                                  f"memory {best['memory']:.2f}",
             "default - best other (paired)": paired,
             "verdict": verdict,
             "intervals overlap": "yes" if mine["ci_high"] >= best["ci_low"] and best["ci_high"] >= mine["ci_low"]
@@ -324,7 +325,8 @@ def default_section(configs: list[RunConfig], docs: Path, default: str | None) -
         return ""
     return ("## The default against the best other ComposePress setting\n\n`ComposePress()` resolves its "
             f"allocation from this model's config to what `{default}` runs (`layer_allocation=\"auto\"`). At each "
-            f"ratio, the ComposePress setting of the claims tier that scored highest besides it:\n\n"
+            f"ratio, the ComposePress setting of the claims tier that scored highest besides it (memory: the fraction of the "
+            f"cache each really holds; `structured=False` masks entries and frees nothing):\n\n"
             f"{markdown(pd.DataFrame(rows), index=False)}")
 
 
