@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from evaluation.runner.run import RunConfig
-from evaluation.studies import real_study
+from evaluation.studies import core, real_study
 from evaluation.tasks import dataset_files
 from evaluation.tasks.word_tasks import BASE_TASKS
 
@@ -168,7 +168,7 @@ def test_the_default_section_sets_the_default_beside_the_best_other_compose_sett
         return pd.DataFrame({"task": "t", "context": range(4), "question": "q", "answer": [["x"]] * 4,
                              "predicted_answer": ["x" if hit else "y" for hit in answered]})
 
-    monkeypatch.setattr(real_study, "predictions", predictions)
+    monkeypatch.setattr(core, "predictions", predictions)  # what paired_result reads
     section = real_study.default_section(configs, tmp_path, "compose_replay")
     # kvzip scores highest but is not a ComposePress setting; shared is the best other one
     row = next(line for line in section.splitlines() if line.startswith("| 0.75"))

@@ -160,6 +160,16 @@ def parse_answer(text):
     return ast.literal_eval(text) if isinstance(text, str) and text.startswith("[") else text
 
 
+def paired_result(by_run: dict[tuple[str, float], RunConfig], a: str, b: str, ratio: float,
+                  docs: Path) -> tuple[float, float, float] | None:
+    """``(difference, low, high)`` of ``a`` minus ``b`` at ``ratio`` on the same questions (``by_run``: finished
+    runs by ``(press, ratio)``), or None where either run or its archived predictions is missing."""
+    frames = [predictions(by_run[(press, ratio)], docs) if (press, ratio) in by_run else None for press in (a, b)]
+    if any(frame is None for frame in frames):
+        return None
+    return paired_difference(*frames)
+
+
 def paired_table(configs: list[RunConfig], docs: Path, comparisons=COMPARISONS) -> pd.DataFrame:
     """Each of ``comparisons`` (``(a, b, meaning)``) at each ratio both presses ran: the difference in average
     accuracy (points) with its paired 95% bootstrap interval and a verdict."""
@@ -167,11 +177,10 @@ def paired_table(configs: list[RunConfig], docs: Path, comparisons=COMPARISONS) 
     rows = []
     for a, b, meaning in comparisons:
         for ratio in sorted({ratio for press, ratio in by_run if press == a}):
-            frames = [predictions(by_run[(press, ratio)], docs) if (press, ratio) in by_run else None
-                      for press in (a, b)]
-            if any(frame is None for frame in frames):
+            result = paired_result(by_run, a, b, ratio, docs)
+            if result is None:
                 continue
-            difference, low, high = paired_difference(*frames)
+            difference, low, high = result
             verdict = "A better" if low > 0 else "B better" if high < 0 else "tie (interval holds 0)"
             rows.append({"A": a, "B": b, "ratio": ratio_label(ratio), "A - B": difference, "95% interval":
                          f"[{low:.3g}, {high:.3g}]", "verdict": verdict, "what it measures": meaning})

@@ -40,7 +40,6 @@ from transformers import AutoConfig
 from kvpress_compose.compression import AUTO, resolved_allocation
 from kvpress_compose.layer_masks import is_hybrid, layer_windows
 
-from ..metrics.accuracy import paired_difference
 from ..model_zoo.real_models import REAL_MODELS, cache_root
 from ..runner.presses import BASELINE
 from ..runner.run import RunConfig, ratio_label, read_result, run
@@ -51,7 +50,7 @@ from .core import (
     archive_run,
     done,
     field_presses,
-    predictions,
+    paired_result,
     restore_run,
     run_table,
     study_plan,
@@ -302,12 +301,11 @@ def default_section(configs: list[RunConfig], docs: Path, default: str | None) -
         if not len(others):
             continue
         mine, best = at.loc[default], others.loc[others["average"].idxmax()]
-        frames = [predictions(by_run[key], docs) if key in by_run else None
-                  for key in ((default, ratio), (best.name, ratio))]
-        if any(frame is None for frame in frames):  # an archive without its predictions: nothing to pair
+        result = paired_result(by_run, default, best.name, ratio, docs)
+        if result is None:  # an archive without its predictions: nothing to pair
             paired, verdict = "n/a (predictions missing)", "n/a"
         else:
-            difference, low, high = paired_difference(*frames)
+            difference, low, high = result
             paired = f"{difference:+.1f} [{low:+.1f}, {high:+.1f}]"
             verdict = "default ahead" if low > 0 else "default behind" if high < 0 else "tie (interval holds 0)"
         rows.append({
@@ -399,12 +397,14 @@ def main(argv: list[str] | None = None) -> Path:
     for config in every_run:
         restore_run(config, docs)
 
+    default = default_press_name(args.model)  # read from the model's config once, not at every report
+
     def report() -> Path:
         for config in done(every_run):  # runs made by other processes too
             archive_run(config, docs)
         left_out = runs_left_out(plan["claims"])
         reported = {"claims": [config for config in plan["claims"] if config not in left_out], "field": plan["field"]}
-        sections = [preface, default_section(reported["claims"], docs, default_press_name(args.model)),
+        sections = [preface, default_section(reported["claims"], docs, default),
                     elimination_section(plan["claims"]), failed_section(every_run)]
         return write_report(reported, docs, None, tasks=eligible, comparisons=REAL_COMPARISONS,
                             preface="\n\n".join(section for section in sections if section))
