@@ -91,6 +91,13 @@ COMPOSE_PRESSES: dict[str, PressFactory] = {
     # KVzip's reduction over a KV group's query heads (the max; the default takes the mean): Qwen2.5's groups are
     # 7 query heads wide, SmolLM2's 3
     "compose_replay_groupmax": compose_press(query_source="replay", agg_group="max", **GLOBAL),
+    # a layer keeps as many composite tokens as its head with the most high scores wants (the default: their mean):
+    # the nearest a dense layer comes to KVzip's per-head budgets (docs/qwen-kvzip-gap.md)
+    "compose_replay_headmax": compose_press(query_source="replay", agg_head="max", **GLOBAL),
+    # KVzip's allocation on our replay's scores: per-head masks, the max over a query group, no mean across heads,
+    # 4 sinks; keeps 95% of KVzip's entries on Qwen2.5 and frees nothing (an upper bound, not a candidate)
+    "compose_unstructured_kvzip_alloc": compose_press(query_source="replay", structured=False, agg_group="max",
+                                                      add_mean_across_heads=False, n_sink=4, **GLOBAL),
     "compose_snapkv": lambda ratio: ComposePress(compression_ratio=ratio, scorer=SnapKVPress(), **GLOBAL),
     "compose_expected_attention": lambda ratio: ComposePress(compression_ratio=ratio, scorer=ExpectedAttentionPress(),
                                                              **GLOBAL),
