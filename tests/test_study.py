@@ -133,3 +133,42 @@ def test_a_study_under_way_is_reported_as_far_as_it_got(tmp_path):
                 "--out", str(tmp_path / "results"), "--docs", str(tmp_path / "docs"), "--tier", "field"])
     done = {config.press_name for tier in plan.values() for config in core.done(tier)}
     assert done == {"no_press", "compose_replay", "knorm"}  # the field tier only: its no_press and knorm
+
+
+def fake_run(folder: Path, predicted: list[str], hashed: bool, press: str = "p", ratio: float = 0.5) -> Path:
+    """A finished run's folder: niah_single_1, one question per context, answer '7341' in every context."""
+    import json
+
+    from evaluation.studies.core import context_hash
+
+    contexts = [f"context number {i} with a needle" for i in range(len(predicted))]
+    frame = pd.DataFrame({"task": "niah_single_1", "context": [context_hash(c) if hashed else c for c in contexts],
+                          "question": "q", "answer": "['7341']", "predicted_answer": predicted})
+    folder.mkdir(parents=True)
+    frame.to_csv(folder / "predictions.csv", index=False)
+    (folder / "metrics.json").write_text(json.dumps({"status": "ok", "press": press, "compression_ratio": ratio,
+                                                     "average": 0.0, "average_ci95": [0.0, 0.0], "rows": len(frame)}))
+    return folder
+
+
+def test_paired_runs_pairs_a_fresh_run_with_an_archived_one(tmp_path):
+    from evaluation.studies.paired_runs import paired_rows
+
+    reference = fake_run(tmp_path / "ref", ["7341", "7341", "no", "7341"], hashed=True, press="kvzip")
+    fresh = fake_run(tmp_path / "fresh", ["no", "7341", "no", "nothing"], hashed=False, press="compose")
+    rows = paired_rows(reference, [fresh])
+    assert list(rows["press"]) == ["kvzip", "compose"]
+    # 1 of 4 answered against 3 of 4: -50 points; the interval holds only resampled differences of the 4 contexts
+    difference = rows.loc[1, "minus reference (paired)"]
+    assert difference.startswith("-50.0 [")
+    low, high = (float(x) for x in difference.split("[")[1].rstrip("]").split(","))
+    assert -100 <= low <= -50 <= high <= 0
+
+
+def test_paired_runs_refuses_runs_on_other_questions(tmp_path):
+    from evaluation.studies.paired_runs import paired_rows
+
+    reference = fake_run(tmp_path / "ref", ["7341", "7341"], hashed=True)
+    other = fake_run(tmp_path / "other", ["7341", "7341", "7341"], hashed=False)
+    with pytest.raises(ValueError, match="do not answer the same questions"):
+        paired_rows(reference, [other])

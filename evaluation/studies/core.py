@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -124,11 +125,18 @@ def archive_run(config: RunConfig, docs: Path) -> None:
         (target / "predictions.csv").unlink(missing_ok=True)  # a failed rerun: the old answers are not its own
     else:
         frame = pd.read_csv(source / "predictions.csv", keep_default_na=False)
-        frame["context"] = frame["context"].map(lambda text: hashlib.sha1(text.encode()).hexdigest()[:12])
+        frame["context"] = frame["context"].map(context_hash)
         columns = ["task", "context", "question", "answer", "predicted_answer"]
         write_atomic(target / "predictions.csv", frame[columns].to_csv(index=False))
     write_atomic(target / "config.yaml", (source / "config.yaml").read_bytes())
     write_atomic(target / "metrics.json", metrics)  # last, whole: a run is archived once its metrics are
+
+
+def context_hash(text: str) -> str:
+    """How an archive stores a context: the first 12 hex digits of its SHA-1 (a hash already is kept as it is)."""
+    if re.fullmatch(r"[0-9a-f]{12}", text):
+        return text
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def restore_run(config: RunConfig, docs: Path) -> None:

@@ -1,0 +1,64 @@
+"""Accuracy and paired differences of finished runs read from their folders, for runs made beside a study on the
+same dataset and contexts that the study's plan does not hold (other settings, other ratios): the tables of
+``docs/smollm2-kvzip-gap.md`` come from here.
+
+``python -m evaluation.studies.paired_runs --reference RUN [RUN ...]`` prints one markdown row per run: its press
+and ratio, its accuracy with a 95% bootstrap interval over contexts, its memory held, and its paired difference
+from the reference run (the same questions; contexts resampled within tasks). A run folder is a results folder of
+``evaluation.runner.run`` or its archived copy in a study's ``runs/`` (contexts stored as hashes): both pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ..metrics.accuracy import paired_difference
+from .core import context_hash, parse_answer
+
+
+def run_predictions(folder: Path) -> pd.DataFrame:
+    """A run's predictions with each context as its archive hash, so that fresh and archived runs pair."""
+    path = Path(folder) / "predictions.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no predictions.csv (not a finished run, or archived without answers)")
+    frame = pd.read_csv(path, keep_default_na=False)
+    frame["answer"] = frame["answer"].map(parse_answer)
+    frame["context"] = frame["context"].map(context_hash)
+    return frame
+
+
+def run_row(folder: Path, reference: pd.DataFrame | None) -> dict:
+    """One table row: the run's press, ratio, accuracy [interval], memory, and its difference from ``reference``."""
+    metrics = json.loads((Path(folder) / "metrics.json").read_text())
+    if metrics.get("status") != "ok":
+        raise ValueError(f"{folder}: the run failed ({'; '.join(metrics.get('errors', []))})")
+    low, high = metrics["average_ci95"]
+    row = {"press": metrics["press"], "ratio": metrics["compression_ratio"],
+           "accuracy": f"{metrics['average']:.1f} [{low:.1f}, {high:.1f}]", "memory held": metrics.get("memory"),
+           "questions": metrics.get("rows")}
+    if reference is not None:
+        difference, low, high = paired_difference(run_predictions(folder), reference)
+        row["minus reference (paired)"] = f"{difference:+.1f} [{low:+.1f}, {high:+.1f}]"
+    return row
+
+
+def paired_rows(reference: Path, runs: list[Path]) -> pd.DataFrame:
+    """The reference's row, then each run's with its paired difference from the reference."""
+    base = run_predictions(reference)
+    return pd.DataFrame([run_row(reference, None)] + [run_row(folder, base) for folder in runs])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", type=Path, required=True, help="the run every other is paired with")
+    parser.add_argument("runs", type=Path, nargs="+", help="finished run folders on the same questions")
+    args = parser.parse_args(argv)
+    print(paired_rows(args.reference, args.runs).to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()
