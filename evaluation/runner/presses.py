@@ -98,6 +98,9 @@ COMPOSE_PRESSES: dict[str, PressFactory] = {
     # 4 sinks; keeps 95% of KVzip's entries on Qwen2.5 and frees nothing (an upper bound, not a candidate)
     "compose_unstructured_kvzip_alloc": compose_press(query_source="replay", structured=False, agg_group="max",
                                                       add_mean_across_heads=False, n_sink=4, **GLOBAL),
+    # KVzip's scoring details in the dense press: the max over a query group, no mean across heads, 4 sinks
+    "compose_replay_kvzip_scoring": compose_press(query_source="replay", agg_group="max",
+                                                  add_mean_across_heads=False, n_sink=4, **GLOBAL),
     "compose_snapkv": lambda ratio: ComposePress(compression_ratio=ratio, scorer=SnapKVPress(), **GLOBAL),
     "compose_expected_attention": lambda ratio: ComposePress(compression_ratio=ratio, scorer=ExpectedAttentionPress(),
                                                              **GLOBAL),
