@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -137,8 +139,6 @@ def test_a_study_under_way_is_reported_as_far_as_it_got(tmp_path):
 
 def fake_run(folder: Path, predicted: list[str], hashed: bool, press: str = "p", ratio: float = 0.5) -> Path:
     """A finished run's folder: niah_single_1, one question per context, answer '7341' in every context."""
-    import json
-
     from evaluation.studies.core import context_hash
 
     contexts = [f"context number {i} with a needle" for i in range(len(predicted))]
@@ -163,6 +163,17 @@ def test_paired_runs_pairs_a_fresh_run_with_an_archived_one(tmp_path):
     assert difference.startswith("-50.0 [")
     low, high = (float(x) for x in difference.split("[")[1].rstrip("]").split(","))
     assert -100 <= low <= -50 <= high <= 0
+
+
+def test_paired_runs_prints_a_markdown_table(tmp_path, capsys):
+    from evaluation.studies.paired_runs import main
+
+    reference = fake_run(tmp_path / "ref", ["7341", "7341"], hashed=True, press="kvzip", ratio=0.9)
+    run = fake_run(tmp_path / "run", ["7341", "no"], hashed=False, press="compose", ratio=0.9)
+    main(["--reference", str(reference), str(run)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| press | ratio | accuracy |") and lines[1].startswith("| --- |")
+    assert lines[3].startswith("| compose | 0.9 |") and "| -50.0 [" in lines[3]
 
 
 def test_paired_runs_refuses_runs_on_other_questions(tmp_path):

@@ -18,6 +18,7 @@ import pandas as pd
 
 from ..metrics.accuracy import paired_difference
 from .core import context_hash, parse_answer
+from .report import markdown
 
 
 def run_predictions(folder: Path) -> pd.DataFrame:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", type=Path, required=True, help="the run every other is paired with")
     parser.add_argument("runs", type=Path, nargs="+", help="finished run folders on the same questions")
     args = parser.parse_args(argv)
-    print(paired_rows(args.reference, args.runs).to_markdown(index=False))
+    print(markdown(paired_rows(args.reference, args.runs), index=False))
 
 
 if __name__ == "__main__":
