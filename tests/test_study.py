@@ -158,6 +158,7 @@ def test_paired_runs_pairs_a_fresh_run_with_an_archived_one(tmp_path):
     fresh = fake_run(tmp_path / "fresh", ["no", "7341", "no", "nothing"], hashed=False, press="compose")
     rows = paired_rows(reference, [fresh])
     assert list(rows["press"]) == ["kvzip", "compose"]
+    assert rows.loc[0, "accuracy"].startswith("75.0 [") and rows.loc[1, "accuracy"].startswith("25.0 [")
     # 1 of 4 answered against 3 of 4: -50 points; the interval holds only resampled differences of the 4 contexts
     difference = rows.loc[1, "minus reference (paired)"]
     assert difference.startswith("-50.0 [")
@@ -181,5 +182,18 @@ def test_paired_runs_refuses_runs_on_other_questions(tmp_path):
 
     reference = fake_run(tmp_path / "ref", ["7341", "7341"], hashed=True)
     other = fake_run(tmp_path / "other", ["7341", "7341", "7341"], hashed=False)
-    with pytest.raises(ValueError, match="do not answer the same questions"):
+    with pytest.raises(ValueError, match="other against the reference: .*do not answer the same questions"):
         paired_rows(reference, [other])
+
+
+def test_paired_runs_refuses_a_failed_run_and_keeps_hashes(tmp_path):
+    from evaluation.studies.core import context_hash
+    from evaluation.studies.paired_runs import paired_rows
+
+    assert context_hash("0123456789ab") == "0123456789ab"  # an archived context stays as it is
+    assert context_hash("0123456789ab and more") != "0123456789ab and more"
+    reference = fake_run(tmp_path / "ref", ["7341"], hashed=True)
+    failed = fake_run(tmp_path / "failed", ["7341"], hashed=False)
+    (failed / "metrics.json").write_text(json.dumps({"status": "failed", "errors": ["out of memory"]}))
+    with pytest.raises(ValueError, match="failed: the run failed \\(out of memory\\)"):
+        paired_rows(reference, [failed])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..metrics.accuracy import paired_difference
+from ..metrics.accuracy import average, bootstrap_interval, paired_difference, task_scores
 from .core import context_hash, parse_answer
 from .report import markdown
 
@@ -26,23 +26,28 @@ def run_predictions(folder: Path) -> pd.DataFrame:
     path = Path(folder) / "predictions.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no predictions.csv (not a finished run, or archived without answers)")
-    frame = pd.read_csv(path, keep_default_na=False)
+    frame = pd.read_csv(path, keep_default_na=False, dtype={"context": str})
     frame["answer"] = frame["answer"].map(parse_answer)
     frame["context"] = frame["context"].map(context_hash)
     return frame
 
 
 def run_row(folder: Path, reference: pd.DataFrame | None) -> dict:
-    """One table row: the run's press, ratio, accuracy [interval], memory, and its difference from ``reference``."""
+    """One table row: the run's press, ratio, accuracy [interval] (from its predictions, as the paired difference
+    is), memory held, and its difference from ``reference``."""
     metrics = json.loads((Path(folder) / "metrics.json").read_text())
     if metrics.get("status") != "ok":
         raise ValueError(f"{folder}: the run failed ({'; '.join(metrics.get('errors', []))})")
-    low, high = metrics["average_ci95"]
+    frame = run_predictions(folder)
+    low, high = bootstrap_interval(frame)
     row = {"press": metrics["press"], "ratio": metrics["compression_ratio"],
-           "accuracy": f"{metrics['average']:.1f} [{low:.1f}, {high:.1f}]", "memory held": metrics.get("memory"),
-           "questions": metrics.get("rows")}
+           "accuracy": f"{average(task_scores(frame)):.1f} [{low:.1f}, {high:.1f}]",
+           "memory held": metrics.get("memory"), "questions": len(frame)}
     if reference is not None:
-        difference, low, high = paired_difference(run_predictions(folder), reference)
+        try:
+            difference, low, high = paired_difference(frame, reference)
+        except ValueError as error:
+            raise ValueError(f"{folder} against the reference: {error}") from None
         row["minus reference (paired)"] = f"{difference:+.1f} [{low:+.1f}, {high:+.1f}]"
     return row
 
