@@ -197,3 +197,13 @@ def test_paired_runs_refuses_a_failed_run_and_keeps_hashes(tmp_path):
     (failed / "metrics.json").write_text(json.dumps({"status": "failed", "errors": ["out of memory"]}))
     with pytest.raises(ValueError, match="failed: the run failed \\(out of memory\\)"):
         paired_rows(reference, [failed])
+
+
+def test_archived_predictions_keep_a_hash_of_digits_as_text(tmp_path):
+    # a context hash may be all digits (and start with 0): read as a number it would no longer pair with its run
+    frame = pd.DataFrame({"task": "niah_single_1", "context": ["012345678901", "123456789012"], "question": "q",
+                          "answer": "['7341']", "predicted_answer": "7341"})
+    frame.to_csv(tmp_path / "predictions.csv", index=False)
+    read = core.read_predictions(tmp_path / "predictions.csv")
+    assert list(read["context"]) == ["012345678901", "123456789012"]
+    assert read["answer"].tolist() == [["7341"], ["7341"]]

@@ -156,9 +156,13 @@ def restore_run(config: RunConfig, docs: Path) -> None:
 def predictions(config: RunConfig, docs: Path) -> pd.DataFrame | None:
     """A run's archived predictions (contexts as hashes, the same for every run), or None."""
     path = archived(config, docs) / "predictions.csv"
-    if not path.is_file():
-        return None
-    frame = pd.read_csv(path, keep_default_na=False)
+    return read_predictions(path) if path.is_file() else None
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    """A ``predictions.csv`` with its answers as lists again and its contexts as text (an archive's hashes of
+    digits only would otherwise be read as numbers)."""
+    frame = pd.read_csv(path, keep_default_na=False, dtype={"context": str})
     frame["answer"] = frame["answer"].map(parse_answer)
     return frame
 

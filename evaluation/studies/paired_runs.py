@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..metrics.accuracy import average, bootstrap_interval, paired_difference, task_scores
-from .core import context_hash, parse_answer
+from .core import context_hash, read_predictions
 from .report import markdown
 
 
@@ -26,15 +26,14 @@ def run_predictions(folder: Path) -> pd.DataFrame:
     path = Path(folder) / "predictions.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no predictions.csv (not a finished run, or archived without answers)")
-    frame = pd.read_csv(path, keep_default_na=False, dtype={"context": str})
-    frame["answer"] = frame["answer"].map(parse_answer)
+    frame = read_predictions(path)
     frame["context"] = frame["context"].map(context_hash)
     return frame
 
 
-def run_row(folder: Path, reference: pd.DataFrame | None) -> dict:
+def run_row(folder: Path, reference: pd.DataFrame | None) -> tuple[dict, pd.DataFrame]:
     """One table row: the run's press, ratio, accuracy [interval] (from its predictions, as the paired difference
-    is), memory held, and its difference from ``reference``."""
+    is), memory held, and its difference from ``reference``; and the run's predictions."""
     metrics = json.loads((Path(folder) / "metrics.json").read_text())
     if metrics.get("status") != "ok":
         raise ValueError(f"{folder}: the run failed ({'; '.join(metrics.get('errors', []))})")
@@ -49,13 +48,13 @@ def run_row(folder: Path, reference: pd.DataFrame | None) -> dict:
         except ValueError as error:
             raise ValueError(f"{folder} against the reference: {error}") from None
         row["minus reference (paired)"] = f"{difference:+.1f} [{low:+.1f}, {high:+.1f}]"
-    return row
+    return row, frame
 
 
 def paired_rows(reference: Path, runs: list[Path]) -> pd.DataFrame:
     """The reference's row, then each run's with its paired difference from the reference."""
-    base = run_predictions(reference)
-    return pd.DataFrame([run_row(reference, None)] + [run_row(folder, base) for folder in runs])
+    first, base = run_row(reference, None)  # the reference's predictions are read once
+    return pd.DataFrame([first] + [run_row(folder, base)[0] for folder in runs])
 
 
 def main(argv: list[str] | None = None) -> None:
